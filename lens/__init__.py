@@ -1,0 +1,1 @@
+"""lens: attention sinks, massive activations and compression valleys, measured on the deployed path."""

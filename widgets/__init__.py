@@ -1,0 +1,1 @@
+"""Views for lens runs: anywidget components, plotly figures, the Panel app."""
