@@ -1,0 +1,6 @@
+"""Analyses: pure functions of a ``Run`` returning tidy results (``.to_frame()``, ``.figure()``)."""
+
+from lens.analysis.sinks import SinkResult, sinks
+from lens.analysis.valley import ValleyResult, valley
+
+__all__ = ["SinkResult", "sinks", "ValleyResult", "valley"]

@@ -1,0 +1,296 @@
+"""``lens.sinks``: attention sinks, massive activations and first-token norms (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lens.errors import ConfigError
+from lens.run import Run
+
+__all__ = ["SinkResult", "sinks", "uniform_share"]
+
+
+def uniform_share(length: int, causal: bool) -> np.ndarray:
+    """The mass each key would receive if every query attended uniformly to the keys it may see.
+
+    Bidirectional: ``1/T`` for every key. Causal: key k is seen by queries q ≥ k, each spreading over
+    q + 1 keys, so ``u[k] = (1/(T−k)) Σ_{q=k}^{T−1} 1/(q+1)``. Sink tokens are keys whose mass exceeds
+    τ times this share (DESIGN §3 "Sink tokens").
+
+    Example: ``uniform_share(4, causal=False)`` → ``[0.25, 0.25, 0.25, 0.25]``.
+    """
+    if not causal:
+        return np.full(length, 1.0 / length)
+    inv = 1.0 / np.arange(1, length + 1)
+    tail = np.cumsum(inv[::-1])[::-1]  # Σ_{q=k}^{T-1} 1/(q+1)
+    return tail / (length - np.arange(length))
+
+
+@dataclass
+class SinkResult:
+    """Attention sinks and massive activations of a run. Arrays are per sequence; frames aggregate.
+
+    ``sink_score[s, ℓ, h]``: mean over queries of A[ℓ,h,q,0] — the mass received by the first token
+    (Gu et al. 2025; for causal models this is also the Queipo-de-Llano et al. sink score).
+    ``special_mass[s, ℓ, h]``: mass received by all special tokens together (encoders: [CLS] + [SEP]).
+    ``sink_rate[ℓ]``: fraction of heads whose sink score (averaged over sequences) is ≥ ε.
+    ``first_norm[ℓ, s]`` / ``first_norm_ratio[ℓ, s]``: ‖X_ℓ[0]‖ and its ratio to the median norm of the
+    other tokens, for residual layers 0..L.
+    """
+
+    run: Run = field(repr=False)
+    epsilon: float
+    tau: float
+    massive_abs: float
+    massive_rel: float
+    sink_score: np.ndarray
+    special_mass: np.ndarray
+    sink_rate: np.ndarray
+    first_norm: np.ndarray
+    first_norm_ratio: np.ndarray
+
+    @property
+    def mean_sink_score(self) -> np.ndarray:
+        """[L, H] sink score averaged over sequences (each sequence weighs the same)."""
+        return self.sink_score.mean(axis=0)
+
+    @property
+    def sink_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) pairs whose mean sink score is ≥ ε."""
+        layers, heads = np.nonzero(self.mean_sink_score >= self.epsilon)
+        return list(zip(layers.tolist(), heads.tolist()))
+
+    # -- tidy tables ------------------------------------------------------------------------------
+    def to_frame(self, kind: str = "heads"):
+        """A pandas DataFrame. ``kind``:
+
+        * ``"heads"`` — one row per (layer, head): sink score (mean, min, max over sequences), special-token
+          mass, whether it is a sink head (score ≥ ε);
+        * ``"layers"`` — sink rate, mean and max sink score, first-token norm ratio, largest |activation|
+          and its ratio to the median;
+        * ``"tokens"`` — one row per (sequence, layer, head, key): mass received, column sum, |Q_k|, uniform
+          share, ratio, sink-token flag (large: L·H·N rows);
+        * ``"sink_tokens"`` — only the rows of ``"tokens"`` flagged as sink tokens;
+        * ``"massive"`` — the top-|x| entries per (layer, sequence) with position, dimension, token,
+          ratio to the median, and whether they pass both massive-activation thresholds;
+        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence).
+
+        Example: ``lens.sinks(run).to_frame("layers")``.
+        """
+        import pandas as pd
+
+        builders = {
+            "heads": self._heads_frame,
+            "layers": self._layers_frame,
+            "tokens": lambda: self._tokens_frame(only_sinks=False),
+            "sink_tokens": lambda: self._tokens_frame(only_sinks=True),
+            "massive": self._massive_frame,
+            "norms": self._norms_frame,
+        }
+        if kind not in builders:
+            raise ConfigError(f"kind must be one of {sorted(builders)}; got {kind!r}")
+        return pd.DataFrame(builders[kind]())
+
+    def _heads_frame(self) -> dict[str, Any]:
+        n_layers, n_heads = self.sink_score.shape[1:]
+        layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        score = self.sink_score
+        return {
+            "layer": layer.ravel(),
+            "head": head.ravel(),
+            "sink_score": score.mean(0).ravel(),
+            "sink_score_min": score.min(0).ravel(),
+            "sink_score_max": score.max(0).ravel(),
+            "special_mass": self.special_mass.mean(0).ravel(),
+            "is_sink_head": (score.mean(0) >= self.epsilon).ravel(),
+        }
+
+    def _layers_frame(self) -> dict[str, Any]:
+        run = self.run
+        n_layers = self.sink_score.shape[1]
+        top = np.abs(run.arrays["resid.top_value"][:, :, 0]) if run.has("resid.top_value") else None
+        median = run.arrays["resid.median_abs"] if run.has("resid.median_abs") else None
+        out: dict[str, Any] = {
+            "layer": np.arange(n_layers),
+            "sink_rate": self.sink_rate,
+            "mean_sink_score": self.mean_sink_score.mean(1),
+            "max_sink_score": self.mean_sink_score.max(1),
+        }
+        if top is not None:
+            # residual layer ℓ is the input of block ℓ, the one whose attention is reported on this row
+            out["first_norm_ratio"] = self.first_norm_ratio[:n_layers].mean(1)
+            out["max_abs_activation"] = top[:n_layers].max(1)
+            out["max_to_median"] = (top / np.maximum(median, 1e-30))[:n_layers].max(1)
+        return out
+
+    def _tokens_frame(self, only_sinks: bool) -> dict[str, Any]:
+        run = self.run
+        key_mass = run.arrays["attn.key_mass"]
+        count = run.arrays["attn.query_count"]
+        n_layers, n_heads, _ = key_mass.shape
+        columns: dict[str, list] = {k: [] for k in (
+            "sequence", "layer", "head", "position", "token", "special", "mass", "column_sum", "query_count",
+            "uniform_share", "ratio_to_uniform", "is_sink_token")}
+        for seq in range(run.n_sequences):
+            sl = run.span(seq)
+            length = sl.stop - sl.start
+            uniform = uniform_share(length, run.causal)
+            col = key_mass[:, :, sl]
+            cnt = count[:, None, sl]
+            mass = np.divide(col, cnt, out=np.zeros_like(col), where=cnt > 0)
+            ratio = mass / uniform[None, None, :]
+            flags = ratio > self.tau
+            select = flags if only_sinks else np.ones_like(flags)
+            layer, head, pos = np.nonzero(select)
+            columns["sequence"].append(np.full(len(pos), seq))
+            columns["layer"].append(layer)
+            columns["head"].append(head)
+            columns["position"].append(pos)
+            toks = np.asarray(run.tokens[seq], dtype=object)
+            columns["token"].append(toks[pos])
+            columns["special"].append(run.arrays["special"][sl][pos])
+            columns["mass"].append(mass[layer, head, pos])
+            columns["column_sum"].append(col[layer, head, pos])
+            columns["query_count"].append(np.broadcast_to(cnt, col.shape)[layer, head, pos])
+            columns["uniform_share"].append(uniform[pos])
+            columns["ratio_to_uniform"].append(ratio[layer, head, pos])
+            columns["is_sink_token"].append(flags[layer, head, pos])
+        return {k: (np.concatenate(v) if v else np.array([])) for k, v in columns.items()}
+
+    def _massive_frame(self) -> dict[str, Any]:
+        run = self.run
+        run.require("resid.top_value", "resid.median_abs", what="the massive-activation table")
+        values = run.arrays["resid.top_value"]
+        positions = run.arrays["resid.top_position"]
+        dims = run.arrays["resid.top_dim"]
+        median = run.arrays["resid.median_abs"]
+        n_res, n_seq, k = values.shape
+        layer, seq, rank = np.meshgrid(np.arange(n_res), np.arange(n_seq), np.arange(k), indexing="ij")
+        med = median[layer, seq]
+        magnitude = np.abs(values)
+        ratio = magnitude / np.maximum(med, 1e-30)
+        pos = positions.ravel()
+        tokens = [run.tokens[s][p] if p >= 0 else "" for s, p in zip(seq.ravel(), pos)]
+        return {
+            "layer": layer.ravel(),
+            "sequence": seq.ravel(),
+            "rank": rank.ravel(),
+            "value": values.ravel(),
+            "abs_value": magnitude.ravel(),
+            "position": pos,
+            "dim": dims.ravel(),
+            "token": tokens,
+            "median_abs": med.ravel(),
+            "ratio_to_median": ratio.ravel(),
+            "is_massive": ((magnitude > self.massive_abs) & (ratio > self.massive_rel)).ravel(),
+        }
+
+    def _norms_frame(self) -> dict[str, Any]:
+        n_res, n_seq = self.first_norm.shape
+        layer, seq = np.meshgrid(np.arange(n_res), np.arange(n_seq), indexing="ij")
+        return {
+            "layer": layer.ravel(),
+            "sequence": seq.ravel(),
+            "first_norm": self.first_norm.ravel(),
+            "first_norm_ratio": self.first_norm_ratio.ravel(),
+        }
+
+    # -- figures ----------------------------------------------------------------------------------
+    def figure(self, kind: str = "heads"):
+        """An interactive plotly figure. ``kind``: ``"heads"`` (layer × head sink-score heatmap),
+        ``"massive"`` (largest |activation| / median per layer, log scale) or ``"norms"`` (first-token norm
+        ratio per layer).
+
+        Example: ``lens.sinks(run).figure().write_html("sinks.html")``.
+        """
+        from lens import figures
+
+        if kind == "heads":
+            return figures.sink_heatmap(self)
+        if kind == "massive":
+            return figures.massive_curve(self)
+        if kind == "norms":
+            return figures.norm_curve(self)
+        raise ConfigError(f"kind must be 'heads', 'massive' or 'norms'; got {kind!r}")
+
+    def summary(self) -> str:
+        """A few lines for a terminal: sink heads, sink rate per layer, the largest activation."""
+        score = self.mean_sink_score
+        lines = [f"sink heads (score ≥ {self.epsilon}): {len(self.sink_heads)} of {score.size}"]
+        best = np.unravel_index(np.argmax(score), score.shape)
+        lines.append(f"strongest sink: layer {best[0]} head {best[1]} puts {score[best]:.2f} of its attention on token 0")
+        lines.append("sink rate per layer: " + " ".join(f"{r:.2f}" for r in self.sink_rate))
+        return "\n".join(lines)
+
+
+def sinks(
+    run: Run,
+    *,
+    epsilon: float = 0.3,
+    tau: float = 5.0,
+    massive_abs: float = 100.0,
+    massive_rel: float = 1000.0,
+) -> SinkResult:
+    """Attention sinks, sink tokens, massive activations and first-token norms of a run (DESIGN §3).
+
+    Definitions: mass received ``m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k]`` (``run.mass_received``);
+    sink score ``s[ℓ,h]`` = mean over queries of ``A[ℓ,h,q,0]`` (Gu et al., ICLR 2025); sink rate of a
+    layer = fraction of heads with ``s ≥ ε`` (ε = 0.3); sink tokens = keys whose mass exceeds τ× the
+    uniform share (τ = 5), per head; massive activations (Sun et al., COLM 2024) = entries of X_ℓ with
+    ``|x| > massive_abs`` and ``|x| > massive_rel × median(|X_ℓ|)`` — tiny models never reach 100, so
+    the ratio to the median is always reported.
+
+    Example::
+
+        result = lens.sinks(run)
+        result.to_frame("heads").query("is_sink_head")
+        result.figure()
+    """
+    if not 0 < epsilon <= 1:
+        raise ConfigError(f"epsilon must be in (0, 1]; got {epsilon}")
+    if tau <= 0:
+        raise ConfigError(f"tau must be > 0; got {tau}")
+    run.require("attn.key_mass", "attn.query_count", what="lens.sinks")
+    key_mass = run.arrays["attn.key_mass"]
+    count = run.arrays["attn.query_count"]
+    special = run.arrays["special"]
+    n_layers, n_heads, _ = key_mass.shape
+    n_seq = run.n_sequences
+    sink_score = np.zeros((n_seq, n_layers, n_heads))
+    special_mass = np.zeros((n_seq, n_layers, n_heads))
+    for seq in range(n_seq):
+        sl = run.span(seq)
+        col = key_mass[:, :, sl].astype(np.float64)
+        cnt = count[:, None, sl].astype(np.float64)
+        mass = np.divide(col, cnt, out=np.zeros_like(col), where=cnt > 0)
+        sink_score[seq] = mass[:, :, 0]
+        special_mass[seq] = mass[:, :, special[sl]].sum(-1)
+    sink_rate = (sink_score.mean(0) >= epsilon).mean(1)
+
+    if run.has("resid.norm"):
+        norms = run.arrays["resid.norm"]
+        first = np.zeros((norms.shape[0], n_seq))
+        ratio = np.full((norms.shape[0], n_seq), np.nan)
+        for seq in range(n_seq):
+            sl = run.span(seq)
+            first[:, seq] = norms[:, sl.start]
+            if sl.stop - sl.start > 1:
+                others = np.median(norms[:, sl.start + 1 : sl.stop], axis=1)
+                ratio[:, seq] = first[:, seq] / np.maximum(others, 1e-30)
+    else:
+        first = ratio = np.full((n_layers + 1, n_seq), np.nan)
+    return SinkResult(
+        run=run,
+        epsilon=epsilon,
+        tau=tau,
+        massive_abs=massive_abs,
+        massive_rel=massive_rel,
+        sink_score=sink_score,
+        special_mass=special_mass,
+        sink_rate=sink_rate,
+        first_norm=first,
+        first_norm_ratio=ratio,
+    )

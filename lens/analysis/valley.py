@@ -1,0 +1,213 @@
+"""``lens.valley``: layer-wise matrix entropy, anisotropy and the massive-activation bound (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lens.errors import ConfigError
+from lens.run import Run
+from lens.spectra import entropy_from_spectrum
+
+__all__ = ["ValleyResult", "valley", "massive_activation_bound"]
+
+
+def massive_activation_bound(norms: np.ndarray, cos2_first: np.ndarray, rank: int) -> dict[str, float]:
+    """Queipo-de-Llano et al., Theorem 1, for one matrix X with rows x_i (DESIGN §3).
+
+    With ``M = ‖x₀‖²``, ``R = Σ_{i≠0} ‖x_i‖²``, ``α = (1/R) Σ_{i≠0} ‖x_i‖² cos²θ_i`` (θ_i: angle between
+    x_i and x₀), ``c = M/R`` and ``p = (c + α)/(c + 1)``: ``σ₁² ≥ M + αR``, ``p₁ ≥ p`` and
+    ``H ≤ −p log p − (1 − p) log(1 − p) + (1 − p) log(r − 1)`` with r the rank (here ``min(T, d)``, the
+    largest rank X can have, which keeps the bound valid whatever the numerical rank). When
+    ``p ≤ 1/r`` the bound is the trivial ``log r``.
+
+    Example: ``massive_activation_bound(np.array([10., 1., 1.]), np.array([1., 0., 0.]), 3)["p"]`` → 0.98.
+    """
+    sq = np.asarray(norms, dtype=np.float64) ** 2
+    big_m = float(sq[0])
+    rest = float(sq[1:].sum())
+    if rest <= 0:
+        return {"M": big_m, "R": rest, "alpha": float("nan"), "c": float("inf"), "p": 1.0,
+                "sigma1_sq_lower": big_m, "entropy_upper": 0.0}
+    alpha = float((sq[1:] * np.asarray(cos2_first[1:], dtype=np.float64)).sum() / rest)
+    c = big_m / rest
+    p = (c + alpha) / (c + 1.0)
+    p = min(max(p, 0.0), 1.0)
+    if rank <= 1:
+        upper = 0.0
+    elif p <= 1.0 / rank:
+        upper = math.log(rank)
+    else:
+        upper = -p * math.log(p) - ((1 - p) * math.log(1 - p) if p < 1 else 0.0) + (1 - p) * math.log(rank - 1)
+    return {"M": big_m, "R": rest, "alpha": alpha, "c": c, "p": p, "sigma1_sq_lower": big_m + alpha * rest,
+            "entropy_upper": upper}
+
+
+_PER_LAYER = (
+    "entropy_raw",
+    "entropy_raw_normalized",
+    "entropy_normalized",
+    "entropy_normalized_normalized",
+    "anisotropy",
+    "effective_rank",
+    "anisotropy_lower_bound",
+    "entropy_upper_bound",
+    "entropy_upper_bound_normalized",
+    "sigma1_sq",
+    "sigma1_sq_lower_bound",
+    "bound_alpha",
+    "bound_c",
+    "first_norm",
+    "first_norm_ratio",
+)
+
+
+@dataclass
+class ValleyResult:
+    """Per residual layer ℓ = 0..L and per sequence: entropies, anisotropy, effective rank, the bound.
+
+    ``values[name]`` is an array [L+1, S] for every name in ``ValleyResult.columns``; ``mean(name)``
+    averages over sequences. ``valley_layer`` is the argmin of the mean normalized raw entropy,
+    ``depth_fraction = valley_layer / L``, and ``valley_range`` the contiguous layers around it whose
+    entropy stays below halfway between the minimum and the lower of the two ends (the dip).
+    """
+
+    run: Run = field(repr=False)
+    alpha: float
+    values: dict[str, np.ndarray]
+    valley_layer: int
+    depth_fraction: float
+    valley_range: tuple[int, int]
+
+    columns = _PER_LAYER
+
+    def mean(self, name: str) -> np.ndarray:
+        """[L+1] mean over sequences of one per-layer quantity, e.g. ``result.mean("anisotropy")``."""
+        return np.nanmean(self.values[name], axis=1)
+
+    def to_frame(self, per_sequence: bool = False):
+        """One row per residual layer (mean over sequences), or per (layer, sequence).
+
+        Example: ``lens.valley(run).to_frame()[["layer", "entropy_raw_normalized", "entropy_upper_bound_normalized"]]``.
+        """
+        import pandas as pd
+
+        n_res, n_seq = self.values["entropy_raw"].shape
+        n_layers = n_res - 1
+        if per_sequence:
+            layer, seq = np.meshgrid(np.arange(n_res), np.arange(n_seq), indexing="ij")
+            data: dict[str, Any] = {"layer": layer.ravel(), "sequence": seq.ravel()}
+            data.update({k: v.ravel() for k, v in self.values.items()})
+        else:
+            data = {"layer": np.arange(n_res)}
+            data.update({k: self.mean(k) for k in self.values})
+        frame = pd.DataFrame(data)
+        frame["depth"] = frame["layer"] / max(n_layers, 1)
+        frame["in_valley"] = frame["layer"].between(*self.valley_range)
+        return frame
+
+    def figure(self):
+        """Entropy (raw and normalized) with its upper bound, anisotropy with its lower bound, and the
+        first-token norm ratio, per layer, with the valley marked.
+
+        Example: ``lens.valley(run).figure().show()``.
+        """
+        from lens import figures
+
+        return figures.valley_figure([self])
+
+    def summary(self) -> str:
+        """Two lines for a terminal."""
+        h = self.mean("entropy_raw_normalized")
+        lo, hi = self.valley_range
+        return (
+            f"compression valley at layer {self.valley_layer} of {len(h) - 1} (depth {self.depth_fraction:.2f}, "
+            f"layers {lo}–{hi}): normalized raw entropy {h[self.valley_layer]:.3f} vs {h[0]:.3f} at the embeddings "
+            f"and {h[-1]:.3f} at the output; anisotropy {self.mean('anisotropy')[self.valley_layer]:.3f} "
+            f"(bound ≥ {self.mean('anisotropy_lower_bound')[self.valley_layer]:.3f})"
+        )
+
+
+def _valley_range(h: np.ndarray, argmin: int) -> tuple[int, int]:
+    ends = min(h[0], h[-1])
+    if not np.isfinite(ends) or ends <= h[argmin]:
+        return argmin, argmin
+    cut = h[argmin] + 0.5 * (ends - h[argmin])
+    lo = hi = argmin
+    while lo > 0 and h[lo - 1] <= cut:
+        lo -= 1
+    while hi < len(h) - 1 and h[hi + 1] <= cut:
+        hi += 1
+    return lo, hi
+
+
+def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
+    """Matrix entropy of the residual stream per layer and the compression valley (DESIGN §3).
+
+    Raw entropy (Queipo-de-Llano et al.): ``p_j = σ_j²/‖X‖_F²``, ``H = −Σ p_j log p_j``, also divided
+    by ``log min(T, d)``; anisotropy ``p_1``; effective rank ``exp(H)``. Normalized entropy (Skean et al.):
+    the same on the Gram matrix of centered, row-normalized X, as α-Rényi entropy (``alpha``; 1 = Shannon).
+    Beside them, the massive-activation bound (``massive_activation_bound``): the lower bound on p_1 and
+    the upper bound on H that the first token's norm alone implies — the explanation of *why* a valley
+    appears when one token's norm explodes.
+
+    Example::
+
+        v = lens.valley(run)
+        v.valley_layer, v.depth_fraction
+        v.to_frame()
+    """
+    if not alpha > 0:
+        raise ConfigError(f"alpha must be > 0 (1 = Shannon); got {alpha}")
+    run.require("resid.spectrum_raw", "resid.spectrum_normalized", "resid.norm", "resid.cos2_first", what="lens.valley")
+    raw = run.arrays["resid.spectrum_raw"]
+    normalized = run.arrays["resid.spectrum_normalized"]
+    norms = run.arrays["resid.norm"]
+    cos2 = run.arrays["resid.cos2_first"]
+    d_model = int(run.meta["d_model"])
+    n_res, n_seq = raw.shape[:2]
+    values = {name: np.full((n_res, n_seq), np.nan) for name in _PER_LAYER}
+    for seq in range(n_seq):
+        sl = run.span(seq)
+        length = sl.stop - sl.start
+        rank = min(length, d_model)
+        log_rank = math.log(rank) if rank > 1 else float("nan")
+        for layer in range(n_res):
+            h_raw, p1 = entropy_from_spectrum(raw[layer, seq, :rank], 1.0)
+            h_norm, _ = entropy_from_spectrum(normalized[layer, seq, :rank], alpha)
+            bound = massive_activation_bound(norms[layer, sl], cos2[layer, sl], rank)
+            row = values
+            row["entropy_raw"][layer, seq] = h_raw
+            row["entropy_raw_normalized"][layer, seq] = h_raw / log_rank
+            row["entropy_normalized"][layer, seq] = h_norm
+            row["entropy_normalized_normalized"][layer, seq] = h_norm / log_rank
+            row["anisotropy"][layer, seq] = p1
+            row["effective_rank"][layer, seq] = math.exp(h_raw) if np.isfinite(h_raw) else np.nan
+            row["anisotropy_lower_bound"][layer, seq] = bound["p"]
+            row["entropy_upper_bound"][layer, seq] = bound["entropy_upper"]
+            row["entropy_upper_bound_normalized"][layer, seq] = bound["entropy_upper"] / log_rank
+            row["sigma1_sq"][layer, seq] = raw[layer, seq, 0]
+            row["sigma1_sq_lower_bound"][layer, seq] = bound["sigma1_sq_lower"]
+            row["bound_alpha"][layer, seq] = bound["alpha"]
+            row["bound_c"][layer, seq] = bound["c"]
+            first = norms[layer, sl.start]
+            row["first_norm"][layer, seq] = first
+            if length > 1:
+                row["first_norm_ratio"][layer, seq] = first / max(float(np.median(norms[layer, sl.start + 1 : sl.stop])), 1e-30)
+    mean_h = np.nanmean(values["entropy_raw_normalized"], axis=1)
+    if np.all(np.isnan(mean_h)):
+        argmin = 0
+    else:
+        argmin = int(np.nanargmin(mean_h))
+    n_layers = n_res - 1
+    return ValleyResult(
+        run=run,
+        alpha=alpha,
+        values=values,
+        valley_layer=argmin,
+        depth_fraction=argmin / max(n_layers, 1),
+        valley_range=_valley_range(mean_h, argmin),
+    )

@@ -1,0 +1,48 @@
+"""Errors lens raises on purpose. Every message says what went wrong *and what to do about it*."""
+
+from lens.kernels.errors import ConfigError, LensError
+
+__all__ = [
+    "LensError",
+    "ConfigError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "InputError",
+    "EmptyInputError",
+    "InputTooLongError",
+    "NumericalError",
+    "RunFormatError",
+    "CaptureError",
+]
+
+
+class ModelLoadError(LensError):
+    """A model could not be found or loaded (unknown id, offline hub, missing weights or tokenizer)."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The architecture has no entry in lens's family table (see ``lens.families``)."""
+
+
+class InputError(LensError, ValueError):
+    """The inputs given to ``lens.trace`` cannot be used as they are."""
+
+
+class EmptyInputError(InputError):
+    """An input string or token sequence is empty."""
+
+
+class InputTooLongError(InputError):
+    """An input is longer than the model's position limit (pass ``truncate=True`` to cut it)."""
+
+
+class NumericalError(LensError, ArithmeticError):
+    """Activations became NaN or infinite during a trace."""
+
+
+class RunFormatError(LensError, OSError):
+    """A saved run is missing, corrupted, or not a lens run."""
+
+
+class CaptureError(LensError, RuntimeError):
+    """The probes could not observe the model as expected (for example attention bypassing lens)."""

@@ -1,0 +1,160 @@
+"""Plotly figures for analysis results. Imported only when a ``.figure()`` is asked for, so that
+``import lens`` stays free of plotting libraries."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = ["sink_heatmap", "massive_curve", "norm_curve", "valley_figure"]
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+
+
+def _title(result, what: str) -> str:
+    prov = result.run.provenance
+    model = prov.get("model_id", "?").split("/")[-1]
+    attn = (prov.get("attention") or {}).get("kind", "dense")
+    quant = (prov.get("quant") or {}).get("scheme") if prov.get("quant") else None
+    deploy = attn + (f" + {quant}" if quant else "")
+    return f"{what} — {model} ({deploy}, {result.run.n_sequences} sequences)"
+
+
+def sink_heatmap(result):
+    """Layer × head heatmap of the sink score (mass on token 0), sink heads outlined by the ε threshold.
+
+    Example: ``sink_heatmap(lens.sinks(run)).write_html("sinks.html")``.
+    """
+    score = result.mean_sink_score
+    n_layers, n_heads = score.shape
+    text = np.vectorize(lambda v: f"{v:.2f}")(score)
+    fig = go.Figure(
+        go.Heatmap(
+            z=score,
+            x=[f"H{h}" for h in range(n_heads)],
+            y=[f"L{layer}" for layer in range(n_layers)],
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            text=text,
+            texttemplate="%{text}" if score.size <= 400 else None,
+            hovertemplate="layer %{y} head %{x}<br>sink score %{z:.3f}<extra></extra>",
+            colorbar={"title": "mass on<br>token 0"},
+        )
+    )
+    layers, heads = np.nonzero(score >= result.epsilon)
+    fig.add_trace(
+        go.Scatter(
+            x=[f"H{h}" for h in heads],
+            y=[f"L{layer}" for layer in layers],
+            mode="markers",
+            marker={"symbol": "square-open", "size": 18, "color": "#ff4136", "line": {"width": 2}},
+            name=f"sink head (≥ {result.epsilon})",
+            hoverinfo="skip",
+        )
+    )
+    fig.update_layout(
+        title=_title(result, "Attention sinks"),
+        yaxis={"autorange": "reversed", "title": "layer"},
+        xaxis={"title": "head"},
+        legend={"orientation": "h", "y": -0.15},
+        height=max(320, 40 * n_layers + 160),
+    )
+    return fig
+
+
+def massive_curve(result):
+    """Largest |activation| divided by the median |activation| per residual layer (log scale), with the
+    massive-activation threshold (Sun et al.: 1000× the median).
+
+    Example: ``massive_curve(lens.sinks(run))``.
+    """
+    run = result.run
+    top = np.abs(run.arrays["resid.top_value"][:, :, 0])
+    median = np.maximum(run.arrays["resid.median_abs"], 1e-30)
+    ratio = top / median
+    layers = np.arange(ratio.shape[0])
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=layers, y=ratio.mean(1), mode="lines+markers", name="max |x| / median |x|",
+                             error_y={"type": "data", "array": ratio.std(1), "visible": ratio.shape[1] > 1}))
+    fig.add_trace(go.Scatter(x=layers, y=top.max(1), mode="lines+markers", name="max |x|", yaxis="y2",
+                             line={"dash": "dot"}))
+    fig.add_hline(y=result.massive_rel, line_dash="dash", line_color="#d62728",
+                  annotation_text=f"{result.massive_rel:g}× median")
+    fig.update_layout(
+        title=_title(result, "Massive activations"),
+        xaxis={"title": "residual layer (input of block ℓ; last = final output)"},
+        yaxis={"title": "ratio to median", "type": "log"},
+        yaxis2={"title": "max |x|", "overlaying": "y", "side": "right", "type": "log"},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def norm_curve(result):
+    """First-token norm divided by the median norm of the other tokens, per residual layer.
+
+    Example: ``norm_curve(lens.sinks(run))``.
+    """
+    ratio = result.first_norm_ratio
+    layers = np.arange(ratio.shape[0])
+    fig = go.Figure(
+        go.Scatter(x=layers, y=np.nanmean(ratio, 1), mode="lines+markers", name="‖x₀‖ / median ‖x_t‖",
+                   error_y={"type": "data", "array": np.nanstd(ratio, 1), "visible": ratio.shape[1] > 1})
+    )
+    fig.update_layout(title=_title(result, "First-token norm"), xaxis={"title": "residual layer"},
+                      yaxis={"title": "ratio", "type": "log"})
+    return fig
+
+
+def valley_figure(results, labels=None):
+    """Entropy, anisotropy and first-token norm per layer for one or more ``ValleyResult``s, overlaid.
+
+    Example: ``valley_figure([lens.valley(dense_run), lens.valley(sparse_run)], ["dense", "sparse"])``.
+    """
+    fig = make_subplots(
+        rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+        subplot_titles=(
+            "matrix entropy ÷ log min(T, d) — measured (solid) and the massive-activation upper bound (dashed)",
+            "anisotropy p₁ — measured (solid) and lower bound (dashed)",
+            "first-token norm ÷ median token norm",
+        ),
+    )
+    for i, result in enumerate(results):
+        color = _PALETTE[i % len(_PALETTE)]
+        label = labels[i] if labels else (
+            result.run.provenance.get("model_id", "run").split("/")[-1]
+            if len(results) == 1
+            else f"run {i}"
+        )
+        layers = np.arange(result.values["entropy_raw"].shape[0])
+        group = f"g{i}"
+
+        def line(row, y, name, dash=None, show=True, opacity=1.0):
+            fig.add_trace(
+                go.Scatter(x=layers, y=y, mode="lines+markers", name=name, legendgroup=group, showlegend=show,
+                           line={"color": color, "dash": dash}, opacity=opacity,
+                           hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.4f}}<extra></extra>"),
+                row=row, col=1,
+            )
+
+        line(1, result.mean("entropy_raw_normalized"), f"{label}: raw entropy")
+        line(1, result.mean("entropy_normalized_normalized"), f"{label}: normalized entropy (α={result.alpha:g})",
+             dash="dot", opacity=0.7)
+        line(1, result.mean("entropy_upper_bound_normalized"), f"{label}: bound on raw entropy", dash="dash",
+             opacity=0.6)
+        line(2, result.mean("anisotropy"), f"{label}: anisotropy", show=False)
+        line(2, result.mean("anisotropy_lower_bound"), f"{label}: anisotropy bound", dash="dash", show=False,
+             opacity=0.6)
+        line(3, result.mean("first_norm_ratio"), f"{label}: first-token norm ratio", show=False)
+        lo, hi = result.valley_range
+        fig.add_vrect(x0=lo - 0.4, x1=hi + 0.4, fillcolor=color, opacity=0.08, line_width=0, row=1, col=1)
+        fig.add_vline(x=result.valley_layer, line_dash="dot", line_color=color, row=1, col=1)
+    fig.update_yaxes(title_text="H / log r", row=1, col=1)
+    fig.update_yaxes(title_text="p₁", row=2, col=1)
+    fig.update_yaxes(title_text="ratio", type="log", row=3, col=1)
+    fig.update_xaxes(title_text="residual layer ℓ (0 = embeddings, L = last block output)", row=3, col=1)
+    title = _title(results[0], "Compression valley") if len(results) == 1 else "Compression valley"
+    fig.update_layout(title=title, height=820, legend={"orientation": "h", "y": -0.08})
+    return fig
