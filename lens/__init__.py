@@ -9,7 +9,7 @@ Example::
     lens.valley(run).figure()
 """
 
-from lens.analysis import SinkResult, ValleyResult, sinks, valley
+from lens.analysis import CompareResult, SinkResult, ValleyResult, compare, sinks, valley
 from lens.errors import (
     CaptureError,
     ConfigError,
@@ -45,6 +45,8 @@ __all__ = [
     "trace",
     "sinks",
     "valley",
+    "compare",
+    "CompareResult",
     "Run",
     "LensModel",
     "SinkResult",

@@ -158,3 +158,45 @@ def valley_figure(results, labels=None):
     title = _title(results[0], "Compression valley") if len(results) == 1 else "Compression valley"
     fig.update_layout(title=title, height=820, legend={"orientation": "h", "y": -0.08})
     return fig
+
+
+def compare_figure(result):
+    """Sink-score change per head (diverging heatmap), entropy and anisotropy of both runs per layer, and
+    hidden-state agreement per layer.
+
+    Example: ``compare_figure(lens.compare(dense_run, sparse_run))``.
+    """
+    a, b = result.labels
+    fig = make_subplots(
+        rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.16,
+        subplot_titles=(f"Δ sink score ({b} − {a})", "normalized raw entropy", "anisotropy p₁",
+                        "hidden states: cosine and relative error"),
+    )
+    delta = result.sink_delta
+    bound = float(np.nanmax(np.abs(delta))) or 1e-6
+    n_layers, n_heads = delta.shape
+    fig.add_trace(
+        go.Heatmap(z=delta, x=[f"H{h}" for h in range(n_heads)], y=[f"L{layer}" for layer in range(n_layers)],
+                   zmin=-bound, zmax=bound, colorscale="RdBu_r", colorbar={"x": 0.44, "len": 0.42, "y": 0.8},
+                   hovertemplate="layer %{y} head %{x}<br>Δ %{z:+.4f}<extra></extra>"),
+        row=1, col=1,
+    )
+    layers = np.arange(len(result.entropy_a))
+    for values, name, color, dash in (
+        (result.entropy_a, a, _PALETTE[0], None), (result.entropy_b, b, _PALETTE[1], "dash")):
+        fig.add_trace(go.Scatter(x=layers, y=values, name=name, legendgroup=name, line={"color": color, "dash": dash}),
+                      row=1, col=2)
+    for values, name, color, dash in (
+        (result.anisotropy_a, a, _PALETTE[0], None), (result.anisotropy_b, b, _PALETTE[1], "dash")):
+        fig.add_trace(go.Scatter(x=layers, y=values, name=name, legendgroup=name, showlegend=False,
+                                 line={"color": color, "dash": dash}), row=2, col=1)
+    if np.isfinite(result.hidden_cosine).any():
+        fig.add_trace(go.Scatter(x=layers, y=result.hidden_cosine, name="cosine", line={"color": _PALETTE[2]}),
+                      row=2, col=2)
+        fig.add_trace(go.Scatter(x=layers, y=result.hidden_rel_error, name="relative error",
+                                 line={"color": _PALETTE[3], "dash": "dot"}), row=2, col=2)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_xaxes(title_text="residual layer", row=2, col=1)
+    fig.update_xaxes(title_text="residual layer", row=2, col=2)
+    fig.update_layout(title=f"{b} against {a}", height=720, legend={"orientation": "h", "y": -0.12})
+    return fig

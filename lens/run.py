@@ -27,6 +27,7 @@ mlp.top_value              [L, M, K] f32       streaming top-K activations per n
 mlp.top_token              [L, M, K] int64     … and their flat token index (−1: none)
 mlp.tracked                [P, N] f32          per-token activation of the neurons in meta["tracked_neurons"]
 pattern.<ℓ>.<h>            [Σ T_s²] f32        full attention patterns kept on request, row-major per sequence
+logits.logprobs            [N, V] f32          next-token log-probabilities (capture "logits", causal LMs)
 =========================  ==================  =============================================================
 
 X_ℓ is the residual stream entering block ℓ; X_L is the last block's output (before any final norm).

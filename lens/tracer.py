@@ -20,6 +20,7 @@ from lens.run import Run
 __all__ = ["trace", "CAPTURES"]
 
 CAPTURES = ("attention", "residual", "mlp")
+OPTIONAL_CAPTURES = ("logits",)  # next-token log-probabilities [N, vocab]: heavy, for lens.compare on LMs
 
 # Full patterns are opt-in because they are n² per head; refuse requests that would not fit comfortably.
 _MAX_PATTERN_BYTES = 4 * 1024**3
@@ -65,6 +66,12 @@ def _parse_layers(spec, n_layers: int, what: str) -> tuple[int, ...]:
     return tuple(sorted(set(int(x) for x in layers)))
 
 
+def lm_has_head(lm) -> bool:
+    """Whether the model ends in a vocabulary projection (a causal LM head)."""
+    head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    return head is not None and lm.causal
+
+
 def _input_hash(ids: list[list[int]]) -> str:
     digest = hashlib.sha256()
     for seq in ids:
@@ -94,7 +101,8 @@ def trace(
     ``inputs``: a string, a list of strings, or token ids (see ``lens.inputs.encode``). Batches are
     right-padded; padded positions never count in any statistic. A progress bar runs over batches.
     ``capture``: any of ``"attention"`` (mass received per key, inside the attention kernel the model
-    runs), ``"residual"`` (norms, massive activations, entropy spectra) and ``"mlp"`` (neuron statistics).
+    runs), ``"residual"`` (norms, massive activations, entropy spectra) and ``"mlp"`` (neuron statistics);
+    add ``"logits"`` to keep next-token log-probabilities (fp32, N × vocabulary — heavy) for ``lens.compare``.
     ``keep_patterns``: full [T, T] patterns for chosen heads — ``"all"``, a layer, a list of layers, a
     list of ``(layer, head)``, or ``{layer: [heads]}``. ``keep_hidden``: residual layers (0..L) whose
     hidden states to keep. ``track_neurons``: ``(layer, neuron)`` pairs whose per-token activation to keep.
@@ -107,9 +115,13 @@ def trace(
         lens.sinks(run).to_frame().head()
     """
     capture = tuple(capture)
-    unknown = set(capture) - set(CAPTURES)
+    unknown = set(capture) - set(CAPTURES) - set(OPTIONAL_CAPTURES)
     if unknown or not capture:
-        raise ConfigError(f"capture must be a non-empty subset of {CAPTURES}; got {capture}")
+        raise ConfigError(f"capture must be a non-empty subset of {CAPTURES + OPTIONAL_CAPTURES}; got {capture}")
+    if "logits" in capture and (not lm_has_head(model)):
+        raise ConfigError(
+            f"capture='logits' needs a language-model head; {model.model_id} ({type(model.model).__name__}) has none"
+        )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1; got {batch_size}")
     if top_k_massive < 1 or top_k_neurons < 1:
@@ -149,6 +161,10 @@ def trace(
     )
     mlp = MLPProbe(lm, n_tokens, top_k_neurons, tracked) if "mlp" in capture or tracked else None
     hooked = [p for p in (residual, mlp) if p is not None]
+    logprobs = None
+    if "logits" in capture:
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
 
     pad_id = lm.tokenizer.pad_token_id
     if pad_id is None:
@@ -181,9 +197,15 @@ def trace(
                     if probe is not None:
                         probe.begin(batch)
                 kwargs = {"use_cache": False} if lm.causal else {}
-                # The backbone only: no statistic needs the LM head, whose vocabulary-sized matmul would
-                # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048).
-                lm.base(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+                if logprobs is None:
+                    # The backbone only: no statistic needs the LM head, whose vocabulary-sized matmul would
+                    # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048).
+                    lm.base(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+                else:
+                    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+                    logprobs[batch.flat_index.cpu().numpy()] = (
+                        torch.log_softmax(out.logits.float(), dim=-1)[bool_mask.to(device)].cpu().numpy()
+                    )
                 if attention is not None:
                     attention.end()
     finally:
@@ -200,6 +222,7 @@ def trace(
         attention.arrays() if attention else {},
         residual.arrays() if residual else {},
         mlp.arrays(n_tokens) if mlp else {},
+        {"logits.logprobs": logprobs} if logprobs is not None else {},
     ):
         arrays.update(probe_arrays)
 
