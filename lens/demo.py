@@ -46,7 +46,8 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     texts = list(texts or DEMO_TEXTS)
     print("lens demo: loading the embedded all-MiniLM-L6-v2 (offline) …", flush=True)
     lm = lens.load()
-    run = lens.trace(lm, texts, batch_size=8, keep_patterns=[(2, h) for h in range(lm.n_heads)], progress=progress)
+    run = lens.trace(lm, texts, batch_size=8, keep_patterns=[(2, h) for h in range(lm.n_heads)], keep_hidden="all",
+                     progress=progress)
     sink_result = lens.sinks(run)
     valley_result = lens.valley(run)
 

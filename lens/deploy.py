@@ -14,7 +14,7 @@ from lens.errors import ConfigError
 from lens.kernels.lowbit import QuantConfig, calibrate, quantize_model
 from lens.kernels.sparse import SparseConfig, select_blocks, sparse_attention, sparse_attention_with_stats
 
-__all__ = ["Sparse", "QuantConfig", "SparseAttention", "attention_kernel", "quantize", "demo_section"]
+__all__ = ["Sparse", "QuantConfig", "SparseAttention", "attention_kernel", "quantize", "long_documents", "demo_section"]
 
 #: The public name of the sparse configuration: ``lens.Sparse(mode="hybrid", topk=0.1, topp=0.9)``.
 Sparse = SparseConfig
@@ -114,7 +114,6 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False):
 # -- the demo's deployment section ------------------------------------------------------------------
 
 def _demo_sparse() -> SparseConfig:
-    # short demo sentences are a single 64-token block: tile them so that selection has blocks to skip
     return SparseConfig(mode="hybrid", topk=0.25, topp=0.95, block_q=64, block_k=64)
 
 
@@ -122,7 +121,8 @@ def demo_section(lm, texts, dense_run, *, progress: bool = True):
     """Dense vs sparse vs NVFP4 vs int4 vs ternary on the demo model: how sinks and the valley move.
 
     Sparse attention needs sequences of several blocks to skip anything, so the sparse comparison traces
-    each demo sentence tiled to 512 tokens (dense and sparse on the same tiled inputs). Returns
+    long documents made of the demo sentences, cut to the model's 512 positions (dense and sparse on the
+    same inputs). Returns
     (heading, summary text, figures, frames) for ``lens.report.Report.section``.
     """
     import numpy as np
@@ -137,21 +137,21 @@ def demo_section(lm, texts, dense_run, *, progress: bool = True):
     labels = ["dense"]
     figures = []
     # low-bit weights: same inputs as the dense run
+    base = dense_run if "resid.hidden.0" in dense_run.arrays else lens.trace(lm, texts, progress=False, keep_hidden="all")
     for scheme in ("nvfp4", "int4", "ternary"):
         deployed = lens.load(model_id, quant=scheme)
         run = lens.trace(deployed, texts, progress=progress, keep_hidden="all")
-        base = dense_run if "resid.hidden.0" in dense_run.arrays else lens.trace(lm, texts, progress=False, keep_hidden="all")
         result = lens.compare(base, run)
         valleys.append(lens.valley(run))
         labels.append(scheme)
         rows.append(_row(scheme, result, run))
     # sparse attention: both runs on the tiled inputs
-    tiled = _tile(lm, texts, 512)
-    dense_long = lens.trace(lm, tiled, progress=progress, keep_hidden="all")
+    documents = long_documents(texts)
+    dense_long = lens.trace(lm, documents, truncate=True, progress=progress, keep_hidden="all")
     sparse_lm = lens.load(model_id, attention=_demo_sparse())
-    sparse_long = lens.trace(sparse_lm, tiled, progress=progress, keep_hidden="all")
+    sparse_long = lens.trace(sparse_lm, documents, truncate=True, progress=progress, keep_hidden="all")
     sparse_result = lens.compare(dense_long, sparse_long)
-    rows.insert(0, _row(f"sparse hybrid p=0.95 (inputs tiled to 512)", sparse_result, sparse_long))
+    rows.insert(0, _row("sparse hybrid p=0.95 (512-token documents)", sparse_result, sparse_long))
     frame = pd.DataFrame(rows)
     figures.append(valley_figure(valleys, labels))
     figures.append(sparse_result.figure())
@@ -182,18 +182,17 @@ def _row(name, result, run) -> dict:
     }
 
 
-def _tile(lm, texts, length: int) -> list[list[int]]:
-    """Each text's tokens repeated (without its special tokens) to ``length`` tokens, framed by the first
-    and last special tokens, so that an encoder sees a well-formed long input."""
-    from lens.inputs import encode
+def long_documents(texts, n_documents: int = 4, words: int = 600) -> list[str]:
+    """Join short texts into ``n_documents`` long ones (each rotating through all texts), so that sparse
+    attention has several blocks per sequence to choose from; trace them with ``truncate=True``.
 
-    encoded = encode(lm, texts)
-    tiled = []
-    for ids, special in zip(encoded.ids, encoded.special):
-        head = [t for t, s in zip(ids, special) if s][:1]
-        tail = [t for t, s in zip(ids, special) if s][1:2]
-        body = [t for t, s in zip(ids, special) if not s] or ids
-        reps = (length - len(head) - len(tail)) // len(body) + 1
-        tiled.append(head + (body * reps)[: length - len(head) - len(tail)] + tail)
-    return tiled
-
+    Example: ``lens.trace(lm, long_documents(texts), truncate=True)``.
+    """
+    documents = []
+    for start in range(n_documents):
+        order = texts[start:] + texts[:start]
+        doc: list[str] = []
+        while sum(len(t.split()) for t in doc) < words:
+            doc.extend(order)
+        documents.append(" ".join(doc))
+    return documents
