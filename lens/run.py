@@ -185,7 +185,11 @@ class Run:
         )
 
     def show(self, **kwargs):
-        """Open the interactive attention explorer for this run (needs ``lens-interp[widgets]``)."""
+        """Open the interactive attention explorer for this run (``lens.widgets.AttentionExplorer``; needs
+        ``lens-interp[widgets]``). ``kwargs`` go to the explorer (``layer``, ``head``, ``seq``, ``max_cells``…).
+
+        Example: ``lens.trace(lens.load(), ["The cat sat."], keep_patterns=[(0, 3)]).show(layer=0, head=3)``.
+        """
         from lens.widgets import AttentionExplorer  # views sit above the core; imported only when asked
 
         return AttentionExplorer(self, **kwargs)

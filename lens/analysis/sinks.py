@@ -216,6 +216,16 @@ class SinkResult:
             return figures.norm_curve(self)
         raise ConfigError(f"kind must be 'heads', 'massive' or 'norms'; got {kind!r}")
 
+    def show(self, **kwargs):
+        """The interactive sink map (``lens.widgets.SinkMap``; needs ``lens-interp[widgets]``): the layer × head
+        sink scores, and the mass each token receives from the head you select.
+
+        Example: ``lens.sinks(run).show()``.
+        """
+        from lens.widgets import SinkMap  # views sit above the core; imported only when asked
+
+        return SinkMap(self, **kwargs)
+
     def summary(self) -> str:
         """A few lines for a terminal: sink heads, sink rate per layer, the largest activation."""
         score = self.mean_sink_score

@@ -119,6 +119,16 @@ class ValleyResult:
 
         return figures.valley_figure([self])
 
+    def show(self, *others: "ValleyResult", labels=None):
+        """The interactive valley plot (``lens.widgets.ValleyPlot``; needs ``lens-interp[widgets]``), with any
+        ``others`` overlaid.
+
+        Example: ``lens.valley(dense_run).show(lens.valley(deployed_run), labels=["dense", "deployed"])``.
+        """
+        from lens.widgets import ValleyPlot  # views sit above the core; imported only when asked
+
+        return ValleyPlot(self, *others, labels=labels)
+
     def summary(self) -> str:
         """Two lines for a terminal."""
         h = self.mean("entropy_raw_normalized")
