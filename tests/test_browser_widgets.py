@@ -10,6 +10,8 @@ only when /usr/bin/chromium is absent.
 
 from __future__ import annotations
 
+import os
+
 import json
 import textwrap
 from pathlib import Path
@@ -37,10 +39,15 @@ from lens.widgets._browser import (
     write_notebook,
 )
 
+# CI (.ci/run) installs chromium and sets LENS_REQUIRE_BROWSER=1: there a missing browser must fail the run
+# rather than silently skip the only tests that prove the widgets render.
+_REQUIRED = os.environ.get("LENS_REQUIRE_BROWSER") == "1"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not chromium_available(), reason=f"no chromium at {CHROMIUM}: apt-get install -y chromium"),
+    pytest.mark.skipif(
+        not chromium_available() and not _REQUIRED, reason=f"no chromium at {CHROMIUM}: apt-get install -y chromium"
+    ),
 ]
 
 NOTEBOOK_SETUP = '''
