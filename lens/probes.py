@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lens.errors import CaptureError, NumericalError
-from lens.spectra import center_and_normalize_rows, squared_singular_values
+from lens.spectra import center_and_normalize_rows, lower_median, squared_singular_values
 
 __all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe"]
 
@@ -174,9 +174,8 @@ class ResidualProbe:
             self.cos2[layer, start : start + n] = (cos * cos).cpu().numpy()
             flat = x.reshape(-1)
             magnitude = flat.abs()
-            # torch.median (the lower middle value for an even count, as in Sun et al.'s code) selects
-            # rather than sorts, and is about twice as fast as numpy's here
-            self.median[layer, seq] = float(magnitude.median())
+            # the lower middle value for an even count, as torch.median (and Sun et al.'s code) define it
+            self.median[layer, seq] = float(lower_median(magnitude))
             kk = min(k, flat.numel())
             top = magnitude.topk(kk)
             self.top_value[layer, seq, :kk] = flat[top.indices].cpu().numpy()

@@ -20,15 +20,23 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["squared_singular_values", "center_and_normalize_rows", "entropy_from_spectrum", "renyi_entropy"]
+__all__ = [
+    "squared_singular_values",
+    "center_and_normalize_rows",
+    "entropy_from_spectrum",
+    "renyi_entropy",
+    "lower_median",
+]
 
 
-def squared_singular_values(x: torch.Tensor, *, eig_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def squared_singular_values(x: torch.Tensor, *, eig_dtype: torch.dtype | None = None) -> torch.Tensor:
     """σ_j² of ``x`` (T×d), descending, length ``min(T, d)``, non-negative.
 
-    The Gram product runs in the input's precision (fp32 for fp32 models: one BLAS call), the
-    eigen-solve in ``eig_dtype`` (fp64 by default, so that the small eigenvalues that carry most of the
-    entropy's tail are not drowned by round-off of the solver).
+    The Gram product and the eigen-solve run in the input's precision (fp32 for fp32 models) unless
+    ``eig_dtype`` says otherwise. An fp64 solve of an fp32 Gram buys nothing: the Gram's own round-off
+    already bounds the small eigenvalues, and measured entropy errors against an all-fp64 reference are
+    ~1e-9 relative without a massive activation and ~1.5e-6 with a 3000× one, for either solve — while
+    the fp32 solve is 1.7× faster (it runs twice per layer in every trace).
 
     Example::
 
@@ -38,7 +46,7 @@ def squared_singular_values(x: torch.Tensor, *, eig_dtype: torch.dtype = torch.f
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     t, d = x.shape
     gram = x.T @ x if t >= d else x @ x.T
-    eig = torch.linalg.eigvalsh(gram.to(eig_dtype))
+    eig = torch.linalg.eigvalsh(gram if eig_dtype is None else gram.to(eig_dtype))
     return eig.flip(0).clamp_(min=0)
 
 
@@ -83,3 +91,29 @@ def entropy_from_spectrum(eigenvalues: np.ndarray, alpha: float = 1.0) -> tuple[
         return float("nan"), float("nan")
     p = lam / total
     return renyi_entropy(p, alpha), float(p.max())
+
+
+def lower_median(values: torch.Tensor) -> torch.Tensor:
+    """The lower median of a 1-D tensor — exactly ``values.median()`` — about twice as fast on large inputs.
+
+    ``torch.median`` selects over all n values; this brackets the median with a strided sample, counts what
+    lies below the bracket, and selects only inside it (usually ~1% of the values), falling back to
+    ``torch.median`` whenever the bracket misses. It runs once per layer and sequence in every trace
+    (massive activations are defined relative to the median, DESIGN §3).
+
+    Example: ``lower_median(torch.tensor([3., 1., 2., 4.]))`` → ``tensor(2.)``.
+    """
+    n = values.numel()
+    k = (n - 1) // 2  # 0-based rank of the lower median
+    if n < 1 << 16:
+        return values.median()
+    sample = values[:: n // 4096].sort().values
+    m = sample.numel()
+    centre = int(k / n * m)
+    margin = 4 * int(m**0.5) + 8
+    low, high = sample[max(0, centre - margin)], sample[min(m - 1, centre + margin)]
+    below = int((values < low).sum())
+    inside = values[(values >= low) & (values <= high)]
+    if below <= k < below + inside.numel():
+        return inside.kthvalue(k - below + 1).values
+    return values.median()

@@ -1,0 +1,62 @@
+"""The numerical building blocks of the valley and the massive-activation statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lens.analysis.valley import massive_activation_bound
+from lens.spectra import center_and_normalize_rows, entropy_from_spectrum, lower_median, renyi_entropy, squared_singular_values
+
+
+@pytest.mark.parametrize("shape", [(10, 4), (4, 10), (300, 64)])
+def test_squared_singular_values_match_svdvals(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(squared_singular_values(x).numpy(), (torch.linalg.svdvals(x.double()) ** 2).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(300_001, generator=torch.Generator().manual_seed(0)).abs(),
+        torch.randn(2048 * 768, generator=torch.Generator().manual_seed(1)).abs(),
+        torch.zeros(100_000),
+        torch.randint(0, 3, (200_000,), generator=torch.Generator().manual_seed(2)).float(),  # massive ties
+        torch.cat([torch.zeros(70_000), torch.full((70_001,), 5.0)]),
+        torch.arange(100_000, dtype=torch.float32).flip(0),
+        torch.tensor([3.0, 1.0, 2.0, 4.0]),
+    ],
+)
+def test_lower_median_equals_torch_median(values):
+    assert lower_median(values) == values.median()
+
+
+def test_entropy_definitions():
+    assert renyi_entropy(np.full(4, 0.25)) == pytest.approx(math.log(4))
+    assert renyi_entropy(np.full(4, 0.25), alpha=2.0) == pytest.approx(math.log(4))  # uniform: every α agrees
+    p = np.array([0.7, 0.2, 0.1])
+    assert renyi_entropy(p, 2.0) == pytest.approx(-math.log((p**2).sum()))
+    assert renyi_entropy(p, 0.5) > renyi_entropy(p, 1.0) > renyi_entropy(p, 2.0)
+    h, p1 = entropy_from_spectrum(np.array([3.0, 1.0, 0.0]))
+    assert p1 == 0.75 and h == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_normalized_rows_are_centered_unit_vectors():
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(3)) + 4.0
+    z = center_and_normalize_rows(x)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(50))
+    same = center_and_normalize_rows(torch.ones(3, 4))  # every row equals the mean: zeros, not NaN
+    assert torch.isfinite(same).all() and (same == 0).all()
+
+
+def test_bound_worked_example():
+    # x0 = (10, 0), x1 = (0, 1), x2 = (0, 1): M = 100, R = 2, α = 0, c = 50, p = 50/51
+    bound = massive_activation_bound(np.array([10.0, 1.0, 1.0]), np.array([1.0, 0.0, 0.0]), rank=2)
+    assert bound["p"] == pytest.approx(50 / 51)
+    # rank 2: H ≤ −p log p − (1−p) log(1−p) + (1−p) log 1, and the true spectrum is (100, 2): equality
+    p = 100 / 102
+    assert bound["entropy_upper"] == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
