@@ -153,6 +153,25 @@ function lensWatchTheme(callback) {
   };
 }
 
+// Every component redraws when the theme changes or its width changes by more than a few pixels (a
+// resize by a scrollbar's appearance would otherwise redraw in a loop). Returns the cleanup function.
+function lensRedrawOn(root, onTheme, onResize = onTheme) {
+  const stopTheme = lensWatchTheme(onTheme);
+  let lastWidth = 0;
+  const resize = new ResizeObserver(() => {
+    const w = lensWidth(root, 0);
+    if (Math.abs(w - lastWidth) > 8) {
+      lastWidth = w;
+      onResize();
+    }
+  });
+  resize.observe(root);
+  return () => {
+    stopTheme();
+    resize.disconnect();
+  };
+}
+
 function lensFmt(v, digits = 3) {
   if (v === null || v === undefined || !Number.isFinite(v)) return "–";
   if (v === 0) return "0";

@@ -358,21 +358,11 @@ function render({ model, el }) {
     };
     model.on(`change:${name}`, handlers[name]);
   }
-  const stopTheme = lensWatchTheme(drawAll);
-  let lastWidth = 0;
-  const resize = new ResizeObserver(() => {
-    const w = lensWidth(root, 0);
-    if (Math.abs(w - lastWidth) > 8) {
-      lastWidth = w;
-      drawAll();
-    }
-  });
-  resize.observe(root);
+  const stopRedraw = lensRedrawOn(root, drawAll);
   drawAll();
   return () => {
     for (const name of names) model.off(`change:${name}`, handlers[name]);
-    stopTheme();
-    resize.disconnect();
+    stopRedraw();
   };
 }
 

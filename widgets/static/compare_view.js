@@ -176,21 +176,11 @@ function render({ model, el }) {
   };
   const names = ["mass_a", "mass_b", "sinks_a", "sinks_b", "strip_meta", "tokens_a", "tokens_b", "layer", "head", "seq", "token"];
   for (const name of names) model.on(`change:${name}`, schedule);
-  const stopTheme = lensWatchTheme(drawAll);
-  let lastWidth = 0;
-  const resize = new ResizeObserver(() => {
-    const w = lensWidth(root, 0);
-    if (Math.abs(w - lastWidth) > 8) {
-      lastWidth = w;
-      drawAll();
-    }
-  });
-  resize.observe(root);
+  const stopRedraw = lensRedrawOn(root, drawAll);
   drawAll();
   return () => {
     for (const name of names) model.off(`change:${name}`, schedule);
-    stopTheme();
-    resize.disconnect();
+    stopRedraw();
   };
 }
 

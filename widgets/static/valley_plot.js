@@ -166,23 +166,13 @@ function render({ model, el }) {
   const redraw = () => draw();
   model.on("change:layer", onLayer);
   model.on("change:series", redraw);
-  const stopTheme = lensWatchTheme(redraw);
-  let lastWidth = 0;
-  const resize = new ResizeObserver(() => {
-    const w = lensWidth(root, 0);
-    if (Math.abs(w - lastWidth) > 8) {
-      lastWidth = w;
-      draw();
-    }
-  });
-  resize.observe(root);
+  const stopRedraw = lensRedrawOn(root, redraw, draw);
   if (model.get("layer") >= 0) cursor = model.get("layer");
   draw();
   return () => {
     model.off("change:layer", onLayer);
     model.off("change:series", redraw);
-    stopTheme();
-    resize.disconnect();
+    stopRedraw();
   };
 }
 
