@@ -119,7 +119,8 @@ def test_nan_activations(tiny_model_dir, tmp_path):
     [
         ({"keep_patterns": [(9, 0)]}, "valid layers are 0..5"),
         ({"keep_patterns": [(0, 12)]}, "valid heads are 0..11"),
-        ({"capture": ("attention", "logits")}, "subset of"),
+        ({"capture": ("attention", "gradients")}, "subset of"),
+        ({"capture": ("attention", "logits")}, "language-model head"),  # MiniLM is an encoder
         ({"batch_size": 0}, "batch_size"),
         ({"track_neurons": [(0, 99999)]}, "neurons 0..1535"),
         ({"keep_hidden": [7]}, "0..6"),
