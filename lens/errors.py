@@ -13,6 +13,7 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "MissingDependencyError",
 ]
 
 
@@ -46,3 +47,7 @@ class RunFormatError(LensError, OSError):
 
 class CaptureError(LensError, RuntimeError):
     """The probes could not observe the model as expected (for example attention bypassing lens)."""
+
+
+class MissingDependencyError(LensError, ImportError):
+    """An optional part of lens needs a package that is not installed; the message names the extra."""

@@ -25,6 +25,16 @@ Example::
     ipywidgets.VBox([sink_map, explorer])
 """
 
+try:  # the widgets are an optional extra: say how to get them rather than fail on a bare import error
+    import anywidget  # noqa: F401
+    import ipywidgets  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in environments without the extra
+    from lens.errors import MissingDependencyError
+
+    raise MissingDependencyError(
+        f"lens.widgets needs anywidget and ipywidgets ({exc}); install them with pip install 'lens-interp[widgets]'"
+    ) from exc
+
 from ._base import LensWidget
 from .attention import AttentionExplorer
 from .compare import CompareView
