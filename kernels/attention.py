@@ -22,11 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "default_chunk_size"]
+__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks"]
 
-# About 4 M probabilities per chunk (16 MB in fp32): large enough that the matmuls stay efficient, small
-# enough that a chunk stays near the caches. Measured with `lens bench capture` (see the closing notes).
+# Chunk shape, measured against causal SDPA (12 heads, d 64, 2 cores; our kernel / SDPA time):
+#   T = 2048:  64 rows, all heads 1.44×;  128 rows 1.54×;  256 rows 1.73×
+#   T = 8192:  256 rows, 2 heads per pass 1.62×;  64 rows, 8 heads 1.71×;  128 rows, all heads 2.3×
+#   T = 32768: 256 rows, 1 head per pass 2.0×;  128 rows 2.4×;  512 rows 3.0×  (16 rows: ~3.5×)
+# Short keys favour small, cache-resident chunks; long keys favour more rows per pass, because every
+# chunk re-reads its heads' keys. About 4 M probabilities per chunk (16 MB in fp32) bounds memory.
 _TARGET_CHUNK_ELEMENTS = 1 << 22
+_ROWS_SHORT = 64
+_ROWS_LONG = 256
 
 
 @dataclass
@@ -51,14 +57,23 @@ class AttentionStats:
     kept_fraction: torch.Tensor | None = None
 
 
-def default_chunk_size(batch: int, heads: int, keys: int) -> int:
-    """Query rows per chunk so that one chunk of scores holds about 4 M values.
+def plan_chunks(
+    batch: int, kv_heads: int, group: int, q_len: int, k_len: int, rows: int | None = None
+) -> tuple[int, int]:
+    """(query rows per chunk, key/value heads per pass) for ``attention_with_stats``.
 
-    Example: ``default_chunk_size(1, 12, 2048)`` → 256 (a multiple of 64, at least 16).
+    Rows: 64 for up to 4096 keys, 256 beyond (unless given) — enough that re-reading a pass's keys for
+    every chunk stays cheap next to the chunk's own scores. Heads per pass: as many as keep one chunk of
+    scores near 4 M values (16 MB in fp32), at least one — so memory stays bounded at any length while
+    short sequences still do all heads in one matmul. The measurements behind this are above.
+
+    Example: ``plan_chunks(1, 12, 1, 2048, 2048)`` → ``(64, 12)``; at 32768 tokens → ``(256, 1)``.
     """
-    rows = _TARGET_CHUNK_ELEMENTS // max(1, batch * heads * keys)
-    rows = max(16, min(4096, rows))
-    return rows if rows < 64 else (rows // 64) * 64
+    if rows is None:
+        rows = _ROWS_SHORT if k_len <= 4096 else _ROWS_LONG
+    rows = max(1, min(rows, q_len))
+    per_kv_head = batch * group * rows * k_len
+    return rows, max(1, min(kv_heads, _TARGET_CHUNK_ELEMENTS // max(per_kv_head, 1)))
 
 
 def normalize_mask(
@@ -156,44 +171,57 @@ def attention_with_stats(
     # matmul per key/value head serves the whole group, without materializing repeated K/V.
     key_t = key.to(compute_dtype).transpose(-1, -2)  # [B, Hkv, D, Tk]
     value_c = value.to(compute_dtype)
-    chunk = chunk_size or default_chunk_size(batch, heads, k_len)
+    rows_per_chunk, kv_per_pass = plan_chunks(batch, kv_heads, group, q_len, k_len, chunk_size)
+    query_g = query.view(batch, kv_heads, group, q_len, head_dim)
+    pattern_index = {h: j for j, h in enumerate(pattern_heads)}
 
-    for start in range(0, q_len, chunk):
-        stop = min(start + chunk, q_len)
-        rows = stop - start
-        k_stop = min(k_len, stop + offset) if causal else k_len
-        q_chunk = query[:, :, start:stop].to(compute_dtype) * scale
-        q_chunk = q_chunk.reshape(batch, kv_heads, group * rows, head_dim)
-        scores = torch.matmul(q_chunk, key_t[..., :k_stop]).view(batch, heads, rows, k_stop)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        if causal:
-            # only the diagonal band of this chunk is cut: keys start+offset+1 .. k_stop
-            band_start = start + offset + 1
-            if band_start < k_stop:
-                q_idx = torch.arange(start, stop, device=device)[:, None] + offset
-                k_idx = torch.arange(band_start, k_stop, device=device)[None, :]
-                scores[..., band_start:k_stop].masked_fill_(k_idx > q_idx, float("-inf"))
-        row_allowed = None
-        if allowed is not None:
-            mask_chunk = allowed[..., start:stop, :]
-            if bias is not None:
-                scores = scores + bias[..., start:stop, :].to(compute_dtype)
-            scores.masked_fill_(~mask_chunk, float("-inf"))
-            row_allowed = mask_chunk.any(dim=-1)  # [B|1, 1|H, rows]
-            counted = (mask_chunk & valid[:, None, start:stop, None]).any(dim=1)  # [B, rows, Tk]
-            query_count += counted.sum(dim=1, dtype=torch.float32)
-        probs = torch.softmax(scores, dim=-1)
-        if row_allowed is not None and not bool(row_allowed.all()):
-            probs = probs.masked_fill(~row_allowed[..., None], 0.0)
-        probs_kv = probs.view(batch, kv_heads, group * rows, k_stop)
-        out[:, :, start:stop] = (
-            torch.matmul(probs_kv, value_c[:, :, :k_stop]).view(batch, heads, rows, -1).to(out.dtype)
-        )
-        weights = valid_weight[:, None, None, start:stop]  # [B, 1, 1, rows]
-        key_mass[..., :k_stop] += torch.matmul(weights, probs).squeeze(-2).float()
-        if patterns is not None:
-            patterns[:, :, start:stop, :k_stop] = probs[:, list(pattern_heads)].float()
+    # Head groups outside, query rows inside: each pass re-reads only its own heads' keys, and a chunk
+    # of 128+ rows amortizes that read (with 16-row chunks at T = 32768, re-reading K cost more than the
+    # attention itself).
+    for kv0 in range(0, kv_heads, kv_per_pass):
+        kv1 = min(kv0 + kv_per_pass, kv_heads)
+        h0, h1 = kv0 * group, kv1 * group
+        n_heads = h1 - h0
+        mask_heads = (lambda m: m if m.shape[1] == 1 else m[:, h0:h1]) if allowed is not None else None
+        kept_here = [(h - h0, pattern_index[h]) for h in pattern_heads if h0 <= h < h1]
+        for start in range(0, q_len, rows_per_chunk):
+            stop = min(start + rows_per_chunk, q_len)
+            rows = stop - start
+            k_stop = min(k_len, stop + offset) if causal else k_len
+            q_chunk = query_g[:, kv0:kv1, :, start:stop].to(compute_dtype) * scale
+            q_chunk = q_chunk.reshape(batch, kv1 - kv0, group * rows, head_dim)
+            scores = torch.matmul(q_chunk, key_t[:, kv0:kv1, :, :k_stop]).view(batch, n_heads, rows, k_stop)
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap).mul_(softcap)
+            if causal:
+                # only the diagonal band of this chunk is cut: keys start+offset+1 .. k_stop
+                band_start = start + offset + 1
+                if band_start < k_stop:
+                    q_idx = torch.arange(start, stop, device=device)[:, None] + offset
+                    k_idx = torch.arange(band_start, k_stop, device=device)[None, :]
+                    scores[..., band_start:k_stop].masked_fill_(k_idx > q_idx, float("-inf"))
+            row_allowed = None
+            if allowed is not None:
+                mask_chunk = mask_heads(allowed[..., start:stop, :])
+                if bias is not None:
+                    scores = scores + mask_heads(bias[..., start:stop, :]).to(compute_dtype)
+                scores.masked_fill_(~mask_chunk, float("-inf"))
+                row_allowed = mask_chunk.any(dim=-1)  # [B|1, 1|h, rows]
+                if kv0 == 0:  # |Q_k| does not depend on the head: count it in the first pass only
+                    full_chunk = allowed[..., start:stop, :]
+                    counted = (full_chunk & valid[:, None, start:stop, None]).any(dim=1)  # [B, rows, Tk]
+                    query_count += counted.sum(dim=1, dtype=torch.float32)
+            probs = torch.softmax(scores, dim=-1)
+            if row_allowed is not None and not bool(row_allowed.all()):
+                probs = probs.masked_fill(~row_allowed[..., None], 0.0)
+            probs_kv = probs.view(batch, kv1 - kv0, group * rows, k_stop)
+            out[:, h0:h1, start:stop] = (
+                torch.matmul(probs_kv, value_c[:, kv0:kv1, :k_stop]).view(batch, n_heads, rows, -1).to(out.dtype)
+            )
+            weights = valid_weight[:, None, None, start:stop]  # [B, 1, 1, rows]
+            key_mass[:, h0:h1, :k_stop] += torch.matmul(weights, probs).squeeze(-2).float()
+            for local, j in kept_here:
+                patterns[:, j, start:stop, :k_stop] = probs[:, local].float()
 
     stats = AttentionStats(
         key_mass=key_mass,
