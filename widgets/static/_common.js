@@ -153,6 +153,23 @@ function lensWatchTheme(callback) {
   };
 }
 
+// Shared by the views with a per-head token strip: mirror the selection into data-* attributes (the browser
+// tests and CSS read them) and, while Python is still computing the strip for a new selection, show
+// "loading…" instead of the previous head's data. Returns the strip's metadata, or null while loading.
+function lensStripMeta(root, model, titleEl) {
+  const layer = model.get("layer"), head = model.get("head"), seq = model.get("seq");
+  const meta = model.get("strip_meta");
+  root.dataset.layer = layer;
+  root.dataset.head = head;
+  root.dataset.seq = seq;
+  if (meta.layer !== layer || meta.head !== head || meta.seq !== seq) {
+    titleEl.textContent = `Layer ${layer} · Head ${head} — loading…`;
+    root.dataset.state = "loading";
+    return null;
+  }
+  return meta;
+}
+
 // Every component redraws when the theme changes or its width changes by more than a few pixels (a
 // resize by a scrollbar's appearance would otherwise redraw in a loop). Returns the cleanup function.
 function lensRedrawOn(root, onTheme, onResize = onTheme) {

@@ -129,16 +129,9 @@ function render({ model, el }) {
     grid.draw(Math.min(lensWidth(root, 900) * 0.45, 480), theme);
   }
   function drawStrips() {
-    const layer = model.get("layer"), head = model.get("head"), seq = model.get("seq");
-    const meta = model.get("strip_meta");
-    root.dataset.layer = layer;
-    root.dataset.head = head;
-    root.dataset.seq = seq;
-    if (meta.layer !== layer || meta.head !== head || meta.seq !== seq) {
-      stripTitle.textContent = `Layer ${layer} · Head ${head} — loading…`;
-      root.dataset.state = "loading";
-      return;
-    }
+    const meta = lensStripMeta(root, model, stripTitle);
+    if (!meta) return;
+    const layer = meta.layer, head = meta.head;
     const d = lensF32(model.get("sink_delta"))[layer * info.n_heads + head];
     stripTitle.textContent = `Layer ${layer} · Head ${head} — mass each token receives (Δ sink score ${lensFmt(d)})${meta.same_tokens ? "" : meta.T_a === meta.T_b ? " — the two runs have different tokens here" : ` — the runs have ${meta.T_a} and ${meta.T_b} tokens here`}`;
     const token = model.get("token");

@@ -94,16 +94,9 @@ function render({ model, el }) {
     colorbarSlot.replaceChildren(lensColorbar({ cmap: "viridis", vmin: 0, vmax: 1, label: info.metrics[metric] }));
   }
   function drawStrip() {
-    const layer = model.get("layer"), head = model.get("head"), seq = model.get("seq");
-    const meta = model.get("strip_meta");
-    root.dataset.layer = layer;
-    root.dataset.head = head;
-    root.dataset.seq = seq;
-    if (meta.layer !== layer || meta.head !== head || meta.seq !== seq) {
-      stripTitle.textContent = `Layer ${layer} · Head ${head} — loading…`;
-      root.dataset.state = "loading";
-      return;
-    }
+    const meta = lensStripMeta(root, model, stripTitle);
+    if (!meta) return;
+    const layer = meta.layer, head = meta.head;
     stripTitle.textContent = `Layer ${layer} · Head ${head} — mass each token receives (sink score ${lensFmt(meta.score)})`;
     const mass = lensF32(model.get("mass"));
     const block = meta.block || 1;
