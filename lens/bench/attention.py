@@ -20,7 +20,7 @@ disagree, the machine was busy and the CPU-time column is the better estimate of
 Run it::
 
     lens bench attention --lengths 4096 8192 --json bench-attention.json
-    python -m lens.bench_attention --source minilm --lengths 4096 8192
+    python -m lens.bench.attention --source minilm --lengths 4096 8192
 
 or from Python: ``print(format_table(run(lengths=(4096, 8192))))``.
 """
@@ -328,7 +328,7 @@ QUICK = {"lengths": (1024,), "densities": (0.2,), "repeats": 1}
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (also ``lens bench attention``): prints the table and writes the JSON; returns 0.
 
-    Example: ``python -m lens.bench_attention --lengths 4096 8192 --json bench-attention.json``.
+    Example: ``python -m lens.bench.attention --lengths 4096 8192 --json bench-attention.json``.
     """
     parser = argparse.ArgumentParser(prog="lens bench attention", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])

@@ -187,7 +187,7 @@ def run(lengths=(1024, 2048, 8192), methods=METHODS, repeats: int = 2, progress:
                 f"needs about {need / 1e9:.0f} GB for the attention probabilities alone; "
                 f"{budget / 1e9:.0f} GB are available")})
             continue
-        cmd = [sys.executable, "-m", "lens.bench_capture", "--worker", method, "--length", str(length),
+        cmd = [sys.executable, "-m", "lens.bench.capture", "--worker", method, "--length", str(length),
                "--repeats", str(repeats)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))

@@ -15,7 +15,7 @@ Per scheme, in one run, against the fp32 model measured in the same run:
   those activations tiled to 2048 tokens (per layer, alternating, fastest of ``repeats``). lens's layers
   dequantize on every call, so this is the price of emulation, not a deployment speed.
 
-Run: ``lens bench quant`` or ``python -m lens.bench_quant`` (``--json out.json``, ``--schemes nvfp4,int8``,
+Run: ``lens bench quant`` or ``python -m lens.bench.quant`` (``--json out.json``, ``--schemes nvfp4,int8``,
 ``--quick``).
 """
 

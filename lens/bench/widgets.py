@@ -18,7 +18,7 @@ embedded MiniLM's, traced on random token ids with four heads' full patterns kep
 
 Run it with ``lens bench widgets`` (JSON to ``bench-widgets.json``; ``--quick`` for T = 512 only), or::
 
-    from lens import bench_widgets
+    from lens.bench import widgets as bench_widgets
     result = bench_widgets.run(lengths=(512, 4096))
     print(bench_widgets.format_table(result))
 """

@@ -3,7 +3,7 @@
 Each probe writes straight into preallocated arrays indexed by *flat token position* (sequences back to
 back, padding dropped), so memory is independent of how the inputs were batched and no probe ever
 keeps a per-layer activation tensor after its hook returns (unless the user asked for hidden states or
-patterns). The attention probe is fed by the lens attention function (``lens._observers``); the others
+patterns). The attention probe is fed by the lens attention function (``lens.models.observers``); the others
 are forward hooks.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lens.errors import CaptureError, NumericalError
-from lens.spectra import center_and_normalize_rows, lower_median, squared_singular_values
+from lens.capture.spectra import center_and_normalize_rows, lower_median, squared_singular_values
 
 __all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe"]
 

@@ -4,7 +4,7 @@ Modern Hugging Face architectures (BERT, GPT-2, GPT-NeoX, Llama, Mistral, Qwen2,
 model, …) call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value, mask,
 ...)`` with post-RoPE queries and keys. ``lens.load`` sets that implementation to ``"lens"`` so that the
 function below runs *whatever kernel the model is deployed with* (``module._lens_kernel``; dense SDPA
-when unset), also outside any trace. When probes are active (``lens._observers``), it asks the kernel
+when unset), also outside any trace. When probes are active (``lens.models.observers``), it asks the kernel
 for the statistics of exactly the probabilities that produced the output and hands them over; when
 none are, the dense path is Hugging Face's own SDPA call, so an instrumented model costs nothing idle.
 """
@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from lens.kernels.attention import AttentionStats, attention_with_stats
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lens._observers import active_observers
-from lens.kernels.attention import AttentionStats, attention_with_stats
+from lens.models.observers import active_observers
 
 __all__ = ["IMPLEMENTATION", "AttentionKernel", "DenseAttention", "lens_attention_forward", "register"]
 

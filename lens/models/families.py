@@ -112,7 +112,7 @@ def family_for(config) -> Family:
     raise UnsupportedModelError(
         f"lens has no architecture entry for model_type {model_type!r}. Supported: "
         f"{', '.join(supported_model_types())}. If this architecture calls transformers' AttentionInterface, "
-        "describe it with lens.families.register_family(Family(...)) (see the docstring of lens.families)."
+        "describe it with lens.models.families.register_family(Family(...)) (see the docstring of lens.models.families)."
     )
 
 

@@ -1,6 +1,6 @@
 """The hand-off point between the attention function and whoever wants to watch it.
 
-``lens.attention`` (the function the model calls) reads the observers that are active in the current
+``lens.models.attention`` (the function the model calls) reads the observers that are active in the current
 context; ``lens.trace`` pushes its probes here for the duration of a forward pass. Neither module
 imports the other: this keeps the arrows one way and lets the model run its deployed kernels at full
 speed whenever nothing is observing.

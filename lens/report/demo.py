@@ -37,10 +37,10 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     ``deploy=True`` adds the deployment section (sparse attention and low-bit weights against dense)
     when the deployment kernels are available. Returns the report's path.
 
-    Example: ``lens.demo.run_demo("report.html")`` (what ``lens demo`` runs).
+    Example: ``lens.report.demo.run_demo("report.html")`` (what ``lens demo`` runs).
     """
     import lens
-    from lens.report import Report
+    from lens.report.html import Report
 
     started = time.perf_counter()
     texts = list(texts or DEMO_TEXTS)
@@ -106,12 +106,10 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
 
 
 def _deployment_section(lm, texts, dense_run, progress):
-    """Dense against the deployed variants (sparse attention, low-bit weights), if lens.deploy exists."""
-    try:
-        from lens import deploy
-    except ImportError:
-        return None
-    return deploy.demo_section(lm, texts, dense_run, progress=progress)
+    """Dense against the deployed variants (sparse attention, low-bit weights)."""
+    from lens.report.deployment import demo_section
+
+    return demo_section(lm, texts, dense_run, progress=progress)
 
 
 def _pretty(obj, indent: int = 0) -> str:
