@@ -203,6 +203,11 @@ def test_compare_shows_the_effect_and_provenance_records_it(lm):
     assert clean.provenance["trace"]["interventions"] == []
     result = lens.compare(clean, ablated)
     assert np.nanmax(np.abs(result.entropy_delta)) > 0
+    assert result.labels[1] == "dense + ablate mlp L0@[0]"
+    from lens.widgets import CompareView
+
+    view = CompareView(result)  # the view of clean vs intervened names the intervention
+    assert "ablate mlp L0@[0]" in str(view.info)
     saved = ablated.save(__import__("tempfile").mkdtemp() + "/a.lens")
     assert lens.Run.load(saved).provenance["trace"]["interventions"][0]["site"] == "mlp"
 
