@@ -4,7 +4,7 @@ Layout (N = total real tokens over all sequences, S = sequences, L = layers, H =
 stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 
 =========================  ==================  =============================================================
-array                      shape               meaning (DESIGN.md §3)
+array                      shape               meaning (docs/definitions.md)
 =========================  ==================  =============================================================
 token_ids                  [N] int64           token ids
 offsets                    [S+1] int64         sequence boundaries
@@ -126,7 +126,7 @@ class Run:
 
     # -- convenient views -------------------------------------------------------------------------
     def mass_received(self, layer: int, head: int, seq: int = 0) -> np.ndarray:
-        """m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k] for every key k of one sequence (DESIGN §3)."""
+        """m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k] for every key k of one sequence (docs/definitions.md)."""
         self.require("attn.key_mass", "attn.query_count", what="mass_received")
         sl = self.span(seq)
         col = self.arrays["attn.key_mass"][layer, head, sl]
@@ -183,6 +183,24 @@ class Run:
             f"Run({prov.get('model_id', '?')!r}, sequences={self.n_sequences}, tokens={int(self.offsets[-1])}, "
             f"layers={self.meta.get('n_layers')}, heads={self.meta.get('n_heads')}, attention={attn}, quant={quant})"
         )
+
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from lens._display import html_card
+
+        texts = self.texts
+        frame = pd.DataFrame({
+            "sequence": np.arange(self.n_sequences),
+            "tokens": self.lengths,
+            "text": [(t[:72] + "…" if len(t) > 72 else t) if isinstance(t, str) else " ".join(toks[:12])
+                     for t, toks in zip(texts, self.tokens)],
+        })
+        groups = sorted({name.split(".")[0] for name in self.arrays} - {"token_ids", "offsets", "special"})
+        kept = self.kept_patterns()
+        lines = [f"captured: {', '.join(groups) or 'tokens only'}"
+                 + (f"; full patterns of {len(kept)} heads" if kept else "")]
+        return html_card("Run", repr(self)[len("Run("):-1], frame, lines=lines, max_rows=12)
 
     def show(self, **kwargs):
         """Open the interactive attention explorer for this run (``lens.widgets.AttentionExplorer``; needs

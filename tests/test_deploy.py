@@ -29,7 +29,7 @@ def test_quantized_minilm_is_what_gets_traced(scheme, bits, dense_minilm_run):
     assert len(replaced) == 6 * 6 + 1  # q, k, v, attention out, intermediate, output per layer + pooler
     prov = lm.provenance()
     assert prov["quant"]["scheme"] == scheme
-    # resident weight bytes match the format's bits/weight within 5% (DESIGN §4)
+    # resident weight bytes match the format's bits/weight within 5% (docs/benchmarks.md)
     assert prov["quant_report"]["bits_per_weight"] == pytest.approx(bits, rel=0.05)
     assert prov["quant_report"]["weight_bytes_after"] < prov["quant_report"]["weight_bytes_before"] * bits / 32 * 1.05
 

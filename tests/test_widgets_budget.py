@@ -6,7 +6,7 @@
   tile open, the largest state the widget can reach.
 * Its standalone HTML export is ≤ 3 MB, at full overview resolution (no extra pooling needed).
 
-For scale (DESIGN §4): CircuitsVis writes 1.17 GB of HTML for 12 heads at T = 2048.
+For scale (docs/benchmarks.md): CircuitsVis writes 1.17 GB of HTML for 12 heads at T = 2048.
 """
 
 from __future__ import annotations

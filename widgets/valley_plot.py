@@ -28,7 +28,7 @@ VALLEY_COLUMNS = (
 class ValleyPlot(LensWidget):
     """Compression valley per residual layer ℓ = 0..L for one or more runs, overlaid.
 
-    Three panels (DESIGN §3): matrix entropy ÷ log min(T, d) — raw (solid), normalized (dotted) and the
+    Three panels (docs/definitions.md): matrix entropy ÷ log min(T, d) — raw (solid), normalized (dotted) and the
     massive-activation upper bound on the raw entropy (dashed); anisotropy p₁ with its lower bound
     (dashed); and the first-token norm ÷ the median token norm (log scale). Each run has its own colour,
     its valley range shaded and its argmin layer marked. Values are means over sequences

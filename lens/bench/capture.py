@@ -1,5 +1,5 @@
 """``lens bench capture``: what capturing sinks, massive activations and entropy costs, against the
-plain forward and the way other toolkits get attention (DESIGN.md §4).
+plain forward and the way other toolkits get attention (docs/benchmarks.md).
 
 GPT-2-small shape (12 layers, d 768, 12 heads, random weights, fp32, one sequence, CPU). For every
 length T, four methods, **each in its own process** so that one method's allocations never count
@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lens.atomic import atomic_write_text
 
 __all__ = ["run", "format_table", "METHODS"]
 
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
     lengths = list(args.lengths) + ([32768] if args.long and 32768 not in args.lengths else [])
     result = run(lengths=lengths, methods=args.methods, repeats=args.repeats)
     print(format_table(result))
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
     return 0
 
