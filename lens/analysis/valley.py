@@ -121,7 +121,8 @@ class ValleyResult:
     def trend(self) -> str:
         """How the mean normalized raw entropy moves from the embeddings to the output, in words.
 
-        Example: ``"falls monotonically from 0.91 at the embeddings to 0.62 at the output (layer 6)"``.
+        Example: ``"falls monotonically from 0.91 at the embeddings to 0.62 at the output (layer 6), lowest at
+        the output"``.
         """
         h = self.mean("entropy_raw_normalized")
         finite = h[np.isfinite(h)]
@@ -135,8 +136,7 @@ class ValleyResult:
             f"{h[-1]:.3f} at the output (layer {self.n_layers})"
         )
         if not self.interior:
-            end = "the embeddings (layer 0)" if self.valley_layer == 0 else f"the output (layer {self.n_layers})"
-            text += f"; the minimum is at {end}"
+            text += ", lowest at the embeddings" if self.valley_layer == 0 else ", lowest at the output"
         return text
 
     def headline(self) -> str:
@@ -199,11 +199,14 @@ class ValleyResult:
         its minimum against both ends, and the anisotropy there with its bound."""
         h = self.mean("entropy_raw_normalized")
         at = self.valley_layer
+        anisotropy = (f"anisotropy {self.mean('anisotropy')[at]:.3f} at layer {at} "
+                      f"(bound ≥ {self.mean('anisotropy_lower_bound')[at]:.3f})")
+        if not self.interior:
+            return f"{self.headline()}\n{anisotropy}"
         return (
             f"{self.headline()}\n"
             f"normalized raw entropy {h[at]:.3f} at layer {at} vs {h[0]:.3f} at the embeddings and {h[-1]:.3f} at "
-            f"the output; anisotropy {self.mean('anisotropy')[at]:.3f} "
-            f"(bound ≥ {self.mean('anisotropy_lower_bound')[at]:.3f})"
+            f"the output; {anisotropy}"
         )
 
     # -- notebook and terminal display ------------------------------------------------------------------
