@@ -97,7 +97,7 @@ def test_lens_demo_into_a_pipe_writes_only_the_summary_and_the_report_path(tmp_p
     expected = (
         "model: ", "inputs: ", "sink heads ", "strongest sink", "sink rate per layer", "compression valley at",
         "no interior valley", "normalized raw entropy", "anisotropy", "massive activations", "sparse hybrid",
-        "nvfp4:", "int4:", "ternary:", "report written to",
+        "nvfp4:", "int4:", "ternary:", "(sparse attention on", "report written to",
     )
     assert all(line.startswith(expected) for line in lines), [l for l in lines if not l.startswith(expected)]
     assert lines[-1].startswith("report written to") and str(tmp_path / "report.html") in lines[-1]
@@ -276,3 +276,116 @@ def test_files_written_by_lens_get_the_umasks_permissions(results, tmp_path, uma
     for path in written:
         assert Path(path).stat().st_mode & 0o777 == mode, path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explorer.html", "report.html", "run.lens"]  # no temp left
+
+
+# -- loading without network --------------------------------------------------------------------------------
+
+@pytest.fixture
+def counting_hub():
+    """A real HTTP server on 127.0.0.1 standing in for the hub: it counts the requests that reach it."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "EleutherAI/pythia-160m", "someone/private-model"])
+def test_offline_load_fails_at_once_with_the_installed_clients_advice(name, counting_hub, monkeypatch):
+    """HF_HUB_OFFLINE known: the cache only, no request to the hub (so no retries), and advice that names
+    the download command this huggingface_hub installs."""
+    from lens.models import hub
+
+    endpoint, hits = counting_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(lens.ModelLoadError) as caught:
+        lens.load(name)
+    message = str(caught.value)
+    assert "HF_HUB_OFFLINE is set" in message
+    folder = name.split("/")[-1]
+    assert f"{hub.download_command(name)}" in message and f"lens.load('./{folder}')" in message
+    assert hits == [], "an offline load must not ask the hub anything"
+
+
+def test_no_network_is_detected_by_a_cheap_probe(monkeypatch):
+    import socket
+
+    from lens.models import hub
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    monkeypatch.setattr(hub, "_probes", {})
+    reason = hub.offline_reason()
+    assert reason and reason.startswith(f"no network: 127.0.0.1:{closed} cannot be reached")
+    with pytest.raises(lens.ModelLoadError, match="no network"):
+        lens.load("gpt2")
+
+
+def test_a_reachable_endpoint_is_not_called_offline(counting_hub, monkeypatch):
+    from lens.models import hub
+
+    endpoint, _ = counting_hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(hub, "_probes", {})
+    assert hub.offline_reason() is None
+
+
+def test_download_advice_follows_the_installed_hub_client(monkeypatch):
+    from importlib import metadata
+
+    from lens.models import hub
+
+    class Dist:
+        def __init__(self, scripts):
+            self.entry_points = [metadata.EntryPoint(n, "x:y", "console_scripts") for n in scripts]
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(["hf", "tiny-agents"]))
+    assert hub.download_command("gpt2") == "hf download gpt2 --local-dir ./gpt2"
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(["huggingface-cli"]))  # before 0.34
+    assert hub.download_command("org/m") == "huggingface-cli download org/m --local-dir ./m"
+
+
+# -- widget reprs -------------------------------------------------------------------------------------------
+
+def test_widget_reprs_never_show_raw_buffers(results):
+    lw = pytest.importorskip("lens.widgets")
+    run = results["run"]
+    views = [lw.AttentionExplorer(run), lw.SinkMap(run), lw.ValleyPlot(run), lw.TokenView.mass(run, 0, 0),
+             lw.CompareView(results["compare"])]
+    for view in views:
+        text = repr(view)
+        assert "b'" not in text and "\\x" not in text and len(text) < 200, text
+        assert text.startswith(type(view).__name__ + "(") and "kB to the browser" in text
+    assert "layer=" in repr(views[0]) and "head=" in repr(views[0])
+    pytest.importorskip("panel")
+    import panel as pn
+
+    column = pn.Column("# Attention", views[0].to_panel())
+    text = repr(column)
+    assert "b'" not in text and "\\x" not in text and len(text) < 400, text

@@ -35,8 +35,10 @@ class SinkMap(LensWidget):
     Example::
 
         result = lens.sinks(run)
-        sink_map = lens.widgets.SinkMap(result)         # or result.show()
-        ipywidgets.link((sink_map, "layer"), (explorer, "layer"))
+        sink_map = lens.widgets.SinkMap(result)         # or result.show(); opens on the strongest sink head
+        # linked to an explorer: open on the explorer's head, so that the link moves neither view
+        sink_map = lens.widgets.SinkMap(result, layer=explorer.layer, head=explorer.head)
+        ipywidgets.link((explorer, "layer"), (sink_map, "layer"))
     """
 
     _component = "sink_map"

@@ -179,7 +179,7 @@ def run(
     head_dim: int = 64,
     repeats: int = 3,
     source: str = "random",
-    progress: bool = True,
+    progress: bool | None = None,
     *,
     block_q: int = 128,
     block_k: int = 64,
@@ -199,12 +199,12 @@ def run(
         print(format_table(result))
         result["rows"][0]["efficiency"]
     """
-    from tqdm.auto import tqdm
+    from lens.progress import progress_bar
 
     rows = []
     load_before = os.getloadavg()
     steps = [(length, density) for length in lengths for density in densities]
-    bar = tqdm(total=len(steps) * (repeats + 1), disable=not progress, desc="bench attention")
+    bar = progress_bar(total=len(steps) * (repeats + 1), progress=progress, desc="bench attention")
     actual_head_dim = head_dim
     for length in lengths:
         q, k, v = _inputs(source, length, heads, head_dim, seed, minilm_layer)
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = dict(
         lengths=args.lengths, densities=args.densities, heads=args.heads, head_dim=args.head_dim,
-        repeats=args.repeats, source=args.source, progress=not args.no_progress,
+        repeats=args.repeats, source=args.source, progress=False if args.no_progress else None,
         block_q=args.block_q, block_k=args.block_k,
     )
     if args.quick:

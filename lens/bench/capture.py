@@ -171,18 +171,18 @@ def _available_bytes() -> int:
     return 0
 
 
-def run(lengths=(1024, 2048, 8192), methods=METHODS, repeats: int = 2, progress: bool = True,
+def run(lengths=(1024, 2048, 8192), methods=METHODS, repeats: int = 2, progress: bool | None = None,
         timeout: float = 3600.0) -> dict:
     """Measure every method at every length, each in its own process; return a JSON-able dict.
 
     Example: ``run(lengths=(1024,), repeats=1)["rows"]``.
     """
-    from tqdm.auto import tqdm
+    from lens.progress import progress_bar
 
     budget = int(_available_bytes() * 0.8)
     rows = []
     jobs = [(length, method) for length in lengths for method in methods]
-    for length, method in tqdm(jobs, desc="lens bench capture", disable=not progress):
+    for length, method in progress_bar(jobs, progress=progress, desc="lens bench capture"):
         need = _estimated_bytes(method, length)
         if need > budget:
             rows.append({"method": method, "length": length, "skipped": (

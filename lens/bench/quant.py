@@ -106,7 +106,7 @@ def _time_layers(pairs, inputs, repeats: int, rows: int = 2048) -> tuple[float, 
     return tq, tf
 
 
-def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool = True, *, sentences: Sequence[str] = SENTENCES,
+def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool | None = None, *, sentences: Sequence[str] = SENTENCES,
         repeats: int = 7) -> dict:
     """Quantize the embedded MiniLM with each scheme and measure storage, error and layer time against
     fp32 in the same run (docs/definitions.md#low-bit-formats, docs/benchmarks.md).
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(QUICK) if a.quick else {"repeats": a.repeats}
     if a.schemes:
         kwargs["schemes"] = tuple(s.strip() for s in a.schemes.split(","))
-    result = run(progress=not a.no_progress, **kwargs)
+    result = run(progress=False if a.no_progress else None, **kwargs)
     print(format_table(result))
     atomic_write_text(a.json, json.dumps(result, indent=1))
     print(f"\nJSON written to {a.json}")

@@ -50,7 +50,7 @@ def sink_heatmap(result):
                       line={"color": "#ff4136", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above")
     # a legend entry for the outline (shapes have none)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (score ≥ {result.epsilon:g})",
-                             marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
+                             showlegend=True, marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
     fig.update_layout(
         title=_title(result, "Attention sinks"),
         yaxis={"autorange": "reversed", "title": "layer", "tickmode": "array", "tickvals": list(range(n_layers)),
@@ -100,7 +100,7 @@ def massive_curve(result):
     fig.add_trace(go.Scatter(x=layers, y=top.max(1), mode="lines+markers", name="max |x|", yaxis="y2",
                              line={"dash": "dot"}))
     fig.add_hline(y=result.massive_rel, line_dash="dash", line_color="#d62728",
-                  annotation_text=f"{result.massive_rel:g}× median")
+                  annotation_text=f"{result.massive_rel:g}× median", annotation_position="bottom left")
     fig.update_layout(
         title=_title(result, "Massive activations"),
         xaxis={"title": "residual layer (input of block ℓ; last = final output)"},
