@@ -33,6 +33,7 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
     assert "no interior valley" in api and "ValleyResult" in api
     assert (site / "api" / "kernels" / "index.html").read_text().count("NVFP4") > 3  # lens.kernels is mapped
     assert not (site / "mkdocs.yml").exists() and not (site / "mkdocs_hooks.py").exists()
+    assert "fonts.googleapis" not in (site / "index.html").read_text()  # the site fetches nothing from elsewhere
 
 
 def _public_modules() -> list[str]:

@@ -77,7 +77,7 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     report.section("Summary", text=summary)
     report.section(
         "Attention sinks",
-        note="Mass on the first token ([CLS]) per layer and head, averaged over sentences; squares mark sink heads "
+        note="Mass on the first token ([CLS]) per layer and head, averaged over sentences; outlined cells are sink heads "
         f"(score ≥ {sink_result.epsilon}). Computed inside the attention kernel, streaming — no n×n tensor kept.",
         figures=[sink_result.figure("heads")],
         frames={"per layer": sink_result.to_frame("layers")},
