@@ -1,0 +1,624 @@
+"""GGUF / llama.cpp weight formats in lens.kernels.lowbit (DESIGN.md §3 "GGUF / llama.cpp weight formats",
+§4 "GGUF" resident-bytes target).
+
+Independent references:
+* the ``gguf`` package (gguf-py ``gguf/quants.py``, what transformers uses): ``dequantize`` bit for bit on
+  random block bytes of every type and on every tensor of the real SmolLM2 Q4_1 file, ``quantize`` bit
+  for bit for the types it implements;
+* llama.cpp's own C (``libggml`` from llama-cpp-python, wherever it is installed): the reference quantizers
+  ``quantize_row_*_ref`` bit for bit for every type, the activation quantizers and the SIMD ``vec_dot``;
+* ``gguf_reference`` (this folder): a numpy re-implementation of ggml's Q8_0/Q8_1/Q8_K activation
+  quantization and ``vec_dot`` reference formulas, sharing no code with lens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gguf_reference as ref
+from lens.kernels.errors import ConfigError
+from lens.kernels.lowbit import (
+    GGUF_BITS_PER_WEIGHT,
+    GGUF_TYPES,
+    GGUF_WEIGHT_TYPES,
+    LLAMA_QUANTIZE_FALLBACK,
+    VEC_DOT_TYPE,
+    GGUFCodec,
+    QuantConfig,
+    QuantLinear,
+    codec_for,
+    dequantize,
+    dequantize_gguf,
+    fallback_type,
+    gguf_bytes,
+    gguf_linear,
+    gguf_type_id,
+    gguf_type_name,
+    packed_from_gguf,
+    quantize,
+    quantize_activations,
+    quantize_model,
+    resident_bytes,
+    to_gguf_type,
+)
+from lens.kernels.lowbit import gguf as gguf_mod
+
+T = {t: GGMLQuantizationType[t.upper()] for t in GGUF_WEIGHT_TYPES}
+# Byte offsets of each block's fp16 scale fields (ggml-common.h block_* structs).
+F16_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,), "iq4_nl": (0,),
+              "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+GGUF_HAS_QUANTIZE = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def random_blocks(t: str, rows: int, cols: int, seed: int, finite: bool = True) -> np.ndarray:
+    """Random block bytes; with ``finite`` the fp16 scales are random finite values of either sign."""
+    bs, ts = GGML_QUANT_SIZES[T[t]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // bs, ts), dtype=np.uint8)
+    if finite:
+        for off in F16_FIELDS[t]:
+            v = (rng.standard_normal(len(raw)) * rng.choice([1e-4, 1e-2, 1.0], len(raw))).astype(np.float16)
+            raw[:, off:off + 2] = v.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, cols // bs * ts)
+
+
+def tricky_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Gaussian and heavy-tailed rows with planted edge cases: zero blocks, a constant row, −0.0, exact
+    ties of the rounding grids, a single outlier, tiny and huge magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[1::3] *= torch.exp(torch.randn(len(w[1::3]), cols, generator=g))
+    w[0, :64] = 0.0
+    w[2, :] = 0.75                                        # constant row (max == min blocks)
+    w[3, :32] = -0.0
+    w[4, :32] = torch.arange(32) - 15.5                   # halves after scaling
+    w[5, 7] = 40.0                                        # one outlier
+    w[6] *= 1e-6
+    w[7] *= 1e4
+    if cols >= 512:
+        w[8, 256:512] = 0.0                                # a whole zero super-block
+    return w
+
+
+def fp16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.float16).numpy().view(np.uint16)
+
+
+# ------------------------------------------------------------------------------------------------
+# The type table and names
+# ------------------------------------------------------------------------------------------------
+
+
+def test_types_names_ids_and_sizes_match_the_gguf_package():
+    assert GGUF_TYPES == ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+    nominal = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "q2_k": 2.625,
+               "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "iq4_nl": 4.5}
+    for t in GGUF_WEIGHT_TYPES:
+        bs, ts = GGML_QUANT_SIZES[T[t]]
+        assert (GGUFCodec(t).block_size, GGUFCodec(t).type_size) == (bs, ts)
+        assert gguf_type_id(t) == int(T[t]) and to_gguf_type(t) is T[t]
+        assert gguf_type_name(T[t]) == gguf_type_name(int(T[t])) == gguf_type_name(t.upper()) == t
+        assert GGUF_BITS_PER_WEIGHT[t] == nominal[t] == 8 * ts / bs
+        assert QuantConfig(t).nominal_bits_per_weight() == nominal[t]
+    for bad in ("f16", "q8_k", "iq2_xxs", 1, GGMLQuantizationType.F32, 3.5):
+        with pytest.raises(ConfigError):
+            gguf_type_name(bad)
+    with pytest.raises(ConfigError, match="recipe.*'q4_k'"):
+        QuantConfig("q4_k_m")
+    with pytest.raises(ConfigError, match="recipe.*'q5_k'"):
+        QuantConfig.from_name("Q5_K_S")
+
+
+def test_quant_config_for_gguf_types():
+    c = QuantConfig("Q4_K")
+    assert c.scheme == "q4_k" and c.block_size == 256 and QuantConfig.from_name("q4-k") == c
+    assert QuantConfig.from_name("q8_0").block_size == 32
+    d = QuantConfig("q4_1", activations="llama.cpp").describe()
+    assert d["scheme"] == "q4_1" and d["activations"] == "llama.cpp" and d["nominal_bits_per_weight"] == 5.0
+    assert "llama.cpp" in d["definition"] and json.dumps(d)
+    assert isinstance(codec_for("q6_k"), GGUFCodec)
+    for kwargs, match in [({"scheme": "q4_k", "block_size": 32}, "block_size"),
+                          ({"scheme": "int4", "activations": "llama.cpp"}, "GGUF types only"),
+                          ({"scheme": "q4_0", "activations": "ggml"}, "activations must be"),
+                          ({"scheme": "q8_0", "activations": "llama.cpp", "act_bits": 8}, "act_bits"),
+                          ({"scheme": "q4_0", "backend": "torchao"}, "torchao")]:
+        with pytest.raises(ConfigError, match=match):
+            QuantConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dequantization: bit-exact with gguf.quants.dequantize
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", GGUF_WEIGHT_TYPES)
+def test_dequantize_is_bit_exact_with_gguf_on_random_blocks(t):
+    bs = GGML_QUANT_SIZES[T[t]][0]
+    shapes = [(1, bs), (7, 3 * bs), (33, 8 * bs)] + ([(5, 96), (3, 160)] if bs == 32 else [(2, 768)])
+    for i, (rows, cols) in enumerate(shapes):
+        raw = random_blocks(t, rows, cols, seed=i)
+        want = gguf.quants.dequantize(raw, T[t])
+        p = packed_from_gguf(raw, t, (rows, cols))
+        assert bits_equal(dequantize_gguf(p).numpy(), want), (t, rows, cols)
+        assert bits_equal(dequantize(p).numpy(), want)            # the registry dispatches to the codec
+        assert bits_equal(dequantize_gguf(p, rows=slice(1, rows)).numpy(), want[1:])
+
+
+@pytest.mark.parametrize("t", GGUF_WEIGHT_TYPES)
+def test_dequantize_any_bytes_including_inf_and_nan_scales(t):
+    raw = random_blocks(t, 9, 4 * GGML_QUANT_SIZES[T[t]][0], seed=11, finite=False)
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(raw, T[t])
+    got = dequantize_gguf(packed_from_gguf(raw, t, want.shape)).numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+def test_dequantization_walks_large_weights_in_chunks(monkeypatch):
+    raw = random_blocks("q6_k", 40, 512, seed=3)
+    want = gguf.quants.dequantize(raw, T["q6_k"])
+    monkeypatch.setattr(gguf_mod, "CHUNK_WEIGHTS", 3 * 512)   # 3 rows per chunk, a short last chunk
+    assert bits_equal(dequantize_gguf(packed_from_gguf(raw, "q6_k", (40, 512))).numpy(), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization: gguf.quants.quantize bit for bit where it exists; llama.cpp's reference otherwise
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", GGUF_HAS_QUANTIZE)
+def test_quantize_is_bit_exact_with_gguf_quantize(t):
+    for rows, cols, seed in [(16, 128, 0), (9, 96, 1), (10, 1024, 2)]:
+        w = tricky_weights(rows, cols, seed)
+        want = gguf.quants.quantize(w.numpy(), T[t])
+        got = GGUFCodec(t).quantize(w)
+        assert got.data["blocks"].dtype == torch.uint8
+        assert np.array_equal(gguf_bytes(got), want), (t, rows, cols)
+
+
+@pytest.mark.parametrize("t", GGUF_WEIGHT_TYPES)
+def test_own_bytes_dequantize_identically_in_gguf_and_errors_are_bounded(t):
+    w = tricky_weights(12, 512, seed=5)
+    p = quantize(w, t)
+    ours = dequantize(p).numpy()
+    assert bits_equal(ours, gguf.quants.dequantize(gguf_bytes(p), T[t]))
+    assert np.isfinite(ours).all()
+    assert np.array_equal(ours[0, :32], np.zeros(32, np.float32))     # zero blocks stay exactly zero
+    assert not np.array_equal(ours[1], ours[5])
+
+
+# Weight relative MSE on N(0, 1) (measured: q4_0 7.4e-3, q4_1 6.2e-3, q5_0 1.8e-3, q5_1 1.4e-3, q8_0 2.9e-5,
+# q2_k 8.8e-2, q3_k 2.3e-2, q4_k 5.1e-3, q5_k 1.3e-3, q6_k 3.1e-4, iq4_nl 6.2e-3).
+REL_MSE_BOUND = {"q4_0": 8.5e-3, "q4_1": 7e-3, "q5_0": 2.1e-3, "q5_1": 1.65e-3, "q8_0": 3.5e-5,
+                 "q2_k": 0.1, "q3_k": 2.6e-2, "q4_k": 5.9e-3, "q5_k": 1.5e-3, "q6_k": 3.6e-4, "iq4_nl": 7e-3}
+
+
+def test_round_trip_error_bounds_and_ordering_by_bits():
+    w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for t in GGUF_WEIGHT_TYPES:
+        err[t] = float(((dequantize(quantize(w, t)) - w) ** 2).sum() / (w ** 2).sum())
+        assert err[t] < REL_MSE_BOUND[t], (t, err[t])
+    # more bits, less error; K-quants beat the legacy type of the same size (they search their scales)
+    assert err["q2_k"] > err["q3_k"] > err["q4_0"] > err["q4_1"] > err["q4_k"] > err["q5_0"] > err["q5_1"] \
+        > err["q5_k"] > err["q6_k"] > err["q8_0"]
+
+
+@pytest.mark.parametrize("t", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_legacy_blocks_error_is_within_half_a_step(t):
+    # Per element |w − ŵ| ≤ d/2 up to the fp16 rounding of d, except Q4_0/Q5_0's one-sided clamp (the
+    # largest magnitude maps to −8/−16, its opposite to at most +7/+15: one full step).
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
+    p = quantize(w, t)
+    blocks = p.data["blocks"].reshape(-1, GGML_QUANT_SIZES[T[t]][1])
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float().abs().repeat_interleave(32).reshape(w.shape)
+    err = (dequantize(p) - w).abs()
+    qmax = {"q4_0": 8, "q4_1": 15, "q5_0": 16, "q5_1": 31, "q8_0": 127}[t]
+    step = 1.0 if t in ("q4_0", "q5_0") else 0.5
+    assert bool((err <= d * (step + qmax * 2.0 ** -10) + 1e-7).all())
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(t=st.sampled_from(GGUF_WEIGHT_TYPES), k=st.integers(-2, 6), seed=st.integers(0, 2 ** 16))
+def test_quantization_commutes_with_power_of_two_scaling(t, k, seed):
+    # Every step is scale-equivariant under powers of two as long as the fp16 scales stay normal numbers
+    # (Q6_K's d ≈ max/4096 reaches fp16's subnormals below |w| ≈ 0.25, where the property ends).
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(seed))
+    a, b = quantize(w, t), quantize(w * 2.0 ** k, t)
+    assert torch.equal(dequantize(b), dequantize(a) * 2.0 ** k)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(t=st.sampled_from(GGUF_WEIGHT_TYPES), data=st.data())
+def test_property_dequantize_equals_gguf_on_arbitrary_bytes(t, data):
+    bs, ts = GGML_QUANT_SIZES[T[t]]
+    n_blocks = data.draw(st.integers(1, 3))
+    raw = np.frombuffer(data.draw(st.binary(min_size=n_blocks * ts, max_size=n_blocks * ts)), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(raw.reshape(1, -1), T[t])
+    got = dequantize_gguf(packed_from_gguf(raw, t, (1, n_blocks * bs))).numpy()
+    fin = ~np.isnan(want)
+    assert np.array_equal(np.isnan(got), ~fin) and np.array_equal(got[fin].view(np.uint32),
+                                                                  want[fin].view(np.uint32))
+
+
+_floats = st.one_of(st.floats(-1e4, 1e4, width=32), st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.5, 1e-30, 7.5]))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(t=st.sampled_from(GGUF_HAS_QUANTIZE), values=st.lists(_floats, min_size=64, max_size=64))
+def test_property_quantize_equals_gguf_on_arbitrary_floats(t, values):
+    w = np.array(values, dtype=np.float32).reshape(2, 32)
+    assert np.array_equal(gguf_bytes(GGUFCodec(t).quantize(torch.from_numpy(w))), gguf.quants.quantize(w, T[t]))
+
+
+# ------------------------------------------------------------------------------------------------
+# llama.cpp's own C reference (libggml from llama-cpp-python), wherever it is installed
+# ------------------------------------------------------------------------------------------------
+
+
+def _libggml():
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llama-cpp-python is not installed: the libggml cross-check runs where it is")
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    base = ctypes.CDLL(str(lib / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"))
+    cpu.ggml_cpu_init.restype = None
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+class _CpuTraits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+_ACT = {"q8_0": (32, 34, 8), "q8_1": (32, 36, 9), "q8_k": (256, 292, 15)}
+
+
+def _c_quantize(base, name, x, block_bytes, block):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros(x.size // block * block_bytes, dtype=np.uint8)
+    f = getattr(base, name)
+    f.restype, f.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    f(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def test_quantizers_are_bit_exact_with_libggml_reference():
+    base, _ = _libggml()
+    cases = [tricky_weights(24, 512, 7), torch.randn(8, 1024) * 0.02,
+             torch.randn(6, 256) * torch.exp(2 * torch.randn(6, 256))]
+    for t in GGUF_WEIGHT_TYPES:
+        bs, ts = GGML_QUANT_SIZES[T[t]]
+        name = "quantize_row_" + (t[:-1] + "K" if t.endswith("_k") else t) + "_ref"
+        for w in cases:
+            want = _c_quantize(base, name, w.numpy(), ts, bs).reshape(w.shape[0], -1)
+            got = gguf_bytes(GGUFCodec(t).quantize(w))
+            diff = np.argwhere(got != want)
+            if t in ("q4_0", "q5_0"):
+                # The one place gguf-py (which lens follows) and the C differ: an all-zero block whose
+                # first element is −0.0 takes that −0.0 as its "max" in gguf-py (d = −0/−8 = +0), the
+                # C's +0.0 initial max (d = −0). Only the sign byte of d differs; every value is 0.
+                blocks = w.numpy().reshape(w.shape[0], -1, 32)
+                neg0 = (np.abs(blocks).max(-1) == 0) & np.signbit(blocks[..., 0])
+                expected = {(r, b * ts + 1) for r, b in zip(*np.nonzero(neg0))}
+                assert {tuple(i) for i in diff} == expected and all(got[r, c] == 0 and want[r, c] == 0x80
+                                                                   for r, c in expected)
+            elif t == "iq4_nl":
+                # Zero blocks repeat the previous block's level indices (llama.cpp's reused scratch
+                # buffer, reproduced); before the first non-zero block of the call that buffer is
+                # uninitialized memory, so only those blocks' index bytes may differ (d = 0 in both).
+                blocks = np.abs(w.numpy().reshape(-1, 32)).max(-1) < 1e-15
+                lead = np.cumprod(blocks).astype(bool)
+                per_row = w.shape[1] // 32
+                allowed = {(b // per_row, (b % per_row) * ts + j) for b in np.nonzero(lead)[0]
+                           for j in range(2, ts)}
+                assert {tuple(i) for i in diff} <= allowed, (t, diff[:5])
+            else:
+                assert diff.size == 0, (t, diff[:5])
+
+
+def test_activation_quantization_and_dot_products_match_libggml():
+    base, cpu = _libggml()
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    from_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    vec_dot_t = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                 ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    g = torch.Generator().manual_seed(3)
+    n = 1024
+    for t in GGUF_WEIGHT_TYPES:
+        vdt = VEC_DOT_TYPE[t]
+        bs, ts, tid = _ACT[vdt]
+        w = torch.randn(4, n, generator=g) * 0.05
+        p = GGUFCodec(t).quantize(w)
+        traits = cpu.ggml_get_type_traits_cpu(gguf_type_id(t)).contents
+        assert traits.vec_dot_type == tid                      # the table lens uses is llama.cpp's
+        act = cpu.ggml_get_type_traits_cpu(tid).contents
+        for _ in range(3):
+            x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).numpy()
+            yref = _c_quantize(base, "quantize_row_" + vdt.replace("_k", "_K") + "_ref", x, ts, bs)
+            ysimd = np.zeros_like(yref)
+            from_float_t(act.from_float)(x.ctypes.data, ysimd.ctypes.data, n)
+            xq = quantize_activations(torch.from_numpy(x), vdt).numpy()
+            blk = yref.reshape(-1, ts)
+            d = blk[:, :4].copy().view(np.float32) if vdt == "q8_k" else \
+                blk[:, :2].copy().view(np.float16).astype(np.float32)
+            q = blk[:, (4 if vdt != "q8_0" else 2):(4 if vdt != "q8_0" else 2) + bs].copy().view(np.int8)
+            assert bits_equal(xq, (q.astype(np.float32) * d).reshape(-1)), t
+            emu = gguf_linear(torch.from_numpy(x)[None], p, activations="llama.cpp")[0].numpy()
+            plain = gguf_linear(torch.from_numpy(x)[None], p)[0].numpy()
+            rows = gguf_bytes(p)
+            for r in range(4):
+                s = np.zeros(1, np.float32)
+                vec_dot_t(traits.vec_dot)(n, s.ctypes.data, 0, np.ascontiguousarray(rows[r]).ctypes.data, 0,
+                                          ysimd.ctypes.data, 0, 1)
+                scale = ref.abs_terms(t, dequantize(p)[r].numpy(), x)
+                assert abs(emu[r] - s[0]) <= 2e-6 * scale, (t, r, emu[r], s[0])
+                if r == 0:
+                    assert abs(plain[r] - s[0]) > 10 * abs(emu[r] - s[0]), t
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation quantization and the emulated matmul against the independent numpy reference
+# ------------------------------------------------------------------------------------------------
+
+
+def test_activation_quantization_equals_ggml_reference_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 512, generator=g) * torch.exp(torch.randn(3, 512, generator=g))
+    x[0, :32] = torch.arange(32) - 15.5              # amax 15.5: q = roundf(±(k+0.5)·127/15.5) …
+    x[1, :32] = (torch.arange(32) - 16) * (127 / 127)  # amax 16 → exact integer multiples
+    x[1, 32:64] = torch.linspace(-127, 127, 32).round() + 0.5   # halves on Q8_0's grid (amax 127.5)
+    x[2, :256] = 0.0                                  # an all-zero Q8_K block
+    x[2, 256:288] = 127.0
+    x[2, 288:320] = torch.arange(32) + 0.5           # Q8_K ties: half to even (nearest_int), not away
+    for vdt, reference in (("q8_0", ref.q8_0_row), ("q8_1", ref.q8_1_row), ("q8_k", ref.q8_k_row)):
+        got, sums = quantize_activations(x, vdt, return_sums=True)
+        assert got.shape == x.shape and got.dtype == torch.float32
+        for r in range(x.shape[0]):
+            blocks = reference(x[r].numpy())
+            assert bits_equal(got[r].numpy(), ref.fake_quant(blocks)), (vdt, r)
+            if vdt == "q8_1":
+                assert bits_equal(sums[r].numpy(), np.array([b["s"] for b in blocks], np.float32))
+            if vdt == "q8_k":
+                want = np.concatenate([b["bsums"].astype(np.float32) * b["d"] for b in blocks])
+                assert bits_equal(sums[r].numpy(), want.astype(np.float32))
+    assert torch.equal(quantize_activations(x.to(torch.bfloat16), "q8_0"),
+                       quantize_activations(x.to(torch.bfloat16).float(), "q8_0"))
+    with pytest.raises(ConfigError, match="multiple"):
+        quantize_activations(torch.randn(2, 48), "q8_0")
+    with pytest.raises(ConfigError, match="q8_0, q8_1, q8_k"):
+        quantize_activations(torch.randn(2, 64), "q8_2")
+
+
+@pytest.mark.parametrize("t", GGUF_WEIGHT_TYPES)
+def test_emulated_matmul_equals_ggml_vec_dot_reference(t):
+    g = torch.Generator().manual_seed(gguf_type_id(t))
+    n, rows = 512, 6
+    w = torch.randn(rows, n, generator=g) * 0.05
+    w[1] += 0.05                                      # a large minimum for the _1 / K types
+    p = GGUFCodec(t).quantize(w)
+    x = torch.randn(3, n, generator=g) * torch.exp(torch.randn(3, n, generator=g))
+    emu = gguf_linear(x, p, activations="llama.cpp")
+    plain = gguf_linear(x, p)
+    wq = dequantize(p).numpy()
+    worse = 0
+    for i in range(x.shape[0]):
+        for r in range(rows):
+            want = ref.vec_dot(t, gguf_bytes(p)[r], x[i].numpy())
+            scale = ref.abs_terms(t, wq[r], x[i].numpy())
+            assert abs(float(emu[i, r]) - want) <= 2e-6 * scale, (t, i, r)
+            worse += abs(float(plain[i, r]) - want) > 10 * abs(float(emu[i, r]) - want)
+    assert worse >= 0.8 * x.shape[0] * rows    # unquantized activations are measurably not llama.cpp
+
+
+def test_q8_1_sum_term_is_what_changes_q4_1_results():
+    # Q4_1 · Q8_1 = d_w·d_x·Σq_w·q_x + m·s with s = fp16(d_x32 · Σq_x): with a large minimum m, using the
+    # fake-quantized x̂ alone (m · fp16(d_x) · Σq_x) is off by the rounding of s; the emulation is not.
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 256, generator=g) * 0.01 + 3.0
+    p = GGUFCodec("q4_1").quantize(w)
+    x = torch.randn(5, 256, generator=g)
+    emu = gguf_linear(x, p, activations="llama.cpp")
+    fake_only = F.linear(quantize_activations(x, "q8_1"), dequantize(p))
+    want = torch.tensor([[ref.vec_dot("q4_1", gguf_bytes(p)[r], x[i].numpy()) for r in range(8)]
+                         for i in range(5)])
+    assert (emu - want).abs().max() < 0.1 * (fake_only - want).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# QuantLinear, resident bytes, whole models
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", GGUF_WEIGHT_TYPES)
+def test_quantlinear_resident_bytes_and_forward(t):
+    lin = nn.Linear(512, 96)
+    q = QuantLinear.from_module(lin, t)
+    assert q.bits_per_weight() == GGUF_BITS_PER_WEIGHT[t]            # exactly the format, no padding
+    assert abs(8 * (q.resident_bytes() - 96 * 4) / (96 * 512) / GGUF_BITS_PER_WEIGHT[t] - 1) <= 0.02
+    assert resident_bytes(q) == q.packed.nbytes() + 96 * 4
+    assert [b.dtype for b in q.buffers()] == [torch.uint8]          # no float copy of the weight
+    x = torch.randn(2, 5, 512)
+    assert torch.equal(q(x), F.linear(x, dequantize(q.packed), lin.bias))
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(q(xb), F.linear(xb, dequantize(q.packed).to(torch.bfloat16), lin.bias.to(torch.bfloat16)))
+    e = QuantLinear.from_packed(q.packed, lin.bias, QuantConfig(t, activations="llama.cpp"))
+    assert "activations=llama.cpp" in repr(e) and e(xb).dtype == torch.bfloat16
+    assert torch.allclose(e(x), gguf_linear(x, q.packed, lin.bias, activations="llama.cpp"))
+
+
+def test_forward_in_row_chunks_equals_whole_matmul(monkeypatch):
+    lin = nn.Linear(256, 50)
+    q = QuantLinear.from_module(lin, "q4_k")
+    x = torch.randn(7, 256)
+    whole, whole_emu = q(x), QuantLinear.from_packed(q.packed, lin.bias, QuantConfig(
+        "q4_k", activations="llama.cpp"))(x)
+    monkeypatch.setattr(gguf_mod, "CHUNK_WEIGHTS", 256 * 8)  # 8 rows per chunk
+    assert torch.allclose(q(x), whole, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(QuantLinear.from_packed(q.packed, lin.bias, QuantConfig(
+        "q4_k", activations="llama.cpp"))(x), whole_emu, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_from_gguf_contract_and_errors():
+    raw = random_blocks("q4_k", 4, 512, seed=2)
+    p = packed_from_gguf(raw, GGMLQuantizationType.Q4_K, (4, 512))
+    assert p.scheme == "q4_k" and p.shape == (4, 512) and p.data["blocks"].shape == (4, 288)
+    assert p.nbytes() == raw.nbytes and p.bits_per_weight() == 4.5
+    raw[0, 0] ^= 0xFF
+    assert p.data["blocks"][0, 0] != int(raw[0, 0])     # numpy bytes are copied (read-only memmaps)
+    tb = torch.from_numpy(raw.copy())
+    assert packed_from_gguf(tb, "Q4_K", (4, 512)).data["blocks"].data_ptr() == tb.data_ptr()
+    assert packed_from_gguf(raw.reshape(-1), 12, [4, 512]).data["blocks"].shape == (4, 288)
+    with pytest.raises(ConfigError, match="reversed"):
+        packed_from_gguf(random_blocks("q4_0", 256, 32, 0), "q4_0", (32, 256 + 16))
+    with pytest.raises(ConfigError, match="bytes do not hold"):
+        packed_from_gguf(raw, "q4_k", (5, 512))
+    with pytest.raises(ConfigError, match="multiple of the 256"):
+        packed_from_gguf(raw, "q4_k", (8, 256 + 32))
+    with pytest.raises(ConfigError, match="uint8"):
+        packed_from_gguf(raw.astype(np.int16), "q4_k", (4, 512))
+    with pytest.raises(ConfigError, match="unsupported GGUF"):
+        packed_from_gguf(raw, GGMLQuantizationType.F16, (4, 512))
+    with pytest.raises(ConfigError, match="multiple of the 32"):
+        GGUFCodec("q8_0").quantize(torch.randn(3, 48))
+    with pytest.raises(ConfigError, match="does not match"):
+        QuantLinear.from_packed(p, config="q6_k")
+    with pytest.raises(ConfigError, match="bias"):
+        QuantLinear.from_packed(p, bias=torch.zeros(3))
+
+
+def test_gguf_writer_round_trip_keeps_blocks_and_dimension_order(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    packed = {}
+    for i, t in enumerate(("q4_0", "q4_1", "q8_0", "q4_k", "q6_k")):
+        p = quantize(torch.randn(48 + i, 512), t)
+        packed[f"blk.{i}.w"] = p
+        writer.add_tensor(f"blk.{i}.w", gguf_bytes(p), raw_dtype=to_gguf_type(p.scheme))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        want = packed[tensor.name]
+        assert tuple(int(s) for s in tensor.shape) == (want.shape[1], want.shape[0])   # ne[0] = in first
+        p = packed_from_gguf(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape.tolist())))
+        assert p.scheme == want.scheme and torch.equal(p.data["blocks"], want.data["blocks"])
+
+
+def test_quantize_model_follows_llama_quantize_fallbacks():
+    model = nn.Sequential(nn.Linear(384, 512), nn.ReLU(), nn.Linear(512, 384), nn.Linear(384, 96))
+    x = torch.randn(3, 384)
+    ref_out = model(x)
+    for t, fb in LLAMA_QUANTIZE_FALLBACK.items():
+        m = nn.Sequential(*[(nn.Linear(l.in_features, l.out_features) if isinstance(l, nn.Linear) else l)
+                            for l in model])
+        m.load_state_dict(model.state_dict())
+        report = quantize_model(m, t, progress=False)
+        assert report["fallbacks"] == {"0": fb, "3": fb} and report["per_module"]["2"]["scheme"] == t
+        assert fallback_type(t, 384) == fb and fallback_type(t, 512) == t
+        assert f"fallback for {t}" in repr(m[0]) and torch.isfinite(m(x)).all()
+        assert F.cosine_similarity(m(x).flatten(), ref_out.flatten(), dim=0) > (0.9 if t == "q2_k" else 0.98)
+        json.dumps(report)
+    with pytest.raises(ConfigError, match="F16"):
+        QuantLinear.from_module(nn.Linear(100, 8), "q4_k")
+    r = quantize_model(nn.Sequential(nn.Linear(96, 64)), "q8_0", progress=False)
+    assert r["fallbacks"] == {} and r["bits_per_weight"] == 8.5
+
+
+def test_llama_cpp_activations_on_a_tiny_llama_keep_outputs_close():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = base(ids).logits
+        outs = {}
+        for act in (None, "llama.cpp"):
+            m = transformers.LlamaForCausalLM(cfg).eval()
+            m.load_state_dict(base.state_dict())
+            quantize_model(m, QuantConfig("q4_k", activations=act), progress=False)
+            outs[act] = m(ids).logits
+    for y in outs.values():   # random-init weights (std 0.02) are Q4_K's hardest case: cos ≈ 0.984
+        assert F.cosine_similarity(y.flatten(), want.flatten(), dim=0) > 0.97
+    emu_shift = (outs["llama.cpp"] - outs[None]).norm() / (outs[None] - want).norm()
+    assert 0 < emu_shift < 0.5   # activation rounding moves the logits, by less than weight quantization
+
+
+# ------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct Q4_1 file: every tensor bit-exact
+# ------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """The embedded SmolLM2 GGUF: ``$LENS_SMOLLM2_GGUF`` if set, else lens's cache. Missing → the test
+    FAILS (the README's first command fetches it)."""
+    env = os.environ.get("LENS_SMOLLM2_GGUF")
+    if env:
+        path = Path(env)
+    else:
+        try:
+            from lens.models import embedded  # the model side's locator, once it lands
+            path = Path(embedded.smollm2_gguf_path())
+        except (ImportError, AttributeError):
+            cache = Path(os.environ.get("LENS_CACHE", Path.home() / ".cache" / "lens"))
+            path = cache / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.fail(f"the embedded SmolLM2 GGUF is not at {path}: run `lens models fetch smollm2` "
+                    "(or set LENS_SMOLLM2_GGUF to the file)")
+    return path
+
+
+def test_smollm2_every_tensor_bit_exact_with_gguf():
+    reader = gguf.GGUFReader(str(smollm2_gguf_path()))
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        name = tensor.tensor_type.name.lower()
+        if name in ("f32", "f16"):
+            continue
+        shape = tuple(reversed([int(s) for s in tensor.shape]))
+        want = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        p = packed_from_gguf(tensor.data, tensor.tensor_type, shape)
+        assert p.nbytes() == tensor.n_bytes                           # resident = the file's bytes
+        assert bits_equal(dequantize_gguf(p).numpy(), want), tensor.name
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"q4_1": 210, "q8_0": 1}, counts                 # 30 layers × 7 + token_embd
+
+
+def test_smollm2_projection_as_quantlinear_with_llama_cpp_activations():
+    reader = gguf.GGUFReader(str(smollm2_gguf_path()))
+    t = next(t for t in reader.tensors if t.name == "blk.12.ffn_down.weight")
+    p = packed_from_gguf(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+    q = QuantLinear.from_packed(p, config=QuantConfig("q4_1", activations="llama.cpp"))
+    assert (q.out_features, q.in_features) == (576, 1536) and q.weight_bytes() == t.n_bytes
+    x = torch.randn(2, 1536, generator=torch.Generator().manual_seed(0))
+    y = q(x)
+    for r in (0, 17, 575):
+        want = ref.vec_dot("q4_1", gguf_bytes(p)[r], x[0].numpy())
+        assert abs(float(y[0, r]) - want) <= 2e-6 * ref.abs_terms("q4_1", dequantize(p)[r].numpy(), x[0].numpy())
