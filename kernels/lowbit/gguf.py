@@ -232,25 +232,52 @@ def _row_chunks(p: PackedWeight, rows: int | None = None) -> Iterator[tuple[int,
         yield r0, r1, blocks[r0:r1]
 
 
-def dequantize_gguf(p: PackedWeight, rows: slice | None = None) -> torch.Tensor:
-    """Float32 weight ``[out, in]`` (or the rows ``rows`` of it) of a packed GGUF weight, bit-exact with
-    ``gguf.quants.dequantize``; built chunk by chunk into one output tensor.
+def dequantize_gguf(p: PackedWeight, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 weight ``[out, in]`` of a packed GGUF weight, bit-exact with ``gguf.quants.dequantize``,
+    built chunk by chunk into one output tensor — or only some rows: ``rows`` a slice (→ ``[k, in]``) or an
+    integer index tensor of any shape (→ ``[*rows.shape, in]``; an embedding lookup, as llama.cpp's
+    ``get_rows`` dequantizes just the rows it gathers).
 
-    Example: ``dequantize_gguf(packed_from_gguf(t.data, "q4_1", (576, 576)))`` — one SmolLM2 projection.
+    Raises ``ConfigError`` for a non-GGUF weight or a slice with a step.
+
+    Example: ``dequantize_gguf(p, rows=torch.tensor([[1, 5, 5]]))`` → ``[1, 3, in]`` (three token embeddings).
     """
     t = gguf_type_name(p.scheme)
     out_f, in_f = _check_shape(t, p.shape)
-    fn = _DEQUANT[t]
-    r = range(out_f)[rows] if rows is not None else range(out_f)
-    if rows is not None and r.step != 1:
-        raise ConfigError("dequantize_gguf: rows must be a contiguous slice")
-    sub = p.data["blocks"][r.start:r.stop] if rows is not None else p.data["blocks"]
-    out = torch.empty(len(r), in_f, dtype=torch.float32, device=sub.device)
+    fn, ts = _DEQUANT[t], block_info(t)[1]
+    blocks = p.data["blocks"]
+    lead: tuple[int, ...] | None = None
+    if isinstance(rows, slice):
+        r = range(out_f)[rows]
+        if r.step != 1:
+            raise ConfigError("dequantize_gguf: rows must be a contiguous slice or an index tensor")
+        blocks = blocks[r.start:r.stop]
+    elif rows is not None:
+        idx = torch.as_tensor(rows, device=blocks.device)
+        if idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ConfigError(f"dequantize_gguf: rows must hold integer indices, got {idx.dtype}")
+        lead = tuple(idx.shape)
+        blocks = blocks.index_select(0, idx.reshape(-1).long())
+    n = blocks.shape[0]
+    out = torch.empty(n, in_f, dtype=torch.float32, device=blocks.device)
     step = max(1, CHUNK_WEIGHTS // in_f)
-    for r0 in range(0, len(r), step):
-        b = sub[r0:r0 + step]
-        out[r0:r0 + b.shape[0]] = fn(b.reshape(-1, block_info(t)[1])).reshape(b.shape[0], in_f)
-    return out
+    for r0 in range(0, n, step):
+        b = blocks[r0:r0 + step]
+        out[r0:r0 + b.shape[0]] = fn(b.reshape(-1, ts)).reshape(b.shape[0], in_f)
+    return out if lead is None else out.reshape(*lead, in_f)
+
+
+def gguf_select_rows(p: PackedWeight, index: torch.Tensor) -> PackedWeight:
+    """The packed weight with its rows reordered / selected (``W[index]``), exactly — blocks never span
+    rows. For checkpoints whose GGUF row order differs from the model's: transformers un-permutes llama's
+    ``attn_q``/``attn_k`` rows (``LlamaTensorProcessor._reverse_permute_weights``); applying that same
+    function to ``np.arange(out)[:, None]`` gives the ``index`` that does it on the packed bytes.
+
+    Example: ``gguf_select_rows(p, torch.arange(p.shape[0]).flip(0))`` → the rows in reverse order.
+    """
+    t = gguf_type_name(p.scheme)
+    idx = torch.as_tensor(index, device=p.data["blocks"].device).reshape(-1).long()
+    return _packed(t, (len(idx), p.shape[1]), p.data["blocks"].index_select(0, idx))
 
 
 def packed_from_gguf(raw, type_name, shape) -> PackedWeight:
@@ -365,5 +392,6 @@ def gguf_linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = No
 __all__ = [
     "GGUF_TYPES", "GGUF_FALLBACK_TYPES", "GGUF_WEIGHT_TYPES", "GGUF_BITS_PER_WEIGHT", "LLAMA_QUANTIZE_FALLBACK",
     "VEC_DOT_TYPE", "GGUFCodec", "gguf_type_name", "gguf_type_id", "to_gguf_type", "fallback_type",
-    "packed_from_gguf", "gguf_bytes", "dequantize_gguf", "gguf_linear", "quantize_activations",
+    "packed_from_gguf", "gguf_bytes", "dequantize_gguf", "gguf_select_rows", "gguf_linear",
+    "quantize_activations",
 ]

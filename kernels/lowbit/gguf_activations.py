@@ -44,51 +44,62 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .gguf_blocks import f16_bytes, first_absmax, nearest_int, rdiv, roundf
+from .gguf_blocks import f16_bytes, first_absmax, rdiv
 
-#: Weight type → the activation type llama.cpp's CPU matmul quantizes the input row to.
+#: Weight type → the activation type llama.cpp's CPU matmul converts the input row to
+#: (``type_traits_cpu[type].vec_dot_type``), including the float types a GGUF file may also hold.
 VEC_DOT_TYPE: dict[str, str] = {
     "q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "iq4_nl": "q8_0",
     "q4_1": "q8_1", "q5_1": "q8_1",
     "q2_k": "q8_k", "q3_k": "q8_k", "q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k",
+    "f32": "f32", "f16": "f16", "bf16": "bf16",
 }
 
-ACTIVATION_TYPES = ("q8_0", "q8_1", "q8_k")
+ACTIVATION_TYPES = ("q8_0", "q8_1", "q8_k", "f32", "f16", "bf16")
+_FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _BLOCK = {"q8_0": 32, "q8_1": 32, "q8_k": 256}
 _SUM_GROUP = {"q8_1": 32, "q8_k": 16}
 
 
+_HALF_DOWN = 0.49999997  # see gguf_blocks.roundf: trunc(v ± this) is C's roundf
+
+
 def _q8_0_1(xb: torch.Tensor, with_sum: bool):
-    d = xb.abs().amax(dim=1) / 127.0
+    lo, hi = torch.aminmax(xb, dim=1)
+    d = (torch.maximum(hi, -lo) + 0.0) / 127.0                   # amax / 127 (+0.0 for an all-zero block)
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = roundf(xb * inv.unsqueeze(1))
-    d16 = f16_bytes(d).view(torch.float16).to(torch.float32)   # [N, 1]
-    xq = q * d16
-    if not with_sum:
-        return xq, None
-    # y.s = GGML_FP32_TO_FP16(sum * d): the integer sum times the fp32 (not fp16) scale.
-    s = f16_bytes(q.sum(dim=1) * d).view(torch.float16).to(torch.float32)
-    return xq, s
+    q = xb * inv.unsqueeze(1)                                    # in place from here: one buffer
+    q.add_(torch.copysign(torch.tensor(_HALF_DOWN, device=q.device), q)).trunc_()   # roundf
+    s = None
+    if with_sum:
+        # y.s = GGML_FP32_TO_FP16(sum * d): the integer sum times the fp32 (not fp16) scale.
+        s = f16_bytes(q.sum(dim=1) * d).view(torch.float16).to(torch.float32)
+    d16 = f16_bytes(d).view(torch.float16).to(torch.float32)     # [N, 1]
+    return q.mul_(d16).add_(0.0), s                              # codes × fp16(d); +0.0 for −0 codes
 
 
 def _q8_k(xb: torch.Tensor, with_sum: bool):
     amax, mx = first_absmax(xb)
     iscale = rdiv(-127.0, mx)
-    q = nearest_int(iscale.unsqueeze(1) * xb).clamp_max(127)
-    zero = (amax == 0).unsqueeze(1)
-    q = torch.where(zero, torch.zeros_like(q), q)
-    d = torch.where(amax == 0, torch.zeros_like(iscale), 1.0 / iscale).unsqueeze(1)
-    xq = q.to(torch.float32) * d
-    if not with_sum:
-        return xq, None
-    bsums = q.reshape(q.shape[0], 16, 16).sum(dim=2)  # exact int32 sums
-    return xq, bsums.to(torch.float32) * d
+    # min(127, nearest_int(iscale · x)) as float codes; +0.0 turns −0 into the integer 0, so that 0 · d keeps
+    # d's sign (d = −max/127 is negative when max is), as q · d does in C.
+    q = (xb * iscale.unsqueeze(1)).round_().clamp_max_(127.0).add_(0.0)
+    zero = amax == 0
+    if bool(zero.any()):
+        q[zero] = 0.0
+    d = torch.where(zero, torch.zeros_like(iscale), 1.0 / iscale).unsqueeze(1)   # fp32, not fp16
+    sums = None
+    if with_sum:
+        sums = q.reshape(q.shape[0], 16, 16).sum(dim=2).mul_(d)  # bsums (exact integers) × d
+    return q.mul_(d), sums
 
 
 def quantize_activations(x: torch.Tensor, vec_dot_type: str, *, return_sums: bool = False):
     """Fake-quantize activations ``x [..., K]`` as llama.cpp's CPU matmul does before its dot product:
     quantize each row in blocks to ``vec_dot_type`` (``"q8_0"``, ``"q8_1"`` or ``"q8_k"``; see
     :data:`VEC_DOT_TYPE`) with ggml's reference rounding, and return the values those codes stand for.
+    ``"f16"``/``"bf16"`` round to that float type (round to nearest even, as ggml converts rows for F16 /
+    BF16 weights and its f16 KV cache); ``"f32"`` returns ``x`` as float32.
 
     Returns float32 ``x̂`` of ``x``'s shape; with ``return_sums=True`` also the block sums the dot product
     uses, float32 ``[..., K / g]``: for Q8_1 the stored fp16 ``s = d · Σ q`` per 32 (g = 32), for Q8_K
@@ -106,6 +117,9 @@ def quantize_activations(x: torch.Tensor, vec_dot_type: str, *, return_sums: boo
         raise ConfigError(f"unknown activation type {vec_dot_type!r}; valid: {', '.join(ACTIVATION_TYPES)}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
         raise ConfigError("quantize_activations needs a floating-point tensor [..., K]")
+    if vec_dot_type in _FLOAT:
+        xf = x.detach().to(_FLOAT[vec_dot_type]).to(torch.float32)
+        return (xf, None) if return_sums else xf
     bs = _BLOCK[vec_dot_type]
     k = x.shape[-1]
     if k % bs:

@@ -65,6 +65,11 @@ def block_info(type_name: str) -> tuple[int, int]:
 
 def f16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 field at byte ``offset`` of every block, as float32 ``[N, 1]`` (exact widening)."""
+    if offset % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.is_contiguous():
+        try:  # every GGUF block is an even number of bytes with its fp16 fields at even offsets
+            return blocks.view(torch.float16)[:, offset // 2:offset // 2 + 1].to(torch.float32)
+        except RuntimeError:  # an odd storage offset
+            pass
     return blocks[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
@@ -96,10 +101,13 @@ def pack_bits_le(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int32).reshape(n, m // 8, 8) * w).sum(-1).to(torch.uint8)
 
 
-def nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """``[N, k]`` bytes → ``[N, 2k]``: all low nibbles, then all high nibbles (the legacy blocks' order:
-    element ``j`` in the low nibble of byte ``j``, element ``j + k`` in its high nibble)."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=1)
+def nibbles(qs: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """``[..., k]`` bytes → ``[..., 2k]`` in ``dtype``: all low nibbles, then all high nibbles (the legacy
+    blocks' order: element ``j`` in the low nibble of byte ``j``, element ``j + k`` in its high nibble)."""
+    out = torch.empty(*qs.shape[:-1], 2, qs.shape[-1], dtype=dtype, device=qs.device)
+    out[..., 0, :] = qs & 0x0F
+    out[..., 1, :] = qs >> 4
+    return out.view(*qs.shape[:-1], 2 * qs.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,12 +120,19 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v).to(torch.int32)
 
 
+_JUST_BELOW_HALF = 0.49999997  # float32(0.5 − 2⁻²⁵), the largest float below 0.5
+
+
 def roundf(v: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: nearest integer, halves away from zero, as float32 (gguf-py's ``np_roundf``); a zero
-    result is +0.0, as the integer code it becomes."""
-    a = v.abs()
-    f = torch.floor(a)
-    return torch.sign(v) * (f + torch.floor(2 * (a - f))) + 0.0
+    """C ``roundf`` (nearest integer, halves away from zero) of float32 ``v``, as float32; a zero result is
+    +0.0, as the integer code it becomes.
+
+    ``trunc(v ± (0.5 − 2⁻²⁵))``: adding 0.5 itself would round 0.49999997 up to 1; with the largest float
+    below 0.5, a fraction ≥ 0.5 still reaches the next integer (the sum is at least ``n − 2⁻²⁵``, which
+    rounds to ``n`` for ``n ≥ 1``) and a smaller one cannot (its distance below ``n`` exceeds half an ulp of
+    the sum). Equal to gguf-py's ``np_roundf`` for every finite float, in three passes instead of nine.
+    """
+    return torch.trunc(v + torch.copysign(torch.full_like(v, _JUST_BELOW_HALF), v)) + 0.0
 
 
 def seq_sum(t: torch.Tensor) -> torch.Tensor:
@@ -136,9 +151,17 @@ def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
 
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(amax, max)`` per row of ``[N, n]``: the largest ``|x|`` and the signed value where it first occurs
-    (the C loops' ``if (ax > amax) { amax = ax; max = x[i]; }``)."""
-    idx = x.abs().argmax(dim=1, keepdim=True)  # torch returns the first maximal index
-    mx = x.gather(1, idx).squeeze(1)
+    (the C loops' ``if (ax > amax) { amax = ax; max = x[i]; }``; gguf-py's ``argmax`` of ``|x|``)."""
+    lo, hi = torch.aminmax(x, dim=1)
+    mx = torch.where(hi >= -lo, hi, lo)
+    tie = (hi == -lo) & (hi != 0)  # +a and −a both present: the first one wins
+    if bool(tie.any()):
+        rows = tie.nonzero().squeeze(1)
+        sub = x[rows]
+        mx[rows] = sub.gather(1, sub.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    zero = (hi == 0) & (lo == 0)      # all ±0: gguf-py takes the first element (its sign matters for Q4_0)
+    if bool(zero.any()):
+        mx = torch.where(zero, x[:, 0], mx)
     return mx.abs(), mx
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .gguf_blocks import f16_at, f16_bytes, first_absmax, nearest_int, rdiv, seq_sum
+from .gguf_blocks import f16_at, f16_bytes, first_absmax, nearest_int, nibbles, rdiv, seq_sum
 
 _U8 = torch.uint8
 
@@ -56,12 +56,12 @@ def _q2_parts(b):
     dl = (d * (sc & 0xF).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (sc >> 4).to(torch.float32)).reshape(n, 16, 1)
     q = (qs.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
-    return dl * q.reshape(n, 16, 16).to(torch.float32), ml
+    return q.reshape(n, 16, 16).to(torch.float32).mul_(dl), ml     # dl · q, ml
 
 
 def dequantize_q2_k(b: torch.Tensor) -> torch.Tensor:
     scaled, ml = _q2_parts(b)
-    return (scaled - ml).reshape(b.shape[0], 256)
+    return scaled.sub_(ml).reshape(b.shape[0], 256)                 # dl · q − ml
 
 
 def _q3_scales(sc: torch.Tensor) -> torch.Tensor:
@@ -76,10 +76,10 @@ def dequantize_q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     hmask, qs, d = b[:, 0:32], b[:, 32:96], f16_at(b, 108)
     dl = (d * _q3_scales(b[:, 96:108]).to(torch.float32)).reshape(n, 16, 1)
-    ql = (qs.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)).reshape(n, 16, 16) & 3
-    qh = (hmask.reshape(n, -1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), b.device)).reshape(n, 16, 16) & 1
-    q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)  # a set hmask bit means "no −4"
-    return (dl * q.to(torch.float32)).reshape(n, 256)
+    ql = (qs.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    hb = (hmask.reshape(n, -1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), b.device)) & 1
+    q = ql.view(torch.int8).reshape(n, 16, 16) - ((hb ^ 1) << 2).view(torch.int8).reshape(n, 16, 16)
+    return q.to(torch.float32).mul_(dl).reshape(n, 256)             # a set hmask bit means "no −4"
 
 
 def _k4_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,48 +93,43 @@ def _k4_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _k45_parts(b: torch.Tensor, q: torch.Tensor):
+    # q: the codes [N, 8, 32] in float32 (consumed) → (d·sc · q, dmin·m [N, 8, 1])
     n = b.shape[0]
-    d, dmin = f16_at(b, 0), f16_at(b, 2)
     sc, mn = _k4_scale_min(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).reshape(n, -1, 1)
-    dm = (dmin * mn.to(torch.float32)).reshape(n, -1, 1)
-    return dl * q.to(torch.float32), dm
+    dl = (f16_at(b, 0) * sc.to(torch.float32)).reshape(n, -1, 1)
+    dm = (f16_at(b, 2) * mn.to(torch.float32)).reshape(n, -1, 1)
+    return q.mul_(dl), dm
 
 
 def _q4k_codes(b):
-    n = b.shape[0]
-    return ((b[:, 16:144].reshape(n, -1, 1, 32) >> _shifts([0, 4], (1, 1, 2, 1), b.device)) & 0x0F
-            ).reshape(n, -1, 32)
+    return nibbles(b[:, 16:144].reshape(b.shape[0], 4, 32), torch.float32).reshape(b.shape[0], 8, 32)
 
 
 def _q5k_codes(b):
     n = b.shape[0]
-    ql = ((b[:, 48:176].reshape(n, -1, 1, 32) >> _shifts([0, 4], (1, 1, 2, 1), b.device)) & 0x0F
-          ).reshape(n, -1, 32)
-    qh = ((b[:, 16:48].reshape(n, -1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), b.device)) & 1
-          ).reshape(n, -1, 32)
-    return ql | (qh << 4)
+    q = nibbles(b[:, 48:176].reshape(n, 4, 32)).reshape(n, 8, 32)
+    qh = (b[:, 16:48].reshape(n, 1, 32) >> _shifts(list(range(8)), (1, 8, 1), b.device)) & 1
+    return q.bitwise_or_(qh << 4).to(torch.float32)
 
 
 def dequantize_q4_k(b: torch.Tensor) -> torch.Tensor:
     scaled, dm = _k45_parts(b, _q4k_codes(b))
-    return (scaled - dm).reshape(b.shape[0], 256)
+    return scaled.sub_(dm).reshape(b.shape[0], 256)                 # d·sc · q − dmin·m
 
 
 def dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
     scaled, dm = _k45_parts(b, _q5k_codes(b))
-    return (scaled - dm).reshape(b.shape[0], 256)
+    return scaled.sub_(dm).reshape(b.shape[0], 256)
 
 
 def dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    ql, qh = b[:, 0:128], b[:, 128:192]
-    sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    sc = b[:, 192:208].view(torch.int8).to(torch.float32)
     d = (f16_at(b, 208) * sc).reshape(n, 16, 1)
-    lo = ((ql.reshape(n, -1, 1, 64) >> _shifts([0, 4], (1, 1, 2, 1), b.device)) & 0x0F).reshape(n, -1, 32)
-    hi = ((qh.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).reshape(n, -1, 32)
-    q = (lo | (hi << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, 256)
+    lo = nibbles(b[:, 0:128].reshape(n, 2, 64)).reshape(n, 8, 32)
+    hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    q = lo.bitwise_or_(hi.reshape(n, 8, 32) << 4).view(torch.int8) - 32
+    return q.reshape(n, 16, 16).to(torch.float32).mul_(d).reshape(n, 256)   # (d·sc) · (q − 32)
 
 
 # The K-quants with a minimum, split into "scaled codes" and the per-16 offset (Ŵ = scaled − offset in

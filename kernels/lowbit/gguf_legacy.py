@@ -58,39 +58,37 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = f16_at(b, 0)
-    return d * (nibbles(b[:, 2:18]).to(torch.float32) - 8.0)
+    q = nibbles(b[:, 2:18], torch.float32)
+    return q.sub_(8.0).mul_(f16_at(b, 0))                      # d · (q − 8)
 
 
 def dequantize_q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = f16_at(b, 0), f16_at(b, 2)
-    return d * nibbles(b[:, 4:20]).to(torch.float32) + m
+    q = nibbles(b[:, 4:20], torch.float32)
+    return q.mul_(f16_at(b, 0)).add_(f16_at(b, 2))              # d · q + m
 
 
 def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
-    qh = bits_le(b[:, qh_at:qh_at + 4])
-    return nibbles(b[:, qh_at + 4:qh_at + 20]) | (qh << 4)
+    q = nibbles(b[:, qh_at + 4:qh_at + 20])
+    return q.bitwise_or_(bits_le(b[:, qh_at:qh_at + 4]) << 4)
 
 
 def dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = f16_at(b, 0)
-    return d * (_q5(b, 2).to(torch.float32) - 16.0)
+    q = _q5(b, 2).to(torch.float32)
+    return q.sub_(16.0).mul_(f16_at(b, 0))                     # d · (q − 16)
 
 
 def dequantize_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = f16_at(b, 0), f16_at(b, 2)
-    return d * _q5(b, 4).to(torch.float32) + m
+    q = _q5(b, 4).to(torch.float32)
+    return q.mul_(f16_at(b, 0)).add_(f16_at(b, 2))              # d · q + m
 
 
 def dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = f16_at(b, 0)
-    return b[:, 2:34].contiguous().view(torch.int8).to(torch.float32) * d
+    return b[:, 2:34].view(torch.int8).to(torch.float32).mul_(f16_at(b, 0))
 
 
 def dequantize_iq4_nl(b: torch.Tensor) -> torch.Tensor:
-    d = f16_at(b, 0)
     table = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=b.device)
-    return d * table[nibbles(b[:, 2:18]).long()]
+    return table[nibbles(b[:, 2:18]).to(torch.int32)].mul_(f16_at(b, 0))
 
 
 # The same formats split as "scaled codes" + "offset" (Ŵ = scaled + offset, exactly the two terms the
@@ -99,11 +97,11 @@ def dequantize_iq4_nl(b: torch.Tensor) -> torch.Tensor:
 
 
 def split_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return f16_at(b, 0) * nibbles(b[:, 4:20]).to(torch.float32), f16_at(b, 2)
+    return nibbles(b[:, 4:20], torch.float32).mul_(f16_at(b, 0)), f16_at(b, 2)
 
 
 def split_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return f16_at(b, 0) * _q5(b, 4).to(torch.float32), f16_at(b, 2)
+    return _q5(b, 4).to(torch.float32).mul_(f16_at(b, 0)), f16_at(b, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
