@@ -33,10 +33,12 @@ ggml's result is the order of the float32 accumulation (ggml sums blocks left to
 its own order): ≈ 1e-7 relative, not bit-exact.
 
 Not emulated: ggml's SIMD paths of ``quantize_row_q8_0``/``q8_1`` on x86 (AVX) compute ``127 / amax`` and
-round halves to even, which differs from the reference in rare ties and last-ulp cases; repacked weight
-layouts and llamafile's sgemm (same arithmetic, other summation orders); F16/BF16 weights (no activation
-quantization); and the rest of llama.cpp's graph (its f16 KV cache, fused kernels), which is the model's
-business, not the linear layer's.
+round halves to even, which can differ from the reference in ties and last-ulp cases (none in the test
+suite's random rows, checked against libggml's own ``from_float``); the repacked weight layouts of
+ggml-cpu (Q4_0/Q4_K/IQ4_NL interleaved for AVX2/NEON, with their own activation-quantizing kernels) and
+llamafile's sgemm (same quantized operands, other summation orders); and the rest of llama.cpp's graph
+(its f16 KV cache, fused kernels), which is the model's business, not the linear layer's. F16/BF16 weights
+round the activation to their own type (``quantize_activations(x, "f16")``).
 """
 
 from __future__ import annotations
