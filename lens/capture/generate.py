@@ -42,7 +42,6 @@ import datetime as _dt
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lens.capture.probes import Batch, ResidualProbe
 from lens.capture.trace import _input_hash, _pad_id, lm_has_head
@@ -50,6 +49,7 @@ from lens.errors import ConfigError
 from lens.models.cache import StreamingCache, full_cache
 from lens.models.inputs import encode
 from lens.models.observers import observing
+from lens.progress import progress_bar
 from lens.run import Run
 
 __all__ = ["generate"]
@@ -207,7 +207,7 @@ def generate(
     if force is not None and force.n_sequences != len(encoded.ids):
         raise ConfigError(f"force has {force.n_sequences} sequences but there are {len(encoded.ids)} prompts")
     sequences, recorders, logprobs = [], [], []
-    for s, prompt in enumerate(tqdm(encoded.ids, desc="lens.generate", unit="prompt", disable=_quiet(progress))):
+    for s, prompt in enumerate(progress_bar(encoded.ids, progress=progress, desc="lens.generate", unit="prompt")):
         forced = None
         if force is not None:
             forced = _forced_tokens(force, s, prompt)
@@ -223,10 +223,6 @@ def generate(
         cache=cache.describe() if cache is not None else {"kind": "full", "class": "transformers.DynamicCache"},
         forced=force is not None,
     ))
-
-
-def _quiet(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress  # tqdm: disable=None → only on a terminal
 
 
 def _forced_tokens(force: Run, s: int, prompt: list[int]) -> list[int]:
