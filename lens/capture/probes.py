@@ -246,6 +246,8 @@ class MLPProbe:
     @torch.no_grad()
     def observe(self, layer: int, act: torch.Tensor) -> None:
         batch = self.batch
+        if act.dim() == 2:  # an MLP fed flattened tokens [B·T, M] (e.g. Qwen2-MoE's shared expert)
+            act = act.reshape(*batch.mask.shape, act.shape[-1])
         values = act[batch.mask].float()  # [n_real, M], row-major over the batch = flat order
         n_layers, width = self.lm.n_layers, values.shape[1]
         if self.sum is None:

@@ -165,7 +165,7 @@ def read_corpus(corpus: Any, *, field: str | None = None, pattern: str = "*.txt"
             if not os.access(path, os.R_OK):
                 raise CorpusError(f"cannot read {str(path)!r} (permission denied); make it readable for this user")
             return Corpus({"kind": "lines", "path": str(path.resolve())}, lambda: _lines(path, encoding))
-        if isinstance(corpus, str) and len(corpus) < 4096 and (os.sep in corpus or "." in Path(corpus).name):
+        if not isinstance(corpus, str) or (len(corpus) < 4096 and (os.sep in corpus or "." in Path(corpus).name)):
             raise CorpusError(
                 f"there is no file or folder {corpus!r}; give an existing path, or a list of strings to scan texts"
             )

@@ -125,6 +125,10 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
     from safetensors.numpy import load as load_state
 
     if not ray.is_initialized():
+        import os
+
+        # a busy machine can take > 30 s to start Ray's metrics agent; the raylet would otherwise give up first
+        os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

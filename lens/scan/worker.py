@@ -240,6 +240,8 @@ class ShardWorker:
     def _mlp_hook(self, li: int, batch: _Batch, part: dict):
         def hook(module, args):
             act = args[0]
+            if act.dim() == 2 and act.shape[0] == batch.ids.numel():  # flattened tokens (Qwen2-MoE's shared expert)
+                act = act.reshape(*batch.ids.shape, act.shape[-1])
             if act.shape[:2] != batch.ids.shape:
                 raise CaptureError(
                     f"the MLP of layer {self.cfg.layers[li]} saw a batch of shape {tuple(act.shape[:2])}, expected "
