@@ -75,7 +75,7 @@ class NeuronResult:
 
     def figure(self):
         """Plotly scatter: max vs fraction > 0 of every neuron, coloured by layer (hover: its top token)."""
-        from lens.report.figures import neurons_figure
+        from lens.report.neuron_figures import neurons_figure
 
         return neurons_figure(self)
 

@@ -334,7 +334,7 @@ class Scan:
 
     def figure(self, layer: int | None = None):
         """Plotly: max vs fraction > 0 of every neuron (one colour per layer), for finding neurons to open."""
-        from lens.report.figures import scan_figure
+        from lens.report.neuron_figures import scan_figure
 
         return scan_figure(self, layer)
 
