@@ -21,8 +21,9 @@ __all__ = [
 ]
 
 # -- histogram edges: fixed and model-independent, so that histograms of any shards add exactly -------------
-#: |x| edges: 10⁻⁴ … 10⁴, four bins per decade (33 edges, 32 magnitude bins)
-HIST_EDGES = 10.0 ** np.linspace(-4, 4, 33)
+#: |x| edges: 10⁻⁴ … 10⁴, four bins per decade (33 edges, 32 magnitude bins), as float32 — the dtype the
+#: activations are binned in, so that an activation equal to an edge lands in the same bin everywhere
+HIST_EDGES = (10.0 ** np.linspace(-4, 4, 33)).astype(np.float32)
 _N_MAG = len(HIST_EDGES) + 1  # magnitude bins 0..33: 0 = below 1e-4, 33 = at least 1e4
 ZERO_BIN = _N_MAG  # bins 0..33 negative (most negative first), 34 = exactly zero, 35..68 positive
 N_BINS = 2 * _N_MAG + 1
@@ -34,8 +35,9 @@ def bin_edges() -> tuple[np.ndarray, np.ndarray]:
     Negative bins hold ``lower < x ≤ upper``, positive bins ``lower ≤ x < upper``; the outermost bins
     extend to ±∞ and the innermost non-zero bins reach 0 (exclusive).
     """
-    mag_lo = np.concatenate([[0.0], HIST_EDGES])
-    mag_hi = np.concatenate([HIST_EDGES, [np.inf]])
+    edges = HIST_EDGES.astype(np.float64)
+    mag_lo = np.concatenate([[0.0], edges])
+    mag_hi = np.concatenate([edges, [np.inf]])
     lower = np.concatenate([-mag_hi[::-1], [0.0], mag_lo])
     upper = np.concatenate([-mag_lo[::-1], [0.0], mag_hi])
     return lower, upper

@@ -333,20 +333,47 @@ class ShardWorker:
         self._pending.append(("topk", li, fit(row, 0).numpy(), fit(doc, EMPTY_DOC).numpy() != EMPTY_DOC))
 
     def _samples(self, li: int, a: torch.Tensor, bins: torch.Tensor, batch: _Batch, part: dict) -> None:
+        """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position).
+
+        Tokens are visited in priority order. The first ``head`` tokens fill the common groups with a dense
+        one-hot rank; only the entries of groups still short after that (rare by construction) are ranked
+        with a sparse sort — never a sort of every token of every neuron.
+        """
         r, G = self.cfg.samples, RESERVOIR_GROUPS
         N, M = a.shape
-        group = self.groups[bins]  # [N, M], −1 for exact zeros
         perm = torch.as_tensor(np.argsort(batch.priority, kind="stable"))
-        rank = torch.empty(N, dtype=torch.long)
-        rank[perm] = torch.arange(N)
-        key = torch.where(group >= 0, group * N + rank[:, None], G * N)
-        st = key.sort(dim=0).values.T.contiguous()  # [M, N]
-        starts = torch.searchsorted(st, (torch.arange(G) * N)[None].expand(M, G).contiguous())  # [M, G]
-        j = starts[..., None] + torch.arange(r)  # [M, G, r]
-        ok = j < N
-        kk = st.gather(1, j.clamp(max=N - 1).reshape(M, -1)).reshape(M, G, r)
-        ok &= kk < ((torch.arange(G) + 1) * N)[None, :, None]
-        tok_row = perm[(kk % N).clamp(max=N - 1)]  # index into the batch's counted tokens
+        group = self.groups[bins[perm]]  # [N, M] in priority order; −1 for exact zeros
+        chosen_row = torch.full((M, G, r), -1, dtype=torch.long)  # index into perm (priority order)
+        head = min(N, 8 * r)
+        g_head = group[:head]  # [h, M]
+        onehot = torch.nn.functional.one_hot(g_head.clamp_min(0), G).bool() & (g_head >= 0)[..., None]  # [h, M, G]
+        rank = onehot.cumsum(0) - 1  # rank of each row within its (neuron, group), among the head rows
+        take = onehot & (rank < r)
+        h_idx, m_idx, g_idx = take.nonzero(as_tuple=True)
+        chosen_row[m_idx, g_idx, rank[h_idx, m_idx, g_idx]] = h_idx
+        filled = take.sum(0)  # [M, G]
+        if head < N:
+            short = filled < r  # [M, G]
+            rest = group[head:]
+            flat_need = short.reshape(-1)
+            idx = (torch.arange(M) * G)[None, :] + rest.clamp_min(0)
+            cand = (rest >= 0) & flat_need[idx]
+            rows, ms = cand.nonzero(as_tuple=True)
+            if len(rows):
+                gs = rest[rows, ms]
+                key = (ms * G + gs) * N + rows  # by (neuron, group), then priority order
+                key, order = key.sort()
+                cell = key // N
+                start = torch.ones_like(cell, dtype=torch.bool)
+                start[1:] = cell[1:] != cell[:-1]
+                first = torch.cummax(torch.where(start, torch.arange(len(cell)), 0), 0).values
+                pos_in_cell = torch.arange(len(cell)) - first
+                cm, cg = cell // G, cell % G
+                slot = filled[cm, cg] + pos_in_cell
+                keep = slot < r
+                chosen_row[cm[keep], cg[keep], slot[keep]] = (key % N)[keep] + head
+        ok = chosen_row >= 0
+        tok_row = perm[chosen_row.clamp_min(0)]  # index into the batch's counted tokens
         neuron = torch.arange(M)[:, None, None].expand_as(tok_row)
         prio = torch.as_tensor(batch.priority)[tok_row]
         part["sample.priority"][li] = torch.where(ok, prio, _I64MAX).numpy()
