@@ -89,6 +89,19 @@ class NeuronExplorer(LensWidget):
         }
         super().__init__(info=info, **selection)
 
+    @traitlets.validate("sort")
+    def _check_sort(self, proposal):  # rejected before it is set, so the widget keeps a valid state
+        if proposal["value"] not in SORT_KEYS:
+            raise ConfigError(f"sort must be one of {SORT_KEYS}; got {proposal['value']!r}")
+        return proposal["value"]
+
+    @traitlets.validate("layer_filter")
+    def _check_layer_filter(self, proposal):
+        value = proposal["value"]
+        if value != -1 and value not in self._scan.layers:
+            raise ConfigError(f"layer_filter {value} was not scanned; layers: {self._scan.layers} (−1: all)")
+        return value
+
     # -- the table ------------------------------------------------------------------------------------
     def _validate_selection(self, selection: dict[str, Any]) -> None:
         if selection["sort"] not in SORT_KEYS:

@@ -31,8 +31,12 @@ def model_identity(lm) -> dict[str, Any]:
     digest = hashlib.sha256()
     for name, tensor in sorted(lm.model.state_dict().items()):
         digest.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = tensor.detach().cpu().reshape(-1).contiguous()
+        try:
+            raw = t.view(torch.uint8).numpy().tobytes()
+        except (RuntimeError, TypeError):  # a tensor subclass (e.g. torchao's) without a byte view
+            raw = repr(t).encode()
+        digest.update(raw)
     prov = lm.provenance()
     return {
         "model_id": lm.model_id,
