@@ -174,9 +174,9 @@ def _ray_worker(model, tokens: int, batch_size: int) -> dict:
     return out
 
 
-def _subprocess(kind: str, model, tokens: int, batch_size: int, timeout: float = 7200) -> dict:
+def _subprocess(kind: str, model, tokens: int, batch_size: int, timeout: float = 7200, repeats: int = 1) -> dict:
     cmd = [sys.executable, "-m", "lens.bench.scan", "--worker", kind, "--tokens", str(tokens),
-           "--batch-size", str(batch_size)] + (["--model", model] if model else [])
+           "--batch-size", str(batch_size), "--repeats", str(repeats)] + (["--model", model] if model else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     if proc.returncode != 0:
         return {"skipped": f"failed: {proc.stderr.strip().splitlines()[-1:] }"}
@@ -184,16 +184,18 @@ def _subprocess(kind: str, model, tokens: int, batch_size: int, timeout: float =
 
 
 def run(model: str | None = None, tokens: int = 20000, memory_tokens=(10_000, 100_000), ray_tokens: int = 20000,
-        repeats: int = 2, batch_size: int = 8, skip_ray: bool = False) -> dict:
+        repeats: int = 2, batch_size: int = 8, skip_ray: bool = False, only=None) -> dict:
     """All three figures; each in its own process. Example: ``run(tokens=2000, memory_tokens=(1000, 10000))``."""
     result = {"benchmark": "scan", "model": model or "embedded all-MiniLM-L6-v2",
               "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "torch_threads": _THREADS}}
-    result["throughput"] = _subprocess("throughput", model, tokens, batch_size) | {"repeats": repeats}
-    result["memory"] = [_subprocess("memory", model, n, batch_size) for n in memory_tokens]
+    only = set(only or ("throughput", "memory", "ray"))
+    if "throughput" in only:
+        result["throughput"] = _subprocess("throughput", model, tokens, batch_size, repeats=repeats) | {"repeats": repeats}
+    result["memory"] = [_subprocess("memory", model, n, batch_size) for n in memory_tokens] if "memory" in only else []
     mem = [m for m in result["memory"] if "skipped" not in m]
     if len(mem) == 2:
         result["memory_ratio"] = mem[1]["peak_bytes"] / mem[0]["peak_bytes"]
-    if not skip_ray:
+    if not skip_ray and "ray" in only:
         result["ray"] = _subprocess("ray", model, ray_tokens, batch_size)
         if "ray_s" in result["ray"]:
             result["ray_overhead"] = result["ray"]["ray_s"] / result["ray"]["local_s"]
@@ -202,7 +204,7 @@ def run(model: str | None = None, tokens: int = 20000, memory_tokens=(10_000, 10
 
 def format_table(result: dict) -> str:
     lines = [f"lens bench scan — {result['model']} — {result['machine']['cpus']} CPUs, load {result['machine']['load_average']}"]
-    t = result["throughput"]
+    t = result.get("throughput", {"skipped": "not asked for"})
     if "skipped" in t:
         lines.append(f"throughput: skipped ({t['skipped']})")
     else:
@@ -231,7 +233,10 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lens bench scan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=("throughput", "memory", "ray"), help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--tokens", type=int, default=20000, help="corpus size of the throughput figure")
+    parser.add_argument("--memory-tokens", type=int, nargs=2, default=[10_000, 100_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--ray-tokens", type=int, default=20000)
+    parser.add_argument("--only", choices=("throughput", "memory", "ray"), nargs="+", help="run only these figures")
     parser.add_argument("--model", default=None, help="a model folder or hub id (default: the embedded MiniLM)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
@@ -255,8 +260,8 @@ def main(argv=None) -> int:
         result = run(args.model, tokens=2000, memory_tokens=(1000, 10000), ray_tokens=2000, repeats=1,
                      batch_size=args.batch_size, skip_ray=args.skip_ray)
     else:
-        result = run(args.model, tokens=args.tokens, repeats=args.repeats, batch_size=args.batch_size,
-                     skip_ray=args.skip_ray)
+        result = run(args.model, tokens=args.tokens, memory_tokens=tuple(args.memory_tokens), ray_tokens=args.ray_tokens,
+                     repeats=args.repeats, batch_size=args.batch_size, skip_ray=args.skip_ray, only=args.only)
     print(format_table(result))
     args.json.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nJSON written to {args.json}")

@@ -1,9 +1,8 @@
-"""Plotly figures for neurons over a run or a corpus scan (``lens.neurons(...).figure()``, ``Scan.figure()``)."""
+"""Plotly figures for neurons over a run or a corpus scan (``lens.neurons(...).figure()``, ``Scan.figure()``).
+
+plotly is imported inside each function: the core never loads a plotting library at import time."""
 
 from __future__ import annotations
-
-import numpy as np
-import plotly.graph_objects as go
 
 __all__ = ["neurons_figure", "scan_figure", "histogram_figure"]
 
@@ -11,6 +10,8 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#
 
 
 def _scatter(frame, title: str, hover_extra=None):
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for i, (layer, part) in enumerate(frame.groupby("layer")):
         text = [f"L{layer} N{n}" for n in part["neuron"]]
@@ -57,6 +58,8 @@ def histogram_figure(scan, layer: int, neuron: int):
 
     Example: ``histogram_figure(scan, 3, 42).show()``.
     """
+    import plotly.graph_objects as go
+
     h = scan.histogram(layer, neuron)
     lower, upper, count = h["lower"], h["upper"], h["count"]
     keep = count > 0
