@@ -142,7 +142,8 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         results = ds.map_batches(
             _ShardActor, fn_constructor_args=(spec, cfg_json, threads), batch_size=1,
-            concurrency=min(workers, len(items)), num_cpus=threads, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))), num_cpus=threads,
+            batch_format="numpy",
         )
         done = {}
         for row in results.iter_rows():

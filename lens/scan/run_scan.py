@@ -98,6 +98,7 @@ def scan(
     per-expert load, gate mass, routing entropy, load-balance CV, top tokens by gate and expert neurons
     (layer, expert, neuron) over the tokens routed to each expert.
 
+    ``model``: a ``LensModel`` (``lens.load(...)``, deployed as you like), or a folder / hub id to load.
     ``corpus``: a list of strings, a text file (one document per line), a folder of ``*.txt`` files, a
     JSONL file or a pandas DataFrame or ``datasets.Dataset`` with ``field=`` naming the text, or any iterable
     of strings (see :func:`lens.scan.read_corpus`). Documents longer than ``max_len`` tokens (default: the
@@ -120,6 +121,10 @@ def scan(
         s.to_frame().sort_values("max", ascending=False).head()
         s.examples(layer=3, neuron=42)
     """
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from lens.models.load import load
+
+        model = load(model)  # a folder or hub id (None: the embedded model)
     if engine not in ("local", "ray"):
         raise ConfigError(f"engine must be 'local' or 'ray'; got {engine!r}")
     cfg = parse_config(model, layers=layers, top_k=top_k, context=context, samples=samples, batch_size=batch_size,
@@ -164,8 +169,6 @@ def scan(
             raise ScanError("a one-shot iterable cannot be resumed (its first documents are gone); pass a list or a file")
         header["shards"] = saved["shards"]
         done = len(saved["shards"])
-    elif resume and not docs.reopenable:
-        pass
 
     def verify(index: int, shard_docs: list) -> None:
         record = header["shards"][index]
