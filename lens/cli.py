@@ -18,6 +18,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
 }
 
 
@@ -43,10 +44,33 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _scan(args) -> int:
+    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
+    import lens
+    from lens.errors import LensError
+
+    try:
+        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
+        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
+                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
+                           batch_size=args.batch_size, max_len=args.max_len,
+                           progress=False if args.quiet else None)
+    except LensError as exc:
+        print(f"lens scan: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"written to {result.folder}")
+    frame = result.to_frame()
+    if len(frame):
+        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
-    Example: ``lens demo --out report.html`` or ``lens bench capture --lengths 1024 2048``.
+    Example: ``lens demo --out report.html``, ``lens scan embedded docs.txt --out scans/minilm`` or
+    ``lens bench capture --lengths 1024 2048``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -57,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
+    scan = sub.add_parser("scan", help="reduce every neuron, head and layer over a corpus into a scan directory")
+    scan.add_argument("model", help="a model folder or hub id; 'embedded' for the embedded MiniLM")
+    scan.add_argument("corpus", help="a text file (one document per line), a folder of .txt files, or a .jsonl file")
+    scan.add_argument("--out", type=Path, required=True, help="the scan directory")
+    scan.add_argument("--field", help="the text field of a JSONL corpus")
+    scan.add_argument("--engine", choices=("local", "ray"), default="local")
+    scan.add_argument("--address", help="an existing Ray cluster (e.g. 'auto' or 'ray://host:10001')")
+    scan.add_argument("--workers", type=int, default=2, help="Ray actors")
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+    scan.add_argument("--layers", type=int, nargs="+", help="MLP layers to scan (default: all)")
+    scan.add_argument("--top-k", type=int, default=20)
+    scan.add_argument("--batch-size", type=int, default=8)
+    scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
+    scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
+    scan.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("version", help="print versions")
     if argv[:1] == ["bench"]:
@@ -67,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
         return 0
+    if args.command == "scan":
+        return _scan(args)
     if args.command == "version":
         import torch
         import transformers
