@@ -112,12 +112,15 @@ class LensModel:
         quant=None,
         calibration=None,
         source: str = "transformers",
+        gguf: dict[str, Any] | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.revision = revision
         self.source = source
+        # the GGUF file the weights came from (lens.models.gguf.GGUFInfo.describe()), recorded in provenance
+        self.gguf = gguf
         self.config = model.config
         self.family = family_for(getattr(self.config, "text_config", None) or self.config)
         parts = _find_parts(model, self.family)
@@ -196,6 +199,7 @@ class LensModel:
             "attention": (self.attention_kernel or lens_attention._DENSE).describe(),
             "quant": self.quant.describe() if self.quant is not None else None,
             "quant_report": self.quant_report,
+            "gguf": self.gguf,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "versions": {
