@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="lens", description="Attention sinks, massive activations and compression valleys, on the deployed path."
     )
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="the embedded MiniLM, offline: trace, summarize, write an HTML report")
+    demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
+        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
         return 0
     if args.command == "models":
         return _models(args)
