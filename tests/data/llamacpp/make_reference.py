@@ -1,0 +1,135 @@
+"""Regenerate llama.cpp's reference next-token distributions for SmolLM2-135M-Instruct Q4_1.
+
+    .venv/bin/pip install llama-cpp-python==0.3.36     # see below for the build options used here
+    .venv/bin/python tests/data/llamacpp/make_reference.py
+
+llama.cpp itself (through llama-cpp-python) evaluates the embedded decoder's GGUF file on a few prompts, every
+position's logits kept (``logits_all=True``), with the library's defaults otherwise — in particular the f16 KV
+cache and no flash attention. The prompts are tokenized by lens's tokenizer for the model and handed to
+llama.cpp as token ids, so both sides see identical inputs (SmolLM2's tokenizer adds no BOS).
+
+What is kept, per prompt position, is llama.cpp's log-softmax distribution coarsened to its top ``K`` tokens
+plus one bucket for the rest (``topk_ids``, ``topk_logprobs``, ``tail_logprob`` = log of the remaining mass):
+the KL divergence between two distributions coarsened the same way is a lower bound of their full KL (data
+processing inequality), and with K = 512 the tail holds < 10⁻³ of the mass (``tests/test_llamacpp.py`` measures
+the difference against full-vocabulary KL wherever llama-cpp-python is installed). Full-vocabulary fp16 logits
+for ~60 positions would take ~6 MB; this file takes ~0.3 MB.
+
+Written: ``smollm2_q4_1.safetensors`` (arrays, prompt ``i`` under ``p{i}.…``) and ``smollm2_q4_1.json``
+(prompts, token ids, llama-cpp-python version, system info, threads and settings, the GGUF file's sha256).
+The wheel used here was built from the PyPI sdist with
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+-DLLAMA_BUILD_TOOLS=OFF"`` (a native build died with SIGILL on an AMX CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+NAME = "smollm2_q4_1"
+TOP_K = 512
+N_THREADS = 2
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Attention sinks are tokens that receive a large share of attention regardless of meaning.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+#: llama.cpp settings; everything not listed is llama-cpp-python's default (f16 K and V cache, no flash attention)
+SETTINGS = {"n_ctx": 512, "n_batch": 512, "n_ubatch": 512, "n_threads": N_THREADS, "n_threads_batch": N_THREADS,
+            "logits_all": True, "seed": 0, "verbose": False}
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    """The token ids both sides evaluate (lens's tokenizer for SmolLM2; no special tokens added)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def llamacpp_logits(gguf_path: str | Path, ids: list[list[int]]) -> tuple[list[np.ndarray], dict]:
+    """llama.cpp's logits [T, V] float32 for each prompt, and a description of the run."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), **SETTINGS)
+    out = []
+    for tokens in ids:
+        llm.reset()
+        llm.eval(tokens)
+        out.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    info = {
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "settings": SETTINGS,
+        "defaults": "f16 K and V cache (type_k/type_v unset), flash attention off (llama-cpp-python's flash_attn=False)",
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
+    del llm
+    return out, info
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def coarsen(logprobs: np.ndarray, k: int = TOP_K) -> dict[str, np.ndarray]:
+    """Top-k ids and log-probabilities per position (descending) and the log of the remaining mass."""
+    ids = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(logprobs, ids, -1)
+    tail = np.log1p(-np.minimum(np.exp(top).sum(-1), 1 - 1e-15))
+    return {"topk_ids": ids.astype(np.int64), "topk_logprobs": top, "tail_logprob": tail}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: next to this script)")
+    args = parser.parse_args(argv)
+
+    from safetensors.numpy import save_file
+
+    import lens
+    from lens.atomic import atomic_path, atomic_write_text
+    from lens.models.embedded import SMOLLM2_FILE, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    lm = lens.load("smollm2")
+    ids = prompt_ids(lm.tokenizer)
+    logits, info = llamacpp_logits(path, ids)
+    arrays: dict[str, np.ndarray] = {}
+    for i, (tokens, lg) in enumerate(zip(ids, logits)):
+        arrays[f"p{i}.ids"] = np.asarray(tokens, dtype=np.int64)
+        for key, value in coarsen(log_softmax(lg)).items():
+            arrays[f"p{i}.{key}"] = value
+    meta = {
+        "what": "llama.cpp's next-token log-probabilities for SmolLM2-135M-Instruct Q4_1, top-k + tail bucket",
+        "gguf_file": Path(path).name,
+        "gguf_sha256": SMOLLM2_FILE.member_sha256,
+        "prompts": PROMPTS,
+        "ids": ids,
+        "top_k": TOP_K,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "regenerate": "python tests/data/llamacpp/make_reference.py",
+        **info,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / f"{NAME}.safetensors") as tmp:
+        save_file(arrays, str(tmp), metadata={"lens": "llama.cpp reference", "gguf_sha256": SMOLLM2_FILE.member_sha256})
+    atomic_write_text(args.out / f"{NAME}.json", json.dumps(meta, indent=1) + "\n")
+    size = (args.out / f"{NAME}.safetensors").stat().st_size
+    print(f"wrote {args.out / NAME}.safetensors ({size / 1e6:.2f} MB) and .json: {len(ids)} prompts, "
+          f"{sum(map(len, ids))} positions, llama-cpp-python {info['llama_cpp_python']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
