@@ -15,6 +15,13 @@ processing inequality), and with K = 512 the tail holds < 10⁻³ of the mass (`
 the difference against full-vocabulary KL wherever llama-cpp-python is installed). Full-vocabulary fp16 logits
 for ~60 positions would take ~6 MB; this file takes ~0.3 MB.
 
+For prompt 0 the script also keeps some of llama.cpp's intermediate tensors, read through its graph-evaluation
+callback (``cb_eval``) under the names llama.cpp's graph gives them: the output
+of a few layers (``l_out-ℓ``, so that a single layer can be fed llama.cpp's own input and compared with its own
+output), the final normed hidden states (``result_norm``), and layer 0's attention inputs after RoPE and its
+output (``Qcur-0``, ``Kcur-0``, ``Vcur-0``, ``kqv_out-0``) — all float32, under ``t.<name>``. Teacher-forced this
+way, a comparison measures one layer's numerics instead of the whole chaotic chain (see tests/test_llamacpp.py).
+
 Written: ``smollm2_q4_1.safetensors`` (arrays, prompt ``i`` under ``p{i}.…``) and ``smollm2_q4_1.json``
 (prompts, token ids, llama-cpp-python version, system info, threads and settings, the GGUF file's sha256).
 The wheel used here was built from the PyPI sdist with
@@ -44,6 +51,11 @@ PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 ]
 
+#: llama.cpp's intermediate tensors kept for prompt 0 (the last tensor of that name in its graph)
+CAPTURE_LAYERS = (0, 1, 5, 10, 11, 12, 20, 28, 29)
+CAPTURE = ("result_norm", "Qcur-0", "Kcur-0", "Vcur-0", "kqv_out-0",
+           *(f"l_out-{i}" for i in CAPTURE_LAYERS))
+
 #: llama.cpp settings; everything not listed is llama-cpp-python's default (f16 K and V cache, no flash attention)
 SETTINGS = {"n_ctx": 512, "n_batch": 512, "n_ubatch": 512, "n_threads": N_THREADS, "n_threads_batch": N_THREADS,
             "logits_all": True, "seed": 0, "verbose": False}
@@ -54,16 +66,58 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
 
-def llamacpp_logits(gguf_path: str | Path, ids: list[list[int]]) -> tuple[list[np.ndarray], dict]:
-    """llama.cpp's logits [T, V] float32 for each prompt, and a description of the run."""
+def _capture_context(llm, names):
+    """Give ``llm`` a fresh context whose eval callback copies the float32 tensors called ``names``."""
+    import ctypes
+    import os
+
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_data.restype = ctypes.c_void_p
+    lib.ggml_get_data.argtypes = [ctypes.c_void_p]
+    captured: dict[str, np.ndarray] = {}
+
+    def callback(tensor, ask, _):
+        name = lib.ggml_get_name(tensor).decode()
+        if ask:
+            return name in names
+        # struct ggml_tensor: enum ggml_type type; (pad); ggml_backend_buffer * buffer; int64_t ne[4]; ...
+        ggml_type = ctypes.c_int.from_address(tensor).value
+        ne = list((ctypes.c_int64 * 4).from_address(tensor + 16))
+        data = lib.ggml_get_data(tensor)
+        if ggml_type == 0 and data:  # GGML_TYPE_F32, in host memory (the CPU backend)
+            count = int(np.prod(ne))
+            captured[name] = np.frombuffer(ctypes.string_at(data, 4 * count), dtype=np.float32).reshape(ne[::-1]).copy()
+        return True
+
+    keep = llama_cpp.ggml_backend_sched_eval_callback(callback)
+    params = llm.context_params
+    params.cb_eval = keep
+    params.cb_eval_user_data = None
+    llm._ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+    llm._capture_callback = keep  # keep the C callback alive as long as the context
+    return captured
+
+
+def llamacpp_logits(gguf_path: str | Path, ids: list[list[int]], capture=()) -> tuple[list[np.ndarray], dict]:
+    """llama.cpp's logits [T, V] float32 for each prompt, and a description of the run (with ``capture``:
+    ``info["tensors"]`` holds those intermediate tensors of the first prompt)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf_path), **SETTINGS)
+    captured = _capture_context(llm, set(capture)) if capture else {}
     out = []
-    for tokens in ids:
+    for i, tokens in enumerate(ids):
         llm.reset()
         llm.eval(tokens)
         out.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        if i == 0:
+            first = dict(captured)
+            captured.clear()
     info = {
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": llama_cpp.llama_print_system_info().decode().strip(),
@@ -72,7 +126,12 @@ def llamacpp_logits(gguf_path: str | Path, ids: list[list[int]]) -> tuple[list[n
         "machine": platform.machine(),
         "processor": platform.processor() or None,
     }
-    del llm
+    if capture:
+        missing = set(capture) - set(first)
+        if missing:
+            raise RuntimeError(f"llama.cpp's graph had no float32 tensors named {sorted(missing)}")
+        info["tensors"] = first
+    llm.close()
     return out, info
 
 
@@ -104,8 +163,8 @@ def main(argv=None) -> int:
     path = smollm2_gguf_path()
     lm = lens.load("smollm2")
     ids = prompt_ids(lm.tokenizer)
-    logits, info = llamacpp_logits(path, ids)
-    arrays: dict[str, np.ndarray] = {}
+    logits, info = llamacpp_logits(path, ids, capture=CAPTURE)
+    arrays: dict[str, np.ndarray] = {f"t.{name}": t for name, t in info.pop("tensors").items()}
     for i, (tokens, lg) in enumerate(zip(ids, logits)):
         arrays[f"p{i}.ids"] = np.asarray(tokens, dtype=np.int64)
         for key, value in coarsen(log_softmax(lg)).items():
@@ -117,6 +176,9 @@ def main(argv=None) -> int:
         "prompts": PROMPTS,
         "ids": ids,
         "top_k": TOP_K,
+        "tensors": {name: list(arrays[f"t.{name}"].shape) for name in CAPTURE},
+        "tensor_layout": "ggml's ne reversed (numpy order); Qcur/Kcur after RoPE in llama.cpp's interleaved-pair "
+                         "layout of each head (transformers' q/k rows un-permute it), l_out-ℓ = block ℓ's output",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "regenerate": "python tests/data/llamacpp/make_reference.py",
         **info,
