@@ -16,6 +16,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
 }
 
 

@@ -82,7 +82,7 @@ def attention_kernel(spec) -> SparseAttention:
     )
 
 
-def quantize(lm, quant, *, calibration=None, progress: bool = False):
+def quantize(lm, quant, *, calibration=None, progress: bool = False, activations: str | None = None):
     """Replace the linear layers of ``lm``'s model by packed low-bit ``QuantLinear`` layers.
 
     ``quant``: a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``, ``"ternary"``,
@@ -90,9 +90,27 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False):
     need ``calibration`` texts. Returns (config, report) — both JSON-able through ``describe()``/dict —
     for the run's provenance.
 
+    ``"keep"`` (a model loaded from a GGUF file): keep the file's own blocks packed instead of the
+    dequantized weights (``lens.models.gguf_keep``). ``activations="llama.cpp"`` (GGUF types and ``"keep"``):
+    quantize layer inputs as llama.cpp's CPU matmul does.
+
     Example: ``config, report = quantize(lm, "nvfp4"); report["bits_per_weight"]``.
     """
+    if isinstance(quant, str) and quant.strip().lower() == "keep":
+        from lens.models.gguf_keep import KeepGGUF, keep_gguf_blocks
+
+        if not getattr(lm, "gguf_path", None):
+            raise ConfigError(
+                "quant='keep' keeps a GGUF file's own blocks: load a .gguf file (lens.load('model.gguf', quant='keep')) "
+                "or the embedded 'smollm2'; for other models give a scheme such as quant='q4_k'"
+            )
+        report = keep_gguf_blocks(lm, lm.gguf_path, activations=activations)
+        return KeepGGUF(activations=activations), report
     config = quant if isinstance(quant, QuantConfig) else QuantConfig.from_name(str(quant))
+    if activations is not None and config.activations != activations:
+        import dataclasses
+
+        config = dataclasses.replace(config, activations=activations)
     stats = None
     if config.smooth_alpha is not None:
         if not calibration:

@@ -416,13 +416,13 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=None, device=None, cache: bool = False, progress: bool = True):
+def load_gguf(path: str | os.PathLike, *, dtype=None, device=None, cache: bool | None = None, progress: bool = True):
     """Load a GGUF file into a Hugging Face model: ``(model, tokenizer, GGUFInfo)``.
 
     The weights are dequantized by transformers' GGUF loader (the ``gguf`` package's reference
     ``dequantize``), so a quantized tensor holds exactly the values llama.cpp's blocks encode. ``cache``:
-    read/write the dequantized model in lens's cache (keyed by the file's sha256); a cached entry is used
-    whenever it exists. Raises ``ModelLoadError`` (missing, truncated or non-GGUF file) and
+    None (default) uses the dequantized model in lens's cache when an entry for the file's sha256 exists;
+    True also writes the entry when missing; False ignores the cache and dequantizes the file. Raises ``ModelLoadError`` (missing, truncated or non-GGUF file) and
     ``UnsupportedModelError`` (an architecture transformers cannot read or lens has no family row for).
 
     Example: ``model, tokenizer, info = load_gguf("tiny.gguf")``.
@@ -430,7 +430,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, device=None, cache: bool =
     p = Path(path).expanduser()
     _check_file(p)
     sha = sha256_file(p)
-    folder = cached_dequantized_folder(sha)
+    folder = cached_dequantized_folder(sha) if cache is not False else None
     if folder is None and cache:
         folder = dequantized_folder(p, progress=progress)
     if folder is not None:

