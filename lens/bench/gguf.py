@@ -63,7 +63,7 @@ def kl_to_reference(lm, reference: dict, *, progress: bool = False) -> dict:
     if want and have and want != have:
         raise ConfigError(f"the reference is for the GGUF file with sha256 {want[:12]}…, the model's is {have[:12]}…")
     prompts = reference["prompts"]
-    ids = [torch.as_tensor(p["ids"], dtype=torch.long) for p in prompts]
+    ids = [[int(t) for t in p["ids"]] for p in prompts]
     run_ = trace(lm, ids, capture=("logits",), batch_size=1, progress=progress)
     kls, agree = [], []
     for s, p in enumerate(prompts):
