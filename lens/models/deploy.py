@@ -18,6 +18,7 @@ from lens.kernels.sparse import (
 )
 
 from lens.errors import ConfigError
+from lens.models.llamacpp import use_ggml_norms
 
 __all__ = ["Sparse", "QuantConfig", "SparseAttention", "attention_kernel", "quantize", "long_documents"]
 
@@ -105,9 +106,11 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False, activations
                 "or the embedded 'smollm2'; for other models give a scheme such as quant='q4_k'"
             )
         report = keep_gguf_blocks(lm, lm.gguf_path, activations=activations)
+        if activations is not None:
+            report["ggml_norms"] = len(use_ggml_norms(lm.model))
         return KeepGGUF(activations=activations), report
     config = quant if isinstance(quant, QuantConfig) else QuantConfig.from_name(str(quant))
-    if activations is not None and config.activations != activations:
+    if activations is not None and getattr(config, "activations", None) != activations:
         import dataclasses
 
         config = dataclasses.replace(config, activations=activations)
@@ -128,6 +131,8 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False, activations
             batches.append({"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)})
         stats = calibrate(lm.model, batches)
     report = quantize_model(lm.model, config, progress=progress, calibration=stats)
+    if getattr(config, "activations", None) is not None:
+        report["ggml_norms"] = len(use_ggml_norms(lm.model))
     # provenance keeps the totals; the per-module lists can run to hundreds of names on a real model
     summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config")}
     summary["skipped"] = len(report.get("skipped", []))

@@ -48,8 +48,8 @@ class KeepGGUF:
             "scheme": "keep",
             "activations": self.activations,
             "definition": "the GGUF file's own block-quantized tensors, packed (llama.cpp ggml-quants.c layouts)"
-            + ("; inputs quantized to each type's vec_dot_type as llama.cpp's CPU matmul does"
-               if self.activations else ""),
+            + ("; inputs quantized to each type's vec_dot_type as llama.cpp's CPU matmul does, RMSNorm as ggml "
+               "computes it" if self.activations else ""),
         }
 
 

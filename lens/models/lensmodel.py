@@ -199,9 +199,11 @@ class LensModel:
         if self.quant is not None:
             raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
         self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration, activations=activations)
-        # the MLP output projections are new modules now: re-read where the probes attach
+        # the MLP output projections (and, for llama.cpp's numerics, the norms) are new modules now: re-read
+        # where the probes attach
         parts = _find_parts(self.model, self.family)
         self.mlp_out_modules = parts.mlp_out
+        self.final_norm = parts.final_norm
 
     # -- facts ------------------------------------------------------------------------------------
     @property

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 from lens.kernels.attention import attention_with_stats
+from torch import nn
 
-__all__ = ["LlamaCppAttention", "LLAMA_CPP", "coarsen", "coarsened_kl", "load_reference"]
+__all__ = ["LlamaCppAttention", "GGMLRMSNorm", "use_ggml_norms", "LLAMA_CPP", "coarsen", "coarsened_kl",
+           "load_reference"]
 
 #: the value of ``activations=`` that selects llama.cpp's numerics
 LLAMA_CPP = "llama.cpp"
@@ -73,6 +75,51 @@ class LlamaCppAttention:
 
     def __repr__(self) -> str:
         return f"LlamaCppAttention(kv_dtype={self.kv_dtype})"
+
+
+class GGMLRMSNorm(nn.Module):
+    """RMSNorm as ggml's ``rms_norm`` and the following ``mul`` compute it (ggml-cpu/ops.cpp): the squares
+    summed in double, ``mean`` cast to float, ``scale = 1.0f / sqrtf(mean + eps)``, ``y = x · scale · w``.
+
+    transformers sums the squares in float32 and uses ``rsqrt``: the results differ in the last bits, which
+    is invisible in a float model but decides ties when the next matmul quantizes its input (llama.cpp's
+    Q8 activations), so the emulation follows ggml here too. Shares the wrapped norm's weight.
+    ``offset=1`` for Gemma's norms, whose weight is stored as ``w − 1`` (llama.cpp keeps ``w``).
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = weight
+        self.eps = float(eps)
+        self.offset = float(offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean = ((xf * xf).double().sum(-1, keepdim=True) / xf.shape[-1]).float()
+        root = torch.sqrt(mean + self.eps)
+        scale = torch.ones_like(root) / root  # a true division, like 1.0f / sqrtf(...)
+        weight = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return ((xf * scale) * weight).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps:g}" + (f", offset={self.offset:g}" if self.offset else "")
+
+
+def use_ggml_norms(model: nn.Module) -> list[str]:
+    """Replace every RMSNorm of a transformers model (Llama/Mistral/Qwen/Gemma style: a ``weight`` and
+    ``variance_epsilon`` or ``eps``) by ``GGMLRMSNorm``, in place; returns the replaced module names.
+    LayerNorms (GPT-2) are left as they are."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not type(module).__name__.endswith("RMSNorm") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            continue
+        offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0
+        model.set_submodule(name, GGMLRMSNorm(module.weight, eps, offset))
+        replaced.append(name)
+    return replaced
 
 
 # -- llama.cpp's reference distributions ----------------------------------------------------------------
