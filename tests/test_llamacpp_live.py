@@ -50,7 +50,8 @@ def test_committed_reference_is_what_llamacpp_computes(live):
     for lp, prompt in zip(logprobs, reference["prompts"]):
         drift = coarsened_kl(prompt, lp)
         # the same llama.cpp is deterministic; another version may round differently, but not by much
-        assert drift.max() < (1e-9 if same_build else 1e-2), (info["llama_cpp_python"], drift.max())
+        # float32 log-probabilities in the file: ~1e-7; another llama.cpp may round differently, but not by much
+        assert drift.max() < (1e-6 if same_build else 1e-2), (info["llama_cpp_python"], drift.max())
 
 
 def test_coarsened_kl_is_close_to_full_kl(live, smollm2):
@@ -62,5 +63,5 @@ def test_coarsened_kl_is_close_to_full_kl(live, smollm2):
         full.append((np.exp(lp) * (lp - mine)).sum(-1))
         coarse.append(coarsened_kl(coarsen(lp, script.TOP_K), mine))
     full, coarse = np.concatenate(full), np.concatenate(coarse)
-    assert (coarse <= full + 1e-12).all()  # a lower bound (data processing inequality) ...
+    assert (coarse <= full + 1e-5).all()  # a lower bound (data processing inequality; float32 log-probs) ...
     assert coarse.mean() >= 0.95 * full.mean(), (coarse.mean(), full.mean())  # ... and a tight one
