@@ -60,17 +60,21 @@ class PackedEmbedding(nn.Module):
     shared with a tied output layer when there is one. Output float32 ``[..., embedding_dim]``.
     """
 
-    def __init__(self, packed, padding_idx: int | None = None):
+    def __init__(self, packed, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None):
         super().__init__()
         self.packed = packed
         self.num_embeddings, self.embedding_dim = packed.shape
         self.padding_idx = padding_idx
         self.register_buffer("blocks", packed.data["blocks"], persistent=False)
+        # Gemma's ScaledWordEmbedding multiplies by √d inside the embedding module
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
+                             persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
         rows = packed_from_gguf(self.blocks.index_select(0, flat), self.packed.scheme, (flat.numel(), self.embedding_dim))
-        return dequantize_gguf(rows).reshape(*input_ids.shape, self.embedding_dim)
+        out = dequantize_gguf(rows).reshape(*input_ids.shape, self.embedding_dim)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.packed.scheme}"
@@ -98,6 +102,12 @@ def _row_order(processor, name: str, rows: int):
         return "transposed"
     order = moved[:, 0].astype(np.int64)
     return None if np.array_equal(order, np.arange(rows)) else order
+
+
+def _known_embedding(module: nn.Module) -> bool:
+    """A plain lookup, or Gemma's lookup × ``embed_scale`` — the embeddings ``PackedEmbedding`` reproduces."""
+    return type(module) is nn.Embedding or (type(module).__name__.endswith("ScaledWordEmbedding")
+                                            and isinstance(getattr(module, "embed_scale", None), torch.Tensor))
 
 
 def _hf_weight_map(model, processor) -> dict[str, str]:
@@ -163,9 +173,13 @@ def keep_gguf_blocks(lm, path, *, activations: str | None = None) -> dict[str, A
                 f"quant='keep': the blocks of {tensor.name} do not dequantize to the weight transformers loaded for "
                 f"{module_name}; lens cannot keep this file's layout for {architecture!r}. Load it without quant='keep'."
             )
+        if isinstance(module, nn.Embedding) and not _known_embedding(module):
+            left.append(f"{tensor.name} ({tensor.tensor_type.name}; {type(module).__name__} does more than a lookup)")
+            continue
         packed_by_tensor[module_name] = packed
         if isinstance(module, nn.Embedding):
-            model.set_submodule(module_name, PackedEmbedding(packed, module.padding_idx))
+            model.set_submodule(module_name, PackedEmbedding(packed, module.padding_idx,
+                                                             getattr(module, "embed_scale", None)))
         else:
             bias = getattr(module, "bias", None)
             layer = QuantLinear.from_packed(packed, bias=None if bias is None else bias.detach(),
