@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lens.kernels.lowbit import GGUF_WEIGHT_TYPES, QuantConfig, QuantLinear, dequantize_gguf, packed_from_gguf
+from lens.kernels.lowbit import (
+    GGUF_WEIGHT_TYPES,
+    VEC_DOT_TYPE,
+    QuantConfig,
+    QuantLinear,
+    dequantize_gguf,
+    gguf_select_rows,
+    packed_from_gguf,
+    quantize_activations,
+)
 from torch import nn
 
 from lens.errors import ConfigError
@@ -65,15 +74,13 @@ class PackedEmbedding(nn.Module):
         self.packed = packed
         self.num_embeddings, self.embedding_dim = packed.shape
         self.padding_idx = padding_idx
-        self.register_buffer("blocks", packed.data["blocks"], persistent=False)
+        self.register_buffer("blocks", packed.data["blocks"], persistent=False)  # counted as resident
         # Gemma's ScaledWordEmbedding multiplies by √d inside the embedding module
         self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
                              persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        flat = input_ids.reshape(-1)
-        rows = packed_from_gguf(self.blocks.index_select(0, flat), self.packed.scheme, (flat.numel(), self.embedding_dim))
-        out = dequantize_gguf(rows).reshape(*input_ids.shape, self.embedding_dim)
+        out = dequantize_gguf(self.packed, rows=input_ids)  # only the rows looked up, as llama.cpp's get_rows
         return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
     def extra_repr(self) -> str:
@@ -116,9 +123,11 @@ def _hf_weight_map(model, processor) -> dict[str, str]:
     return get_gguf_hf_weights_map(model, processor)
 
 
-def _round_input_hook(dtype: torch.dtype):
+def _round_input_hook(vec_dot_type: str):
+    """llama.cpp converts a float weight's input rows to the weight's own type (its ``vec_dot_type``)."""
+
     def hook(_module, args):
-        return (args[0].to(dtype).to(args[0].dtype),) + tuple(args[1:])
+        return (quantize_activations(args[0], vec_dot_type).to(args[0].dtype),) + tuple(args[1:])
 
     return hook
 
@@ -152,22 +161,20 @@ def keep_gguf_blocks(lm, path, *, activations: str | None = None) -> dict[str, A
         module = model.get_submodule(module_name)
         if type_name not in GGUF_WEIGHT_TYPES:
             if activations and type_name in ("f16", "bf16") and isinstance(module, nn.Linear):
-                dtype = torch.float16 if type_name == "f16" else torch.bfloat16
-                module.register_forward_pre_hook(_round_input_hook(dtype))
+                module.register_forward_pre_hook(_round_input_hook(VEC_DOT_TYPE[type_name]))
                 rounded[module_name] = type_name
             elif type_name not in ("f32", "f16", "bf16"):
                 left.append(f"{tensor.name} ({tensor.tensor_type.name})")
             continue
         out_f, in_f = (int(v) for v in reversed(tensor.shape.tolist()))
-        blocks = torch.from_numpy(tensor.data.copy()).reshape(out_f, -1)
+        packed = packed_from_gguf(tensor.data, type_name, (out_f, in_f))
         order = _row_order(processor, tensor.name, out_f)
         if isinstance(order, str):  # transposed into a Conv1D weight [in, out]: the blocks stay [out, in]
             reference = module.weight.detach().T
         else:
-            if order is not None:
-                blocks = blocks[torch.from_numpy(order)].contiguous()
+            if order is not None:  # whole rows of blocks move; nothing is re-quantized
+                packed = gguf_select_rows(packed, torch.from_numpy(order))
             reference = module.weight.detach()
-        packed = packed_from_gguf(blocks, type_name, (out_f, in_f))
         if not torch.equal(dequantize_gguf(packed), reference.to(torch.float32)):
             raise ConfigError(
                 f"quant='keep': the blocks of {tensor.name} do not dequantize to the weight transformers loaded for "
