@@ -317,8 +317,22 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _from_transformers(path: Path, info: GGUFInfo, dtype):
+def _from_transformers(path: Path, info: GGUFInfo, dtype, progress: bool = True):
     """Dequantize ``path`` with transformers' GGUF loader: (model, tokenizer)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    quiet = not progress and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return _from_transformers_inner(path, info, dtype)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _from_transformers_inner(path: Path, info: GGUFInfo, dtype):
     import transformers
 
     family = family_for(info.model_type)
@@ -393,7 +407,7 @@ def dequantized_folder(path: str | os.PathLike, *, info: GGUFInfo | None = None,
     if progress:
         print(f"lens: dequantizing {p.name} once into lens's cache (later loads take about a second) …", flush=True)
     started = time.perf_counter()
-    model, tokenizer = _from_transformers(p, info, torch.float32)
+    model, tokenizer = _from_transformers(p, info, torch.float32, progress)
     target = cache_dir() / "gguf-dequantized" / sha
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
@@ -449,7 +463,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, device=None, cache: bool |
     else:
         info = read_gguf_info(p, sha256=sha)
         check_gguf_supported(info.architecture, info.name)
-        model, tokenizer = _from_transformers(p, info, dtype)
+        model, tokenizer = _from_transformers(p, info, dtype, progress)
     if device is not None:
         model = model.to(device)
     return model, tokenizer, info
