@@ -24,6 +24,9 @@ from lens.errors import (
     NumericalError,
     RunFormatError,
     UnsupportedModelError,
+    CorpusError,
+    ScanError,
+    ScanFormatError,
 )
 from lens.run import Run
 
@@ -45,7 +48,7 @@ _LAZY = {
     "Patch": "lens.capture.interventions",
     "ScaleAttention": "lens.capture.interventions",
     "generate": "lens.capture.generate",
-    "StreamingCache": "lens.models.cache",
+    "StreamingCache": "lens.models.kvcache",
     "sinks": "lens.analysis",
     "valley": "lens.analysis",
     "compare": "lens.analysis",
@@ -54,6 +57,11 @@ _LAZY = {
     "CompareResult": "lens.analysis",
     "decoding": "lens.analysis",
     "DecodingResult": "lens.analysis",
+    "neurons": "lens.analysis",
+    "NeuronResult": "lens.analysis",
+    "scan": "lens.scan",
+    "Scan": "lens.scan",
+    "ScanCompareResult": "lens.scan",
 }
 
 
@@ -86,6 +94,11 @@ __all__ = [
     "CompareResult",
     "decoding",
     "DecodingResult",
+    "neurons",
+    "NeuronResult",
+    "scan",
+    "Scan",
+    "ScanCompareResult",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -102,4 +115,7 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]

@@ -186,9 +186,3 @@ def test_smollm2_generation_equals_hf_and_a_streaming_cache_stays_close(smollm2)
     # the first token is the sink: even with a tiny window, new queries lean on it (measured ≈ 0.6–0.9)
     assert result.to_frame()["first_mass"].mean() > 0.4
     assert np.nanmax(result.kl) < 1.0
-
-
-@pytest.fixture(scope="module")
-def smollm2():  # TEMPORARY until the embedded-decoder fixture lands
-    import os
-    return lens.load(os.environ["LENS_DEV_SMOLLM2"])

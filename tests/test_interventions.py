@@ -280,9 +280,3 @@ def test_removing_the_first_tokens_mlp_output_removes_sinks_massive_activations_
     entropy_abl = lens.valley(ablated).mean("entropy_raw_normalized")[12:30]
     assert entropy_clean.max() < 0.2                             # measured: 0.00–0.16
     assert entropy_abl.min() > 0.3                               # measured: 0.41–0.64
-
-
-@pytest.fixture(scope="module")
-def smollm2():  # TEMPORARY until the embedded-decoder fixture lands
-    import os
-    return lens.load(os.environ["LENS_DEV_SMOLLM2"])

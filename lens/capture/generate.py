@@ -46,7 +46,7 @@ import torch
 from lens.capture.probes import Batch, ResidualProbe
 from lens.capture.trace import _input_hash, _pad_id, lm_has_head
 from lens.errors import ConfigError
-from lens.models.cache import StreamingCache, full_cache
+from lens.models.kvcache import StreamingCache, full_cache
 from lens.models.inputs import encode
 from lens.models.observers import observing
 from lens.progress import progress_bar

