@@ -64,6 +64,9 @@ def _scan(args) -> int:
     frame = result.to_frame()
     if len(frame):
         print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+    return 0
+
+
 def _models(args) -> int:
     from lens.errors import LensError
     from lens.models.cache import cache_dir
@@ -148,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
+        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder,
+                 progress=False if args.quiet else None)
         return 0
     if args.command == "scan":
         return _scan(args)
-        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
-        return 0
     if args.command == "models":
         return _models(args)
     if args.command == "version":
