@@ -64,6 +64,9 @@ def _scan(args) -> int:
     frame = result.to_frame()
     if len(frame):
         print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+    return 0
+
+
 def _models(args) -> int:
     from lens.errors import LensError
     from lens.models.cache import cache_dir
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
     scan = sub.add_parser("scan", help="reduce every neuron, head and layer over a corpus into a scan directory")
     scan.add_argument("model", help="a model folder or hub id; 'embedded' for the embedded MiniLM")
@@ -133,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
     scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
     fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
@@ -149,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
+        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder,
+                 progress=False if args.quiet else None)
         return 0
     if args.command == "scan":
         return _scan(args)
-        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
-        return 0
     if args.command == "models":
         return _models(args)
     if args.command == "version":
