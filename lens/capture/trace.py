@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lens.capture.finite import FiniteGuard
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
-from lens.errors import ConfigError
-from lens.models.inputs import encode, pad_batch
+from lens.errors import ConfigError, NumericalError
+from lens.models.inputs import encode, pad_batch, pad_fields
+from lens.models.labels import token_labels
 from lens.models.observers import observing
 from lens.run import Run
 
@@ -242,6 +244,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     device = lm.device
     was_training = lm.model.training
     lm.model.eval()
+    guard = FiniteGuard(lm)
+    guard.attach()  # first, so that it checks (and cleans padding) before any probe reads the stream
     for probe in probes.hooked:
         probe.attach()
     try:
@@ -258,39 +262,54 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                     flat_index=flat_index.to(device),
                     mask=mask.bool().to(device),
                 )
+                guard.begin(batch.sequences, batch.mask)
                 for probe in (probes.attention, *probes.hooked):
                     if probe is not None:
                         probe.begin(batch)
-                _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs)
+                fields = {k: v.to(device) for k, v in pad_fields(encoded.fields, rows, input_ids.shape[1]).items()}
+                _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs, fields)
                 if probes.attention is not None:
                     probes.attention.end()
     finally:
+        guard.detach()
         for probe in probes.hooked:
             probe.detach()
         lm.model.train(was_training)
 
 
-def _forward(lm, input_ids: torch.Tensor, mask: torch.Tensor, batch: Batch, logprobs: np.ndarray | None) -> None:
+def _forward(lm, input_ids: torch.Tensor, mask: torch.Tensor, batch: Batch, logprobs: np.ndarray | None,
+             fields: dict[str, torch.Tensor]) -> None:
     kwargs = {"use_cache": False} if lm.causal else {}
+    kwargs.update(fields)  # token_type_ids, position_ids, …: every per-token field the model takes
     if logprobs is None:
         # The backbone only: no statistic needs the LM head, whose vocabulary-sized matmul would
         # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048).
         lm.base(input_ids=input_ids, attention_mask=mask, **kwargs)
         return
     out = lm.model(input_ids=input_ids, attention_mask=mask, **kwargs)
-    logprobs[batch.flat_index.cpu().numpy()] = (
-        torch.log_softmax(out.logits.float(), dim=-1)[batch.mask].cpu().numpy()
-    )
+    values = torch.log_softmax(out.logits.float(), dim=-1)[batch.mask]
+    if not bool(torch.isfinite(values).all()):
+        rows = sorted({batch.sequences[int(r)] for r in (~torch.isfinite(out.logits.float()).all(-1) & batch.mask)
+                       .any(-1).nonzero().flatten()})
+        raise NumericalError(
+            f"the next-token log-probabilities (final norm and LM head) contain NaN or infinite values for "
+            f"input(s) {rows}, although the final hidden state is finite; load the model with dtype='float32', "
+            "or trace without capture='logits'"
+        )
+    logprobs[batch.flat_index.cpu().numpy()] = values.cpu().numpy()
 
 
 def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: TraceOptions) -> Run:
     """Gather the probes' arrays, the tokens and the provenance into a ``Run``."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n_tokens = int(offsets[-1])
+    labelled = [token_labels(lm.tokenizer, ids) for ids in encoded.ids]
+    tokens = [labels for labels, _ in labelled]
     arrays: dict[str, np.ndarray] = {
         "token_ids": np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded.ids]),
         "offsets": offsets,
         "special": np.concatenate([np.asarray(s, dtype=bool) for s in encoded.special]),
+        "continuation": np.concatenate([np.asarray(flags, dtype=bool) for _, flags in labelled]),
     }
     if probes.attention is not None:
         arrays.update(probes.attention.arrays())
@@ -301,8 +320,10 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
     if probes.logprobs is not None:
         arrays["logits.logprobs"] = probes.logprobs
 
-    tokens = [[lm.tokenizer.decode([t]) for t in ids] if ids else [] for ids in encoded.ids]
     provenance = lm.provenance()
+    bos_first = encoded.bos_first
+    # what really happened: position 0 is BOS in every sequence (True), in none (False), or per sequence
+    prepend_bos = bos_first[0] if len(set(bos_first)) == 1 else list(bos_first)
     provenance.update(
         {
             "input_sha256": _input_hash(encoded.ids),
@@ -311,7 +332,11 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
                 "capture": list(options.capture),
                 "batch_size": options.batch_size,
                 "padding": "right",
-                "prepend_bos": lm.family.prepend_bos if options.prepend_bos is None else options.prepend_bos,
+                "prepend_bos": prepend_bos,
+                "prepend_bos_requested": options.prepend_bos,
+                "input_form": encoded.form,
+                "input_padding": encoded.padding,
+                "model_inputs": ["input_ids", "attention_mask", *sorted(encoded.fields)],
                 "truncate": options.truncate,
                 "top_k_massive": options.top_k_massive,
                 "top_k_neurons": options.top_k_neurons,
