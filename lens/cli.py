@@ -1,4 +1,8 @@
-"""The ``lens`` command: ``lens demo`` (the main job) and ``lens bench <name>``."""
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens verify <run>…`` and ``lens bench <name>``.
+
+A ``LensError`` (bad input, a corrupt file, a model that cannot be loaded) ends the command with its
+message on stderr and exit status 1 — never a traceback; argument errors exit with status 2.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +45,46 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written, with a ConfigError naming why."""
+    import tempfile
+
+    from lens.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'lens-report.html')!r}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the report writer creates missing folders below the first existing one
+    try:  # a real write, not os.access: root passes access checks on read-only filesystems
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {str(path)!r}: {str(folder)!r} is not a writable folder ({exc})") from exc
+
+
+def _verify(paths: list[Path]) -> int:
+    """Load every run (which verifies its checksums); print one line each; 1 if any failed."""
+    import warnings
+
+    from lens.errors import RunFormatError
+    from lens.run import Run
+
+    failed = 0
+    for path in paths:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run = Run.load(path)
+        except RunFormatError as exc:
+            failed += 1
+            print(f"FAILED  {path}: {exc}", file=sys.stderr)
+            continue
+        note = "no checksums (saved by an older lens)" if caught else "checksums ok"
+        print(f"OK      {path}: {note}; {run!r}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
@@ -55,16 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    verify = sub.add_parser("verify", help="check saved runs against their sha256 checksums and print a summary")
+    verify.add_argument("paths", nargs="+", type=Path, help="files written by run.save(path)")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("version", help="print versions")
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from lens.report.demo import run_demo
+    from lens.errors import LensError
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
-        return 0
+    try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command == "demo":
+            from lens.report.demo import run_demo
+
+            _check_output(args.out)  # before minutes of work, not after
+            run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
+            return 0
+        if args.command == "verify":
+            return _verify(args.paths)
+    except LensError as exc:
+        print(f"lens: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk, not lens: say which file and why, without a traceback
+        print(f"lens: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return 1
     if args.command == "version":
         import torch
         import transformers

@@ -229,7 +229,8 @@ class Run:
         return sorted(pairs)
 
     def to_frame(self):
-        """One row per token: sequence, position, token, id, special flag.
+        """One row per token: sequence, position, token label, id, special flag, continuation flag (a piece
+        of a character whose label is on an earlier token; see ``Run.token_labels``).
 
         Example: ``run.to_frame().query("special")``.
         """
@@ -237,6 +238,7 @@ class Run:
 
         seq = np.repeat(np.arange(self.n_sequences), self.lengths)
         pos = np.concatenate([np.arange(n) for n in self.lengths]) if self.n_sequences else np.array([], int)
+        continuation = self.arrays.get("continuation", np.zeros(len(seq), dtype=bool))
         return pd.DataFrame(
             {
                 "sequence": seq,
@@ -244,6 +246,7 @@ class Run:
                 "token": [t for toks in self.tokens for t in toks],
                 "token_id": self.arrays["token_ids"],
                 "special": self.arrays["special"],
+                "continuation": continuation,
             }
         )
 

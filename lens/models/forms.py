@@ -150,14 +150,17 @@ def _flatten_ints(value: Any) -> list[int] | None:
     return None
 
 
-def _mapping_to_fields(enc: Any) -> dict[str, Any]:
+def _mapping_to_fields(enc: Any, model_input_names=("input_ids", "attention_mask")) -> dict[str, Any]:
     if _is_encoding(enc):
-        return {"input_ids": list(enc.ids), "attention_mask": list(enc.attention_mask),
-                "token_type_ids": list(enc.type_ids), "special_tokens_mask": list(enc.special_tokens_mask)}
+        # an Encoding always carries type ids; the tokenizer returns them only when its model uses them
+        fields = {"input_ids": list(enc.ids), "attention_mask": list(enc.attention_mask)}
+        if "token_type_ids" in model_input_names:
+            fields["token_type_ids"] = list(enc.type_ids)
+        return fields
     return {str(k): enc[k] for k in enc.keys()}
 
 
-def _merge_encodings(items: list[Any]) -> dict[str, list[list[Any]]]:
+def _merge_encodings(items: list[Any], model_input_names) -> dict[str, list[list[Any]]]:
     """A list of per-text encodings → one mapping of per-sequence rows (names checked to agree)."""
     merged: dict[str, list] = {}
     names: set[str] | None = None
@@ -167,7 +170,7 @@ def _merge_encodings(items: list[Any]) -> dict[str, list[list[Any]]]:
                 f"input {i} is a {type(item).__name__} but input 0 is a tokenizer output; pass a list of encodings "
                 "(one per text) or one batched tokenizer output, not a mixture"
             )
-        fields = _mapping_to_fields(item)
+        fields = _mapping_to_fields(item, model_input_names)
         if names is None:
             names = set(fields)
         elif set(fields) != names:
@@ -252,11 +255,12 @@ def read_token_ids(lm, inputs: Any) -> TokenRows:
 
     Example: ``read_token_ids(lm, tok(["a b", "c"], padding=True)).ids`` → two unpadded lists.
     """
+    model_input_names = tuple(getattr(lm.tokenizer, "model_input_names", ()) or ("input_ids", "attention_mask"))
     if _is_mapping(inputs) or _is_encoding(inputs):
-        raw = _mapping_to_fields(inputs)
+        raw = _mapping_to_fields(inputs, model_input_names)
         form = "tokenizer output" if "attention_mask" in raw or hasattr(inputs, "encodings") else "mapping"
     elif isinstance(inputs, (list, tuple)) and inputs and (_is_mapping(inputs[0]) or _is_encoding(inputs[0])):
-        raw = _merge_encodings(list(inputs))
+        raw = _merge_encodings(list(inputs), model_input_names)
         form = "list of encodings"
     else:
         raw = {"input_ids": inputs}

@@ -43,6 +43,13 @@ def _load_tokenizer(where: str, revision: str | None, trust_remote_code: bool):
 
 def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadError:
     text = f"{type(exc).__name__}: {exc}"
+    if "trust_remote_code" in str(exc):
+        # transformers refuses to import a model's own Python files unless told to; so does lens, by default
+        return ModelLoadError(
+            f"{name!r} ships its own Python code (config.json has an auto_map), and lens does not run a model's "
+            "code unless you say so. Read that code first; if you trust it, pass lens.load(..., "
+            "trust_remote_code=True) — note lens still needs an architecture it knows (lens.models.families)"
+        )
     if local:
         return ModelLoadError(
             f"could not load the model in folder {name!r} ({text}). The folder needs config.json, the weights "
