@@ -49,10 +49,10 @@ def _parse_keep_patterns(spec, n_layers: int, n_heads: int) -> dict[int, tuple[i
             layer, head = item
             heads = [head]
         if not 0 <= int(layer) < n_layers:
-            raise ConfigError(f"keep_patterns names layer {layer}; valid layers are 0..{n_layers - 1}")
+            raise ConfigError(f"keep_patterns names layer {layer}; valid layers are 0..{n_layers - 1}: pass layers in that range")
         for head in heads:
             if not 0 <= int(head) < n_heads:
-                raise ConfigError(f"keep_patterns names head {head}; valid heads are 0..{n_heads - 1}")
+                raise ConfigError(f"keep_patterns names head {head}; valid heads are 0..{n_heads - 1}: pass heads in that range")
             keep.setdefault(int(layer), set()).add(int(head))
     return {layer: tuple(sorted(heads)) for layer, heads in sorted(keep.items())}
 
@@ -65,7 +65,7 @@ def _parse_layers(spec, n_layers: int, what: str) -> tuple[int, ...]:
     layers = (spec,) if isinstance(spec, int) else tuple(spec)
     for layer in layers:
         if not 0 <= layer <= n_layers:
-            raise ConfigError(f"{what} names layer {layer}; valid residual layers are 0..{n_layers}")
+            raise ConfigError(f"{what} names layer {layer}; valid residual layers are 0..{n_layers}: pass layers in that range")
     return tuple(sorted(set(int(x) for x in layers)))
 
 
@@ -167,27 +167,62 @@ def trace(
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
                    top_k_neurons, truncate, prepend_bos, progress) -> TraceOptions:
     """Check every option against the model before any work is done; ``ConfigError`` names the fix."""
-    capture = tuple(capture)
+    if isinstance(capture, str):
+        capture = (capture,)
+    try:
+        capture = tuple(capture)
+    except TypeError:
+        raise ConfigError(
+            f"capture must be a list of names from {CAPTURES + OPTIONAL_CAPTURES}; got {capture!r}. Pass e.g. "
+            "capture=('attention', 'residual')"
+        ) from None
     unknown = set(capture) - set(CAPTURES) - set(OPTIONAL_CAPTURES)
     if unknown or not capture:
-        raise ConfigError(f"capture must be a non-empty subset of {CAPTURES + OPTIONAL_CAPTURES}; got {capture}")
+        raise ConfigError(
+            f"capture must be a non-empty subset of {CAPTURES + OPTIONAL_CAPTURES}; got {capture}. Pass e.g. "
+            "capture=('attention', 'residual')"
+        )
     if "logits" in capture and (not lm_has_head(lm)):
         raise ConfigError(
-            f"capture='logits' needs a language-model head; {lm.model_id} ({type(lm.model).__name__}) has none"
+            f"capture='logits' needs a language-model head; {lm.model_id} ({type(lm.model).__name__}) has none. "
+            "Trace without 'logits' (lens.compare works without it)"
         )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be ≥ 1; got {batch_size}")
-    if top_k_massive < 1 or top_k_neurons < 1:
-        raise ConfigError("top_k_massive and top_k_neurons must be ≥ 1")
+    for name, value in (("batch_size", batch_size), ("top_k_massive", top_k_massive), ("top_k_neurons", top_k_neurons)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be an integer ≥ 1; got {value!r}. Pass e.g. {name}=8")
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise ConfigError(f"truncate must be True or False; got {truncate!r}. Pass truncate=True to cut long inputs")
+    if prepend_bos not in (None, True, False):
+        raise ConfigError(
+            f"prepend_bos must be True, False or None (the tokenizer's default); got {prepend_bos!r}. Pass one of those"
+        )
     if keep_patterns and "attention" not in capture:
         raise ConfigError("keep_patterns needs capture to include 'attention'")
-    keep = _parse_keep_patterns(keep_patterns, lm.n_layers, lm.n_heads) if "attention" in capture else {}
-    hidden_layers = _parse_layers(keep_hidden, lm.n_layers, "keep_hidden")
-    tracked = [(int(layer), int(neuron)) for layer, neuron in track_neurons]
+    try:
+        keep = _parse_keep_patterns(keep_patterns, lm.n_layers, lm.n_heads) if "attention" in capture else {}
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"keep_patterns must be 'all', a layer, a list of layers, a list of (layer, head) pairs or "
+            f"{{layer: [heads]}}; got {keep_patterns!r} ({exc}). Pass e.g. keep_patterns=[(0, 3)]"
+        ) from None
+    try:
+        hidden_layers = _parse_layers(keep_hidden, lm.n_layers, "keep_hidden")
+        tracked = [(int(layer), int(neuron)) for layer, neuron in track_neurons]
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"keep_hidden must be 'all' or residual layers (ints), and track_neurons a list of (layer, neuron) pairs; "
+            f"got keep_hidden={keep_hidden!r}, track_neurons={track_neurons!r} ({exc}). Pass e.g. keep_hidden=[0, 3], "
+            "track_neurons=[(1, 42)]"
+        ) from None
     for layer, neuron in tracked:
         if not (0 <= layer < lm.n_layers and 0 <= neuron < lm.d_mlp):
             raise ConfigError(
-                f"track_neurons names ({layer}, {neuron}); layers are 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1}"
+                f"track_neurons names ({layer}, {neuron}); layers are 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1}: "
+                "pass pairs in those ranges"
             )
     return TraceOptions(capture, batch_size, keep, hidden_layers, tracked, top_k_massive, top_k_neurons,
                         truncate, prepend_bos, progress)

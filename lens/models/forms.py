@@ -83,6 +83,11 @@ def _where(name: str, index: int | None) -> str:
 
 
 def _check_dtype(value, name: str) -> None:
+    if name in _FLAG_FIELDS:  # masks: any dtype whose values are 0 and 1 (checked by _to_rows)
+        if isinstance(value, torch.Tensor) and value.dtype.is_complex or \
+                isinstance(value, np.ndarray) and value.dtype.kind not in "iubf":
+            raise InputError(f"{name} is of dtype {value.dtype}; a mask holds 0 and 1 (integers or booleans)")
+        return
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool and name == "input_ids":
             raise InputError(
@@ -102,9 +107,19 @@ def _to_rows(value: Any, name: str) -> list[list[int]]:
     _check_dtype(value, name)
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if value.ndim == 0 or value.ndim > 2:
-            raise InputError(f"{name} must be [T] or [batch, T]; got shape {tuple(value.shape)}")
+            raise InputError(
+                f"{name} must be [T] or [batch, T]; got shape {tuple(value.shape)}. Pass one sequence as a 1-D tensor "
+                "or a batch as a 2-D one"
+            )
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
         array = array[None] if array.ndim == 1 else array
+        if array.dtype.kind == "f":  # a float mask: exactly 0 and 1, or refused (never rounded)
+            bad = array[(array != 0) & (array != 1)]
+            if bad.size:
+                raise InputError(
+                    f"{name} holds {float(bad.flat[0])!r}; a mask is 0 (padding) or 1 (a real token). Pass the "
+                    "tokenizer's attention_mask unchanged"
+                )
         return [[int(x) for x in row] for row in array.astype(np.int64)]
     if isinstance(value, (list, tuple)):
         if not value:
@@ -123,7 +138,8 @@ def _to_rows(value: Any, name: str) -> list[list[int]]:
                 bad = next((x for x in row if not element(x)), None)
                 if bad is not None:
                     raise InputError(
-                        f"{_where(name, i)} holds a {type(bad).__name__} ({bad!r}); token ids and masks are integers"
+                        f"{_where(name, i)} holds a {type(bad).__name__} ({bad!r}); token ids and masks are integers. "
+                        "Pass the tokenizer's output unchanged (or text, which lens tokenizes)"
                     )
                 rows.append([int(x) for x in row])
             else:
@@ -198,7 +214,10 @@ def _mask_span(ids: list[int], mask: list[int], index: int) -> tuple[int, int, s
         )
     bad = [m for m in mask if m not in (0, 1)]
     if bad:
-        raise InputError(f"attention_mask of input {index} holds {bad[0]!r}; an attention mask is 0 (padding) or 1")
+        raise InputError(
+            f"attention_mask of input {index} holds {bad[0]!r}; an attention mask is 0 (padding) or 1. Pass the "
+            "tokenizer's attention_mask unchanged"
+        )
     ones = [i for i, m in enumerate(mask) if m]
     if not ones:
         raise EmptyInputError(f"input {index} is all padding (its attention_mask has no 1); remove it")
@@ -319,7 +338,9 @@ def read_token_ids(lm, inputs: Any) -> TokenRows:
         if mask_rows is None:
             start, stop = 0, len(row)
             if not row:
-                raise EmptyInputError(f"input {i} has no tokens; every sequence needs at least one token id")
+                raise EmptyInputError(
+                    f"input {i} has no tokens; every sequence needs at least one token id. Remove it or give it tokens"
+                )
         else:
             start, stop, side = _mask_span(row, mask_rows[i], i)
             sides.add(side)
@@ -341,7 +362,7 @@ def read_token_ids(lm, inputs: Any) -> TokenRows:
         if bad:
             raise InputError(
                 f"input {i} has token ids outside the vocabulary [0, {vocab}) of {lm.model_id}: {bad[:5]}; were they "
-                "made by another model's tokenizer?"
+                "made by another model's tokenizer? Tokenize with this model's tokenizer (lm.tokenizer)"
             )
     for name, rows in fields.items():
         _check_field_range(lm, name, rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lens.errors import ConfigError, EmptyInputError, InputError, InputTooLongError
@@ -112,7 +113,8 @@ def _read_texts(inputs: Any) -> list[str | tuple[str, str]]:
                           check_text(item[1], f"input {i} (second text of the pair)")))
         elif isinstance(item, (tuple, list)) and item and all(isinstance(x, str) for x in item):
             raise InputError(
-                f"input {i} is a {type(item).__name__} of {len(item)} strings; a sentence pair has exactly two"
+                f"input {i} is a {type(item).__name__} of {len(item)} strings; a sentence pair has exactly two. Pass "
+                "(text_a, text_b) for a pair, or the strings as separate inputs"
             )
         else:
             items.append(check_text(item, f"input {i}"))
@@ -200,6 +202,11 @@ def _encode_texts(lm, items, *, truncate: bool, want_bos: bool | None):
                 del rows[i][0]
             shift = -1
         truncated.append(bool(truncate) and full_lengths[i] + shift > len(ids))
+        if not ids:
+            raise EmptyInputError(
+                f"input {i} gives no tokens with the tokenizer of {lm.model_id} (it drops every character); give it "
+                "text the tokenizer keeps"
+            )
     return out_ids, out_fields, truncated
 
 
@@ -243,6 +250,8 @@ def encode(lm, inputs: Any, *, truncate: bool = False, prepend_bos: bool | None 
     limit = lm.max_positions
     if prepend_bos not in (None, True, False):
         raise ConfigError(f"prepend_bos must be True, False or None; got {prepend_bos!r}")
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "UO":  # an array of strings is a list of texts
+        inputs = inputs.tolist() if inputs.ndim == 1 else inputs
     if is_token_ids(inputs):
         rows = read_token_ids(lm, inputs)
         _apply_bos_to_ids(lm, rows, prepend_bos)

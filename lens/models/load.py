@@ -33,12 +33,22 @@ def _load_tokenizer(where: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise _explain_load_failure(where, exc, True) from exc
         raise ModelLoadError(
             f"could not load a tokenizer for {where!r} ({type(exc).__name__}: {exc}). Pass one explicitly: "
             "lens.load(model, tokenizer=AutoTokenizer.from_pretrained(...))"
         ) from exc
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if not set(tokenizer.get_vocab().values()) - specials:  # transformers builds an empty one without files
+        raise ModelLoadError(
+            f"the tokenizer found for {where!r} has an empty vocabulary: the folder has no tokenizer files "
+            "(tokenizer.json, or vocab/merges files). Save them with tokenizer.save_pretrained(folder), or pass one: "
+            "lens.load(model, tokenizer=AutoTokenizer.from_pretrained(...))"
+        )
+    return tokenizer
 
 
 def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadError:
