@@ -236,13 +236,15 @@ def attention_with_stats(
                 row_allowed = mask_chunk.any(dim=-1)  # [B|1, 1|h, rows]
                 if kv0 == 0:  # |Q_k| does not depend on the head: count it in the first pass only
                     full_chunk = allowed[..., start:stop, :]
-                    counted = (full_chunk & valid[:, None, start:stop, None]).any(dim=1)  # [B, rows, Tk]
-                    query_count += counted.sum(dim=1, dtype=torch.float32)
-                    # the uniform pattern's column sum: each valid query gives 1/|K_q| to every key it sees
-                    seen = counted.to(torch.float32)
-                    n_keys = seen.sum(dim=-1, keepdim=True)  # [B, rows, 1] = |K_q| (0 for padding)
-                    inv = torch.where(n_keys > 0, 1.0 / n_keys.clamp(min=1.0), 0.0)
-                    uniform_sum += torch.matmul(inv.transpose(1, 2), seen).squeeze(1)
+                    full_chunk = full_chunk[:, 0] if full_chunk.shape[1] == 1 else full_chunk.any(dim=1)
+                    seen = (full_chunk & valid[:, start:stop, None]).to(torch.float32)  # [B, rows, Tk]
+                    # one product gives both column sums: Σ_q 1 (= |Q_k|) and Σ_q 1/|K_q| (the uniform
+                    # pattern's column sum: each valid query spreads 1 evenly over the keys it sees)
+                    n_keys = seen.sum(dim=-1)  # [B, rows] = |K_q| (0 for padding)
+                    weights_q = torch.stack([torch.ones_like(n_keys), 1.0 / n_keys.clamp(min=1.0)], dim=1)
+                    both = torch.matmul(weights_q, seen)  # [B, 2, Tk]
+                    query_count += both[:, 0]
+                    uniform_sum += both[:, 1]
             probs = torch.softmax(scores, dim=-1)
             if row_allowed is not None and not bool(row_allowed.all()):
                 probs = probs.masked_fill(~row_allowed[..., None], 0.0)

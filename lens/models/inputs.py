@@ -190,14 +190,13 @@ def _encode_texts(lm, items, *, truncate: bool, want_bos: bool | None):
     truncated = []
     for i, ids in enumerate(out_ids):
         shift = 0
-        first_text = items[i] if isinstance(items[i], str) else items[i][0]
         if want_bos and (not ids or ids[0] != bos):
             ids.insert(0, bos)
             for rows in out_fields.values():
                 rows[i].insert(0, rows[i][0] if rows[i] else 0)
             shift = 1
-        elif want_bos is False and ids and ids[0] == bos and not first_text.startswith(str(tok.bos_token or "")):
-            del ids[0]  # the tokenizer added it; the text itself does not start with BOS
+        elif want_bos is False and adds_bos and ids and ids[0] == bos:
+            del ids[0]  # the tokenizer added it (a BOS the text itself begins with stays: it is the text)
             for rows in out_fields.values():
                 del rows[i][0]
             shift = -1
@@ -228,7 +227,10 @@ def _apply_bos_to_ids(lm, rows, want_bos: bool | None) -> None:
                 field_rows[i].insert(0, field_rows[i][0])
         elif not want_bos and ids[0] == bos:
             if len(ids) == 1:
-                raise EmptyInputError(f"input {i} is only the BOS token, and prepend_bos=False removes it")
+                raise EmptyInputError(
+                    f"input {i} is only the BOS token, and prepend_bos=False removes it; give it more tokens, or "
+                    "leave prepend_bos unset to trace the ids as given"
+                )
             del ids[0]
             for field_rows in rows.fields.values():
                 del field_rows[i][0]
