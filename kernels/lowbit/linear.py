@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ConfigError
 from .binary import BinaryLowRankCodec
 from .config import QuantConfig, _as_config, codec_for, resolve_backend
+from .gguf import GGUF_WEIGHT_TYPES, GGUFCodec, fallback_type, gguf_linear
 from .layers import (
     _linear_weight,
 )
@@ -85,7 +86,10 @@ class QuantLinear(nn.Module):
     per-token rescale; that compensation is not implemented here. Without a mask every token uses ``s``.
 
     Binary low-rank weights are applied as ``((x ⊙ s2) V) Uᵀ ⊙ s1`` — the same product without building
-    the ``out × in`` matrix. The ``torchao`` backend wraps an ``nn.Linear`` converted by torchao's
+    the ``out × in`` matrix. GGUF weights (``q4_0`` … ``q6_k``) keep llama.cpp's block bytes and are
+    dequantized in row chunks inside the matmul (``lens.kernels.lowbit.gguf.gguf_linear``); with
+    ``QuantConfig(..., activations="llama.cpp")`` the input is quantized as llama.cpp's CPU matmul does.
+    :meth:`from_packed` wraps bytes read from a GGUF file without re-quantizing them. The ``torchao`` backend wraps an ``nn.Linear`` converted by torchao's
     ``quantize_(…, Int8WeightOnlyConfig())``.
 
     Example::
@@ -163,9 +167,43 @@ class QuantLinear(nn.Module):
                 lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
             quantize_(lin, Int8WeightOnlyConfig())
             return cls(in_f, out_f, config=cfg, ao_linear=lin, source=source)
-        packed = codec_for(cfg).quantize(w)
+        if cfg.scheme in GGUF_WEIGHT_TYPES:
+            # llama-quantize's rule: a K-quant row that is not a multiple of 256 goes to its fallback type.
+            packed = GGUFCodec(fallback_type(cfg.scheme, in_f)).quantize(w)
+        else:
+            packed = codec_for(cfg).quantize(w)
         return cls(in_f, out_f, config=cfg, packed=packed, bias=bias, smooth=smooth, group_smooth=group,
                    source=source)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None,
+                    config: "QuantConfig | str | None" = None, *, source: str = "gguf") -> "QuantLinear":
+        """A layer around an already packed weight — e.g. a GGUF file's own blocks from
+        :func:`~lens.kernels.lowbit.gguf.packed_from_gguf` — with no re-quantization (``quant="keep"``).
+
+        ``config`` defaults to ``QuantConfig(packed.scheme)``; pass ``QuantConfig("q4_1",
+        activations="llama.cpp")`` to emulate llama.cpp's activation quantization. Its scheme must be the
+        packed weight's; SmoothQuant and ``act_bits`` need the float weight, so they are rejected here.
+        Raises ``ConfigError`` otherwise. The weight tensors are used as they are (not copied).
+
+        Example::
+
+            p = packed_from_gguf(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+            q = QuantLinear.from_packed(p, config=QuantConfig(p.scheme, activations="llama.cpp"))
+            q(torch.randn(2, p.shape[1])).shape     # (2, out)
+        """
+        if not isinstance(packed, PackedWeight):
+            raise ConfigError(f"from_packed needs a PackedWeight, got {type(packed).__name__}")
+        cfg = _as_config(packed.scheme if config is None else config)
+        if cfg.scheme != packed.scheme:
+            raise ConfigError(f"config scheme {cfg.scheme!r} does not match the packed weight's "
+                              f"{packed.scheme!r}")
+        if cfg.smooth_alpha is not None or cfg.act_bits is not None:
+            raise ConfigError("from_packed: smoothing and act_bits need the float weight; use from_weight")
+        out_f, in_f = packed.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ConfigError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        return cls(in_f, out_f, config=cfg, packed=packed, bias=bias, source=source)
 
     @classmethod
     def from_module(cls, module: nn.Module, config: "QuantConfig | str", *,
@@ -266,6 +304,8 @@ class QuantLinear(nn.Module):
             return self.ao_linear(x)
         h = self._activation(x)
         bias = None if self.bias is None else self.bias.to(h.dtype)
+        if self._scheme in GGUF_WEIGHT_TYPES:
+            return gguf_linear(h, self.packed, self.bias, activations=self.config.activations)
         if self._scheme == "binary-lowrank":
             u, v, s1, s2 = BinaryLowRankCodec.factors(self.packed)
             y = ((h * s2.to(h.dtype)) @ v.to(h.dtype)) @ (u * s1.unsqueeze(1)).to(h.dtype).T
@@ -275,8 +315,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         extra = f", act_bits={self.config.act_bits}" if self.config.act_bits else ""
         extra += f", smooth_alpha={self.config.smooth_alpha}" if self.smooth is not None else ""
+        extra += f", activations={self.config.activations}" if self.config.activations else ""
+        scheme = self._scheme
+        if scheme != self.config.scheme:
+            scheme += f" (llama-quantize's fallback for {self.config.scheme})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self._scheme}, backend={self.backend}, bits_per_weight={self.bits_per_weight():.3f}"
+                f"scheme={scheme}, backend={self.backend}, bits_per_weight={self.bits_per_weight():.3f}"
                 f"{extra}")
 
 
