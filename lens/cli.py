@@ -30,10 +30,14 @@ BENCHMARKS = {
 
 def _bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print("usage: lens bench {" + ",".join(BENCHMARKS) + "} [options]\n")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        out = sys.stdout if asked else sys.stderr
+        if argv and not asked:
+            print(f"lens bench: unknown benchmark {argv[0]!r}; choose one of {', '.join(BENCHMARKS)}", file=out)
+        print("usage: lens bench {" + ",".join(BENCHMARKS) + "} [options]\n", file=out)
         for name, (_, what) in BENCHMARKS.items():
-            print(f"  {name:<10} {what}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+            print(f"  {name:<10} {what}", file=out)
+        return 0 if asked else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(BENCHMARKS[name][0])
     if hasattr(module, "main"):
