@@ -274,7 +274,8 @@ def test_removing_the_first_tokens_mlp_output_removes_sinks_massive_activations_
     assert ratio_clean.max() > 100 and ratio_clean.min() > 8     # measured: 10–164
     assert ratio_abl.max() < 3                                   # measured: 1.1–1.9
     rate_clean, rate_abl = s_clean.sink_rate[14:30], s_abl.sink_rate[14:30]
-    assert rate_clean.min() >= 0.75                              # measured: 0.78–1.0
+    # sink heads need score ≥ 0.3 and ≥ 2·u[0] (docs/definitions.md#sink-rate)
+    assert rate_clean.mean() >= 0.8 and rate_clean.min() >= 0.6  # measured: mean 0.86–0.87, 0.67–1.0
     assert rate_abl.mean() <= 0.35 and rate_abl.max() <= 0.7     # measured: mean 0.15–0.25, max 0.56–0.67
     entropy_clean = lens.valley(clean).mean("entropy_raw_normalized")[12:30]
     entropy_abl = lens.valley(ablated).mean("entropy_raw_normalized")[12:30]
