@@ -22,7 +22,11 @@ from lens.errors import (
     LensError,
     ModelLoadError,
     NumericalError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
     RunFormatError,
+    StoreError,
     UnsupportedModelError,
 )
 from lens.run import Run
@@ -49,7 +53,15 @@ _LAZY = {
 }
 
 
+#: Subpackages reachable as attributes without an import of their own: ``lens.store.open(...)``.
+_SUBPACKAGES = ("store",)
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"lens.{name}")
     if name in _LAZY:
         import importlib
 
@@ -60,11 +72,12 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [
     "load",
+    "store",
     "trace",
     "sinks",
     "valley",
@@ -86,4 +99,8 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "StoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "LimitExceededError",
 ]

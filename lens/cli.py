@@ -1,4 +1,5 @@
-"""The ``lens`` command: ``lens demo`` (the main job) and ``lens bench <name>``."""
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens bench <name>``, ``lens serve`` (the team dashboard)
+and ``lens store`` (its store)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "serve": ("lens.bench.serve", "the team dashboard under 20 concurrent sessions while jobs run"),
 }
 
 
@@ -56,9 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
+    sub.add_parser("serve", help="the team dashboard: lens serve [--config FILE] [--store DIR] …; "
+                                 "lens serve adduser NAME --admin", add_help=False)
+    sub.add_parser("store", help="the team store: lens store list / import / export / verify / gc", add_help=False)
     sub.add_parser("version", help="print versions")
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    if argv[:1] == ["serve"]:
+        from lens.widgets.app.cli import main as serve_main  # the dashboard is a view: imported only when asked
+
+        return serve_main(argv[1:])
+    if argv[:1] == ["store"]:
+        from lens.store.cli import main as store_main
+
+        return store_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from lens.report.demo import run_demo

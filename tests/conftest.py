@@ -150,3 +150,18 @@ def minilm_texts():
         "Interpretability tools should describe the model that is actually deployed, sparse kernels and all.",
         "Paris is the capital of France, and Berlin is the capital of Germany.",
     ]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL server for the session (Debian's postgresql, 127.0.0.1, a temp dir): its URL.
+
+    Skipped where PostgreSQL is not installed, unless LENS_REQUIRE_POSTGRES=1 (CI), where that fails."""
+    from serve_support import REQUIRE_POSTGRES, postgres, postgres_bin
+
+    if postgres_bin() is None:
+        if REQUIRE_POSTGRES:
+            pytest.fail("LENS_REQUIRE_POSTGRES=1 but PostgreSQL is not installed (apt-get install -y postgresql)")
+        pytest.skip("PostgreSQL is not installed: apt-get install -y postgresql")
+    with postgres() as url:
+        yield url

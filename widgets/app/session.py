@@ -1,0 +1,152 @@
+"""One browser session of the dashboard: who is signed in, the pages, messages, and the clean-up.
+
+The pages share a ``Session``: it knows the user and role (read from the store at every session start —
+never from anything the browser sends besides the signed cookie), shows messages on the page, switches
+tabs, and closes every lens widget the session opened when the browser goes away.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Callable
+
+import panel as pn
+
+from lens.errors import LensError
+
+__all__ = ["Session", "build_dashboard", "message_pane", "show_message", "sentence"]
+
+log = logging.getLogger("lens.serve")
+
+
+def message_pane(css_class: str) -> pn.pane.Alert:
+    """An in-page message area (hidden until it has something to say)."""
+    return pn.pane.Alert("", alert_type="info", visible=False, css_classes=["lens-message", css_class],
+                         sizing_mode="stretch_width", margin=(4, 10))
+
+
+def sentence(text) -> str:
+    """An error message as a sentence: first letter capitalised, the rest untouched."""
+    text = str(text)
+    return text[:1].upper() + text[1:]
+
+
+def show_message(pane: pn.pane.Alert, text: str, kind: str = "info") -> None:
+    """Show ``text`` (plain text, escaped) in ``pane``; kind: info | success | warning | danger."""
+    pane.alert_type = kind
+    pane.object = html.escape(text)
+    pane.visible = bool(text)
+
+
+class Session:
+    """The state of one signed-in browser session (see the module docstring)."""
+
+    def __init__(self, shared, user: str, role: str):
+        self.shared = shared
+        self.store = shared.store
+        self.config = shared.config
+        self.user = user
+        self.role = role
+        self.tabs: pn.Tabs | None = None
+        self.pages: dict[str, object] = {}
+        self._widgets: list = []
+        self._ticks: list[tuple[int, Callable[[], None]]] = []
+        self._n = 0
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def track(self, widget):
+        """Remember a lens widget so that it is closed with the session (returns it)."""
+        self._widgets.append(widget)
+        return widget
+
+    def release(self, widget) -> None:
+        """Close a lens widget the page no longer shows."""
+        if widget in self._widgets:
+            self._widgets.remove(widget)
+        try:
+            widget.close()
+        except Exception:  # closing twice or a comm that is already gone
+            pass
+
+    def every(self, ticks: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` every ``ticks`` seconds while the session lives."""
+        self._ticks.append((ticks, callback))
+
+    def tick(self) -> None:
+        self._n += 1
+        for every, callback in self._ticks:
+            if self._n % every == 0:
+                try:
+                    callback()
+                except LensError as exc:
+                    log.warning("session of %s: %s", self.user, exc)
+                except Exception:
+                    log.exception("session of %s: periodic update failed", self.user)
+
+    def go(self, page: str) -> None:
+        """Switch to the tab of ``page`` (a key of ``pages``)."""
+        if self.tabs is not None and page in self.pages:
+            self.tabs.active = list(self.pages).index(page)
+
+    def close(self, *_) -> None:
+        for widget in list(self._widgets):
+            self.release(widget)
+        self._ticks.clear()
+        for page in self.pages.values():
+            getattr(page, "close", lambda: None)()
+        self.pages.clear()
+        self.shared.sessions -= 1
+
+
+def build_dashboard(shared) -> pn.viewable.Viewable:
+    """The page of one session (Panel calls this once per browser tab)."""
+    from .admin_page import AdminPage
+    from .new_run_page import NewRunPage
+    from .runs_page import RunsPage
+    from .scans_page import ScansPage, VisionPage
+
+    pn.extension("tabulator", notifications=False)
+    doc = pn.state.curdoc
+    if doc is not None:
+        # Panel learns where its own CSS lives only when it renders the page; a model built before that (a
+        # periodic callback racing the first render) would link loading.css from the CDN, which an offline
+        # team network cannot reach. Say where it is from the start.
+        from panel.io.resources import LOCAL_DIST
+
+        doc._template_variables.setdefault("dist_url", f"{pn.state.rel_path}/{LOCAL_DIST}" if pn.state.rel_path else LOCAL_DIST)
+    if shared.auth:
+        user = pn.state.user
+        role = shared.store.users.role(user) if user else None
+        if role is None:  # the cookie's user was removed or disabled since the page was requested
+            return pn.pane.HTML('<p>Your account is not active. <a href="./logout">Sign in again</a>.</p>')
+    else:
+        user, role = shared.config_user, "admin"
+    session = Session(shared, user, role)
+    shared.sessions += 1
+    shared.sessions_total += 1
+    pages = {"runs": RunsPage(session), "new": NewRunPage(session), "scans": ScansPage(session),
+             "vision": VisionPage(session)}
+    if session.is_admin:
+        pages["admin"] = AdminPage(session)
+    session.pages = pages
+    titles = {"runs": "Runs", "new": "New run", "scans": "Scans", "vision": "Vision", "admin": "Admin"}
+    session.tabs = pn.Tabs(*[(titles[k], p.panel) for k, p in pages.items()], dynamic=True,
+                           sizing_mode="stretch_width", css_classes=["lens-tabs"])
+    who = html.escape(user)
+    sign_out = ' · <a href="./logout" class="lens-logout">sign out</a>' if shared.auth else ""
+    header = pn.Row(
+        pn.pane.HTML("<h2 style='margin:0'>lens <span style='font-weight:400'>team dashboard</span></h2>"),
+        pn.HSpacer(),
+        pn.pane.HTML(f"<div class='lens-user'>signed in as <b>{who}</b> ({role}){sign_out}</div>"),
+        sizing_mode="stretch_width", margin=(8, 10),
+    )
+    pn.state.add_periodic_callback(session.tick, period=1000)
+    pn.state.on_session_destroyed(session.close)
+    wanted = pn.state.session_args.get("run") if pn.state.session_args else None
+    if wanted:
+        pages["runs"].open(wanted[0].decode("utf-8", "replace"))
+    return pn.Column(header, session.tabs, sizing_mode="stretch_width")
