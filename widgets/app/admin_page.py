@@ -118,7 +118,7 @@ class AdminPage:
         try:
             self.s.store.users.add(self.new_name.value.strip(), self.new_password.value, role=self.new_role.value)
         except LensError as exc:
-            return show_message(self.message, f"User not added: {sentence(exc)}", "danger")
+            return show_message(self.message, f"User not added: {exc}", "danger")
         show_message(self.message, f"User {self.new_name.value.strip()} added ({self.new_role.value}).", "success")
         self.new_password.value = ""
         self.users.value = self._users_frame()

@@ -107,7 +107,7 @@ class NewRunPage:
         try:
             self.uploaded = texts_from_upload(self.upload.filename or "", event.new, self.limits)
         except LensError as exc:
-            self.upload_error = sentence(exc)
+            self.upload_error = str(exc)
             return show_message(self.message, f"Upload refused: {self.upload_error}", "danger")
         show_message(self.message, f"{self.upload.filename}: {len(self.uploaded)} inputs read.", "info")
 
@@ -118,7 +118,7 @@ class NewRunPage:
         try:
             info = check_image(self.image.filename or "", event.new, self.limits)
         except LensError as exc:
-            self.image_error = f"Image refused: {sentence(exc)}"
+            self.image_error = f"Image refused: {exc}"
             return show_message(self.message, self.image_error, "danger")
         # a valid image — but the configured models are language models: say so rather than drop it silently
         self.image_error = (f"{self.image.filename} ({info.format}, {info.width} × {info.height}) is a valid image, but "
@@ -141,7 +141,7 @@ class NewRunPage:
                  "tags": normalize_tags(self.tags.value)},
                 max_active=self.limits.jobs_per_user)
         except LensError as exc:
-            return show_message(self.message, f"Not queued: {sentence(exc)}", "danger")
+            return show_message(self.message, f"Not queued: {exc}", "danger")
         self.watching = job.id
         show_message(self.message, f"Job {job.id} queued ({len(texts)} inputs).", "info")
         self._follow_job()

@@ -175,7 +175,7 @@ class ScansPage(_EntryList):
             if not documents or len(documents) > limits.corpus_documents:
                 raise LensError(f"the corpus has {len(documents)} documents; scans take 1 to {limits.corpus_documents:,}")
         except LensError as exc:
-            return show_message(self.message, f"Corpus refused: {sentence(exc)}", "danger")
+            return show_message(self.message, f"Corpus refused: {exc}", "danger")
         self.documents = documents
         show_message(self.message, f"{self.corpus.filename}: {len(documents):,} documents read.", "info")
 
@@ -189,7 +189,7 @@ class ScansPage(_EntryList):
                                            {"documents": self.documents, "tags": normalize_tags("scan")},
                                            max_active=self.s.config.limits.jobs_per_user)
         except LensError as exc:
-            return show_message(self.message, f"Not queued: {sentence(exc)}", "danger")
+            return show_message(self.message, f"Not queued: {exc}", "danger")
         show_message(self.message, f"Scan job {job.id} queued; the scan appears here when it is done.", "info")
 
 

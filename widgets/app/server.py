@@ -79,14 +79,15 @@ def serve(config: ServeConfig, *, on_ready: Callable[[Any], None] | None = None)
 
     Raises ``ConfigError`` (before listening) for a configuration that would be unsafe or cannot work.
     """
+    store = Store(config.store, config.index or None)
+    check_listen_policy(config, store)  # before anything slow: a refusal should be immediate
+
     import panel as pn
 
     from .auth import LensAuth
     from .session import build_dashboard
     from .shared import Shared
 
-    store = Store(config.store, config.index or None)
-    check_listen_policy(config, store)
     secret = store.setting("cookie_secret", lambda: secrets.token_urlsafe(48))
     shared = Shared(config, store, auth=config.auth)
     shared.config_user = store.user

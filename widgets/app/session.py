@@ -20,10 +20,15 @@ __all__ = ["Session", "build_dashboard", "message_pane", "show_message", "senten
 log = logging.getLogger("lens.serve")
 
 
-def message_pane(css_class: str) -> pn.pane.Alert:
-    """An in-page message area (hidden until it has something to say)."""
-    return pn.pane.Alert("", alert_type="info", visible=False, css_classes=["lens-message", css_class],
-                         sizing_mode="stretch_width", margin=(4, 10))
+_COLOURS = {"info": ("#e8f0fe", "#1a3d8f"), "success": ("#e6f4ea", "#14532d"), "warning": ("#fff4e5", "#7a4100"),
+            "danger": ("#fdecea", "#8c1d18")}
+
+
+def message_pane(css_class: str) -> pn.pane.HTML:
+    """An in-page message area (empty until it has something to say); ``css_class`` names it for tests."""
+    pane = pn.pane.HTML("", sizing_mode="stretch_width", margin=(4, 10))
+    pane._lens_class = css_class
+    return pane
 
 
 def sentence(text) -> str:
@@ -32,11 +37,15 @@ def sentence(text) -> str:
     return text[:1].upper() + text[1:]
 
 
-def show_message(pane: pn.pane.Alert, text: str, kind: str = "info") -> None:
+def show_message(pane: pn.pane.HTML, text: str, kind: str = "info") -> None:
     """Show ``text`` (plain text, escaped) in ``pane``; kind: info | success | warning | danger."""
-    pane.alert_type = kind
-    pane.object = html.escape(text)
-    pane.visible = bool(text)
+    if not text:
+        pane.object = ""
+        return
+    background, colour = _COLOURS[kind]
+    pane.object = (f"<div class='lens-message {pane._lens_class}' data-kind='{kind}' role='alert' "
+                   f"style='background:{background};color:{colour};padding:.55rem .8rem;border-radius:6px'>"
+                   f"{html.escape(text)}</div>")
 
 
 class Session:

@@ -1,0 +1,133 @@
+"""``lens serve`` over HTTP, against the session's real server: sign-in with XSRF protection, signed cookies,
+no open redirect, the admin status endpoint, the web process holding no model; and the refusals before
+listening (beyond loopback without auth, no users)."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import lens.store
+from serve_support import free_port
+
+pytestmark = pytest.mark.slow
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def client():
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect)
+    return opener, jar
+
+
+def fetch(opener, url, data=None):
+    try:
+        with opener.open(url, data=urllib.parse.urlencode(data).encode() if data is not None else None, timeout=30) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode()
+
+
+def sign_in(server, name, password, next_="/"):
+    opener, jar = client()
+    status, _, page = fetch(opener, f"{server.url}/login")
+    assert status == 200
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page).group(1)
+    status, headers, body = fetch(opener, f"{server.url}/login",
+                                  {"_xsrf": xsrf, "username": name, "password": password, "next": next_})
+    return opener, jar, status, headers, body
+
+
+def test_nothing_is_served_before_sign_in(team_server):
+    opener, _ = client()
+    status, headers, _ = fetch(opener, f"{team_server.url}/")
+    assert status == 302 and headers["Location"].startswith("./login")
+    status, _, body = fetch(opener, f"{team_server.url}/api/status")
+    assert status == 403 and "admin" in body
+    status, _, _ = fetch(opener, f"{team_server.url}/ws")
+    assert status in (401, 403, 302)
+    assert fetch(opener, f"{team_server.url}/liveness")[0] == 200
+
+
+def test_sign_in_needs_the_xsrf_token_and_the_right_password(team_server):
+    opener, jar = client()
+    status, _, _ = fetch(opener, f"{team_server.url}/login", {"username": "ana", "password": team_server.passwords["ana"]})
+    assert status == 403  # no _xsrf: refused before the password is even looked at
+    _, jar, status, _, body = sign_in(team_server, "ana", "not her password")
+    assert status == 401 and "Wrong user name or password" in body and not any(c.name == "user" for c in jar)
+    _, jar, status, _, body = sign_in(team_server, "nobody", "whatever-password")
+    assert status == 401 and "Wrong user name or password" in body
+    opener, jar, status, headers, _ = sign_in(team_server, "ana", team_server.passwords["ana"], next_="//evil.example/x")
+    assert status == 302 and headers["Location"] == "/"  # no open redirect
+    cookie = next(c for c in jar if c.name == "user")
+    assert cookie.has_nonstandard_attr("HttpOnly") and "ana" != cookie.value  # signed, not the bare name
+    status, _, page = fetch(opener, f"{team_server.url}/")
+    assert status == 200 and "bokeh" in page.lower()
+
+
+def test_a_forged_cookie_is_not_a_session(team_server):
+    opener, jar = client()
+    forged = http.cookiejar.Cookie(0, "user", "ana", None, False, "127.0.0.1", False, False, "/", True, False, None,
+                                   False, None, None, {})
+    jar.set_cookie(forged)
+    status, headers, _ = fetch(opener, f"{team_server.url}/")
+    assert status == 302 and "login" in headers["Location"]
+
+
+def test_the_web_process_holds_no_model(team_server):
+    opener, *_ = sign_in(team_server, "bo", team_server.passwords["bo"])
+    assert fetch(opener, f"{team_server.url}/api/status")[0] == 403  # members do not see it
+    opener, *_ = sign_in(team_server, "ana", team_server.passwords["ana"])
+    status, _, body = fetch(opener, f"{team_server.url}/api/status?deep=1")
+    assert status == 200
+    facts = json.loads(body)
+    web = facts["web"]
+    assert web["transformers_modeling_modules"] == [] and not web["lens_models_module_loaded"]
+    assert web["torch_modules_with_parameters"] == 0 and web["parameters"] == 0 and web["lens_models"] == 0
+    (worker,) = facts["workers"]
+    assert worker["models"] == ["minilm"] and worker["pid"] != web["pid"]
+    # the worker holds MiniLM twice (fp32 + int8) on top of the same libraries; the web process holds none
+    assert web["rss_bytes"] < 700e6, web["rss_bytes"]
+
+
+def _refused(tmp_path, *args):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "lens", "serve", "--store", str(tmp_path), "--port", str(port),
+                          "--workers", "0", *args], capture_output=True, text=True, timeout=120)
+    with socket.socket() as sock:
+        listening = sock.connect_ex(("127.0.0.1", port)) == 0
+    return out, listening
+
+
+def test_beyond_loopback_without_auth_it_refuses_to_start(tmp_path):
+    out, listening = _refused(tmp_path / "s1", "--address", "0.0.0.0", "--no-auth")
+    assert out.returncode == 2 and not listening
+    assert "refusing to listen on 0.0.0.0 without auth" in out.stderr
+    out, _ = _refused(tmp_path / "s2", "--address", "::", "--no-auth")
+    assert out.returncode == 2 and "without auth" in out.stderr
+    out, listening = _refused(tmp_path / "s3")  # auth on (the default) but nobody could sign in
+    assert out.returncode == 2 and not listening and "no users" in out.stderr and "adduser" in out.stderr
+
+
+def test_adduser_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lens", "serve", "adduser", "cy", "--admin", "--password-stdin",
+                          "--store", str(tmp_path)], input="cy's password\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    store = lens.store.open(tmp_path)
+    assert store.users.authenticate("cy", "cy's password").is_admin
+    out = subprocess.run([sys.executable, "-m", "lens", "serve", "adduser", "dee", "--password-stdin", "--store", str(tmp_path)],
+                         input="short\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "8 characters" in out.stderr
