@@ -268,6 +268,17 @@ def test_gc_removes_only_leftovers_of_interrupted_writes(store):
     assert report.ok and report.garbage == [] and foreign.exists() and store.load_run(keep.id)
 
 
+def test_the_version_token_changes_with_every_entry_change(store):
+    seen = [store.version()]
+    entry = store.save_run(synthetic_run([4]))
+    seen.append(store.version())
+    store.set_tags(entry.id, "x")
+    seen.append(store.version())
+    store.delete(entry.id)
+    seen.append(store.version())
+    assert len(set(seen)) == 4 and store.count() == 0
+
+
 def test_the_shared_setting_is_created_once(store):
     first = store.setting("cookie_secret", lambda: "one")
     assert first == "one" and store.setting("cookie_secret", lambda: "two") == "one"

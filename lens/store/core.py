@@ -183,6 +183,7 @@ class Store:
         with self.index.write() as conn:
             conn.execute(schema.entries.insert().values(**row))
             conn.execute(schema.files.insert().values(entry_id=entry_id, name=RUN_FILE, sha256=sha, size=size))
+            _mark_changed(conn)
         return self.entry(entry_id)
 
     def save_scan(self, folder: str | Path, *, owner: str | None = None, tags: Iterable[str] | str | None = None,
@@ -216,6 +217,7 @@ class Store:
             conn.execute(schema.files.insert(), [
                 {"entry_id": entry_id, "name": name, "sha256": sha, "size": size} for name, (sha, size) in copied.items()
             ])
+            _mark_changed(conn)
         return self.entry(entry_id)
 
     def set_tags(self, entry_id: str, tags: Iterable[str] | str, *, by: str | None = None) -> Entry:
@@ -225,6 +227,7 @@ class Store:
         with self.index.write() as conn:
             conn.execute(schema.entries.update().where(schema.entries.c.id == entry.id)
                          .values(tags=json.dumps(normalize_tags(tags))))
+            _mark_changed(conn)
         return self.entry(entry.id)
 
     def delete(self, entry_id: str, *, by: str | None = None) -> None:
@@ -238,6 +241,7 @@ class Store:
         with self.index.write() as conn:
             conn.execute(schema.files.delete().where(schema.files.c.entry_id == entry.id))
             gone = conn.execute(schema.entries.delete().where(schema.entries.c.id == entry.id)).rowcount
+            _mark_changed(conn)
         if not gone:
             raise NotFoundError(f"the {entry.kind} {entry.id} was deleted by someone else meanwhile")
         self._remove_files(entry.kind, entry.id)
@@ -328,12 +332,20 @@ class Store:
         frame["created"] = pd.to_datetime(frame["created"], unit="s", utc=True)
         return frame.drop(columns=["files", "summary", "kind"])
 
-    def version(self) -> tuple[int, float]:
-        """(number of entries, newest creation time): changes whenever an entry is added or removed."""
+    def count(self, kind: str | None = None) -> int:
+        """How many entries (of ``kind``) the store holds."""
         e = schema.entries.c
+        query = sa.select(sa.func.count()).select_from(schema.entries)
+        if kind:
+            query = query.where(e.kind == kind)
         with self.index.read() as conn:
-            count, newest = conn.execute(sa.select(sa.func.count(), sa.func.max(e.created))).one()
-        return int(count), float(newest or 0.0)
+            return int(conn.execute(query).scalar())
+
+    def version(self) -> str:
+        """A token that changes whenever an entry is added, deleted or re-tagged (by any process or host)."""
+        s = schema.settings
+        with self.index.read() as conn:
+            return conn.execute(sa.select(s.c.value).where(s.c.key == _CHANGED)).scalar() or ""
 
     # -- settings -----------------------------------------------------------------------------------
     def setting(self, key: str, default=None) -> str:
@@ -380,6 +392,16 @@ class Store:
         from lens.store.maintenance import export
 
         return export(self, list(entry_ids), Path(folder))
+
+
+_CHANGED = "entries_changed"
+
+
+def _mark_changed(conn) -> None:
+    """Inside an entry-changing transaction: a new version token (delete + insert: the same on both backends)."""
+    s = schema.settings
+    conn.execute(s.delete().where(s.c.key == _CHANGED))
+    conn.execute(s.insert().values(key=_CHANGED, value=f"{time.time():.6f}-{new_id()}"))
 
 
 def _os_user() -> str:

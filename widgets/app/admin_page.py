@@ -46,7 +46,7 @@ class AdminPage:
         self.toggle.on_click(self._on_toggle)
         self.verify.on_click(self._on_verify)
         self.refresh(deep=True)
-        session.every(5, self.refresh)
+        session.every(5, self.refresh, page="admin")
         self.panel = pn.Column(
             self.message,
             pn.pane.HTML("<h3>Jobs</h3>"), self.jobs, self.cancel,
@@ -97,10 +97,13 @@ class AdminPage:
             f"(since start {self.s.shared.sessions_total}) · run cache {cache['runs']} runs, {human_bytes(cache['bytes'])}</p>"
             f"<p>Model weights in this process: transformers modelling modules imported: "
             f"<b>{len(facts['transformers_modeling_modules'])}</b>{holds} (the workers hold the models).</p>")
-        count, _ = store.version()
+        count = store.count()
         counts = store.jobs.counts()
         self.store_info.object = (f"<p>{html.escape(str(store.root))} · index {html.escape(store.index.display_url)} · "
                                   f"{count} entries · jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "</p>")
+
+    def on_show(self) -> None:
+        self.refresh()
 
     # -- actions --------------------------------------------------------------------------------------
     def _on_cancel(self, _=None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
@@ -99,6 +100,9 @@ def _safe_next(value: str | None) -> str:
 def make_handlers(store, *, secure: bool) -> tuple[type[RequestHandler], type[RequestHandler]]:
     """The login and logout request handlers bound to ``store``."""
     throttle = _Throttle()
+    # password checks run on two threads of their own: off the event loop, and a flood of sign-ins costs
+    # at most two scrypt computations (CPU and 16 MiB each) at a time
+    checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lens-login")
 
     class LoginHandler(RequestHandler):
         def get(self):
@@ -124,7 +128,7 @@ def make_handlers(store, *, secure: bool) -> tuple[type[RequestHandler], type[Re
             if wait > 0:
                 return self._page(f"Too many failed attempts; try again in {wait:.0f} s.", name, 429)
             # scrypt takes tens of milliseconds: off the event loop, so other sessions stay responsive
-            user = await IOLoop.current().run_in_executor(None, store.users.authenticate, name, password)
+            user = await IOLoop.current().run_in_executor(checks, store.users.authenticate, name, password)
             if user is None:
                 throttle.failed(key)
                 return self._page("Wrong user name or password.", name, 401)

@@ -59,7 +59,7 @@ class NewRunPage:
         self._model_changed()
         self._refresh_jobs()
         session.every(1, self._follow_job)
-        session.every(5, self._refresh_status)
+        session.every(5, self._refresh_status, page="new")
         self.panel = pn.Column(
             pn.Row(self.model, self.attention, self.quant),
             self.model_status,
@@ -178,7 +178,8 @@ class NewRunPage:
                 self._refresh_jobs()
                 if job.status == "done" and job.result_id:
                     show_message(self.message, f"Run {job.result_id} is ready; it is open on the Runs page.", "success")
-                    runs = self.s.pages["runs"]
+                    runs = self.s.page("runs")
+                    self.s.shared.invalidate()
                     runs.refresh()
                     if runs.open(job.result_id):
                         show_message(runs.message, f"Run {job.result_id} (job {job.id}) is ready.", "success")

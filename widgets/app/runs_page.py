@@ -68,7 +68,7 @@ class RunsPage:
         self.tags_button.on_click(self._on_tags)
         self.run_id.param.watch(lambda e: self.open(e.new.strip()) if e.new.strip() else None, "value")
         self.view_kind.param.watch(lambda e: self._show_view(e.new), "value")
-        session.every(2, self._maybe_refresh)
+        session.every(10, self._maybe_refresh, page="runs")
         self.refresh()
         self.panel = pn.Column(
             pn.Row(self.search, self.owner, self.run_id, sizing_mode="stretch_width"),
@@ -84,13 +84,17 @@ class RunsPage:
     # -- the table ----------------------------------------------------------------------------------
     def refresh(self) -> None:
         owner = {"everyone": None, "me": self.s.user}.get(self.owner.value, self.owner.value)
-        entries = self.s.store.entries("run", search=self.search.value or None, owner=owner, limit=1000)
-        self.table.value = entries_frame(entries)
         self._seen = self.s.shared.version()
+        frame = entries_frame(self.s.shared.entries("run", search=self.search.value or None, owner=owner))
+        if not frame.equals(self.table.value):  # an unchanged table is not sent again
+            self.table.value = frame
 
     def _maybe_refresh(self) -> None:
         if self.s.shared.version() != self._seen:
             self.refresh()
+
+    def on_show(self) -> None:
+        self._maybe_refresh()
 
     def _selected_ids(self) -> list[str]:
         frame = self.table.value
@@ -125,6 +129,7 @@ class RunsPage:
             show_message(self.message, f"Deleted {', '.join(done)}.", "success")
         if self.current and any(i in self.current for i in done):
             self._clear_view()
+        self.s.shared.invalidate()
         self.refresh()
 
     def _on_tags(self, _=None) -> None:
@@ -137,6 +142,7 @@ class RunsPage:
         except LensError as exc:
             return show_message(self.message, f"Tags not changed: {exc}", "danger")
         show_message(self.message, f"Tags of {', '.join(ids)} set.", "success")
+        self.s.shared.invalidate()
         self.refresh()
 
     # -- views --------------------------------------------------------------------------------------

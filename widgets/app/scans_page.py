@@ -46,6 +46,7 @@ class _EntryList:
     """A table of one kind of entry with Open/Delete, a message area and a view area (shared by both pages)."""
 
     kind = "scan"
+    page_name = "scans"
     vision: bool | None = None
 
     def __init__(self, session):
@@ -61,12 +62,15 @@ class _EntryList:
         self._seen = None
         self.open_button.on_click(self._on_open)
         self.delete_button.on_click(self._on_delete)
-        session.every(3, self._maybe_refresh)
+        session.every(10, self._maybe_refresh, page=self.page_name)
         self.refresh()
 
     def refresh(self) -> None:
-        self.table.value = _frame(self.s.store.entries(self._entry_kind, vision=self.vision, limit=1000), self.kind)
         self._seen = self.s.shared.version()
+        filters = {} if self.vision is None else {"vision": self.vision}
+        frame = _frame(self.s.shared.entries(self._entry_kind, **filters), self.kind)
+        if not frame.equals(self.table.value):
+            self.table.value = frame
 
     @property
     def _entry_kind(self) -> str:
@@ -75,6 +79,9 @@ class _EntryList:
     def _maybe_refresh(self) -> None:
         if self.s.shared.version() != self._seen:
             self.refresh()
+
+    def on_show(self) -> None:
+        self._maybe_refresh()
 
     def _selected(self) -> str | None:
         frame = self.table.value
@@ -98,6 +105,7 @@ class _EntryList:
         self.s.shared.runs.forget(entry_id)
         show_message(self.message, f"Deleted {entry_id}.", "success")
         self._show(None)
+        self.s.shared.invalidate()
         self.refresh()
 
     def _show(self, widget, *panes) -> None:
@@ -197,6 +205,7 @@ class VisionPage(_EntryList):
     """See the module docstring."""
 
     kind = "vision"
+    page_name = "vision"
     vision = True
 
     def __init__(self, session):
@@ -212,7 +221,7 @@ class VisionPage(_EntryList):
 
     def open(self, entry_id: str) -> None:
         if self.overlay is None:
-            self.s.pages["runs"].open(entry_id)
+            self.s.page("runs").open(entry_id)
             return
         try:
             entry = self.s.store.entry(entry_id, kind="run")

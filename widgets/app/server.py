@@ -66,11 +66,34 @@ def _status_handler(shared):
                        for w in shared.store.workers.list(alive_only=True)]
             self.set_header("Content-Type", "application/json")
             self.set_header("Cache-Control", "no-store")
-            self.finish(json.dumps({"web": process_facts(scan_objects=self.get_argument("deep", "0") == "1"),
+            deep = self.get_argument("deep", "0") == "1"
+            if deep:  # a deep look also collects garbage first, so that the counts are of live objects
+                import gc
+
+                gc.collect()
+            bokeh_sessions = sum(len(list(ctx.sessions)) for ctx in self.application._applications.values()) \
+                if hasattr(self.application, "_applications") else None
+            self.finish(json.dumps({"web": process_facts(scan_objects=deep), "bokeh_sessions": bokeh_sessions,
                                     "sessions": shared.sessions, "run_cache": shared.runs.stats(),
                                     "workers": workers, "jobs": shared.store.jobs.counts()}))
 
     return StatusHandler
+
+
+def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
+    """Large blocks (≥ 1 MiB) always straight from mmap, so that they go back to the system when freed.
+
+    glibc raises its mmap threshold to the size of any mmapped block that is freed (up to 32 MiB); after the
+    first sign-in, every scrypt check (16 MiB of scratch memory) is then carved from a thread's heap, and a
+    burst of sign-ins leaves each thread's heap at its peak for good — ~100 MB that ``malloc_trim`` cannot
+    return. A fixed threshold turns the dynamic adjustment off (mallopt M_MMAP_THRESHOLD = -3).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def serve(config: ServeConfig, *, on_ready: Callable[[Any], None] | None = None) -> None:
@@ -82,6 +105,7 @@ def serve(config: ServeConfig, *, on_ready: Callable[[Any], None] | None = None)
     store = Store(config.store, config.index or None)
     check_listen_policy(config, store)  # before anything slow: a refusal should be immediate
 
+    _fixed_mmap_threshold()
     import panel as pn
 
     from .auth import LensAuth

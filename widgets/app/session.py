@@ -59,8 +59,10 @@ class Session:
         self.role = role
         self.tabs: pn.Tabs | None = None
         self.pages: dict[str, object] = {}
+        self.builders: dict[str, Callable[["Session"], object]] = {}
+        self.holders: dict[str, pn.Column] = {}
         self._widgets: list = []
-        self._ticks: list[tuple[int, Callable[[], None]]] = []
+        self._ticks: list[tuple[int, Callable[[], None], str | None]] = []
         self._n = 0
 
     @property
@@ -73,22 +75,42 @@ class Session:
         return widget
 
     def release(self, widget) -> None:
-        """Close a lens widget the page no longer shows."""
+        """Close a lens widget the page no longer shows (with the Layout widget ipywidgets gave it: both
+        sit in ipywidgets' global registry until closed)."""
         if widget in self._widgets:
             self._widgets.remove(widget)
-        try:
-            widget.close()
-        except Exception:  # closing twice or a comm that is already gone
-            pass
+        for part in (getattr(widget, "layout", None), widget):
+            try:
+                if part is not None:
+                    part.close()
+            except Exception:  # closing twice or a comm that is already gone
+                pass
 
-    def every(self, ticks: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` every ``ticks`` seconds while the session lives."""
-        self._ticks.append((ticks, callback))
+    def every(self, ticks: int, callback: Callable[[], None], *, page: str | None = None) -> None:
+        """Call ``callback`` every ``ticks`` seconds while the session lives (only while ``page``'s tab is the
+        one shown, if given: twenty sessions refreshing tables nobody looks at would slow everyone down)."""
+        self._ticks.append((ticks, callback, page))
+
+    def shown(self) -> str | None:
+        """The name of the page whose tab is shown."""
+        if self.tabs is None:
+            return None
+        names = list(self.holders)
+        return names[self.tabs.active] if 0 <= self.tabs.active < len(names) else None
+
+    def page(self, name: str):
+        """The page ``name``, built on first use (a session only pays for the pages it opens)."""
+        if name not in self.pages:
+            page = self.builders[name](self)
+            self.pages[name] = page
+            self.holders[name].objects = [page.panel]
+        return self.pages[name]
 
     def tick(self) -> None:
         self._n += 1
-        for every, callback in self._ticks:
-            if self._n % every == 0:
+        shown = self.shown()
+        for every, callback, page in list(self._ticks):
+            if self._n % every == 0 and (page is None or page == shown):
                 try:
                     callback()
                 except LensError as exc:
@@ -97,9 +119,16 @@ class Session:
                     log.exception("session of %s: periodic update failed", self.user)
 
     def go(self, page: str) -> None:
-        """Switch to the tab of ``page`` (a key of ``pages``)."""
-        if self.tabs is not None and page in self.pages:
-            self.tabs.active = list(self.pages).index(page)
+        """Switch to the tab of ``page`` (a key of ``holders``), building it if needed."""
+        self.page(page)
+        if self.tabs is not None and page in self.holders:
+            self.tabs.active = list(self.holders).index(page)
+
+    def _on_tab(self, event) -> None:
+        name = self.shown()
+        if name is not None:
+            page = self.page(name)
+            getattr(page, "on_show", lambda: None)()
 
     def close(self, *_) -> None:
         for widget in list(self._widgets):
@@ -108,7 +137,9 @@ class Session:
         for page in self.pages.values():
             getattr(page, "close", lambda: None)()
         self.pages.clear()
+        self.holders.clear()
         self.shared.sessions -= 1
+        self.shared.trim()
 
 
 def build_dashboard(shared) -> pn.viewable.Viewable:
@@ -137,14 +168,15 @@ def build_dashboard(shared) -> pn.viewable.Viewable:
     session = Session(shared, user, role)
     shared.sessions += 1
     shared.sessions_total += 1
-    pages = {"runs": RunsPage(session), "new": NewRunPage(session), "scans": ScansPage(session),
-             "vision": VisionPage(session)}
+    session.builders = {"runs": RunsPage, "new": NewRunPage, "scans": ScansPage, "vision": VisionPage}
     if session.is_admin:
-        pages["admin"] = AdminPage(session)
-    session.pages = pages
+        session.builders["admin"] = AdminPage
     titles = {"runs": "Runs", "new": "New run", "scans": "Scans", "vision": "Vision", "admin": "Admin"}
-    session.tabs = pn.Tabs(*[(titles[k], p.panel) for k, p in pages.items()], dynamic=True,
+    session.holders = {name: pn.Column(sizing_mode="stretch_width") for name in session.builders}
+    session.page("runs")
+    session.tabs = pn.Tabs(*[(titles[k], holder) for k, holder in session.holders.items()], dynamic=True,
                            sizing_mode="stretch_width", css_classes=["lens-tabs"])
+    session.tabs.param.watch(session._on_tab, "active")
     who = html.escape(user)
     sign_out = ' · <a href="./logout" class="lens-logout">sign out</a>' if shared.auth else ""
     header = pn.Row(
@@ -157,5 +189,5 @@ def build_dashboard(shared) -> pn.viewable.Viewable:
     pn.state.on_session_destroyed(session.close)
     wanted = pn.state.session_args.get("run") if pn.state.session_args else None
     if wanted:
-        pages["runs"].open(wanted[0].decode("utf-8", "replace"))
+        session.page("runs").open(wanted[0].decode("utf-8", "replace"))
     return pn.Column(header, session.tabs, sizing_mode="stretch_width")

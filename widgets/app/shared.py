@@ -42,7 +42,11 @@ def process_facts(*, scan_objects: bool = True) -> dict[str, Any]:
         "lens_models_module_loaded": "lens.models.load" in sys.modules,
         "torch_imported": "torch" in sys.modules,
     }
+    widget_registry = sys.modules.get("ipywidgets.widgets.widget")
+    if widget_registry is not None:
+        facts["open_widgets"] = len(getattr(widget_registry, "_instances", {}))
     if scan_objects:
+        facts["python_objects"] = len(gc.get_objects())
         modules, parameters, lens_models = 0, 0, 0
         nn = sys.modules.get("torch.nn")
         lensmodel = sys.modules.get("lens.models.lensmodel")
@@ -103,9 +107,61 @@ class Shared:
         self.sessions = 0
         self.sessions_total = 0
         self._version: tuple[float, Any] = (0.0, None)
+        self._trimmed = 0.0
+        self._trim_scheduled = False
+        self._listings: dict[tuple, list] = {}
+        self._listings_version = None
+
+    def trim(self) -> None:
+        """After a session ends: collect garbage and hand freed heap pages back to the system (glibc's
+        ``malloc_trim``), at most every 5 s — otherwise a long-running server keeps the high-water mark of
+        its busiest minute for ever (Panel users report exactly that)."""
+        now = time.monotonic()
+        if now - self._trimmed < 5.0:
+            if not self._trim_scheduled:  # sessions often end together: trim once after the last of them
+                self._trim_scheduled = True
+                from tornado.ioloop import IOLoop
+
+                IOLoop.current().call_later(5.0, self._scheduled_trim)
+            return
+        self._trimmed = now
+        if self.sessions <= 0:  # nobody is looking: the shared listings would only pin memory until the next visit
+            self._listings, self._listings_version = {}, None
+            self.invalidate()
+        gc.collect()
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+            pass
+
+    def _scheduled_trim(self) -> None:
+        self._trim_scheduled = False
+        self._trimmed = 0.0
+        self.trim()
+
+    def entries(self, kind: str, **filters):
+        """``store.entries(kind, **filters)``, shared by every session until the store changes: twenty sessions
+        looking at the same list cost one query."""
+        version = self.version()
+        if version != self._listings_version:  # only the current version's listings are worth keeping
+            self._listings, self._listings_version = {}, version
+        key = (kind, tuple(sorted(filters.items())))
+        hit = self._listings.get(key)
+        if hit is None:
+            hit = self.store.entries(kind, limit=1000, **filters)
+            if len(self._listings) > 32:
+                self._listings.clear()
+            self._listings[key] = hit
+        return hit
+
+    def invalidate(self) -> None:
+        """Forget the cached version: this process just changed the store."""
+        self._version = (0.0, None)
 
     def version(self) -> Any:
-        """The store's version (entries count, newest), re-read at most once a second for all sessions."""
+        """The store's version token, re-read at most once a second for all sessions."""
         now = time.monotonic()
         if now - self._version[0] > 1.0:
             self._version = (now, self.store.version())
