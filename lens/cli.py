@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from lens.atomic import atomic_write_text
+
 __all__ = ["main"]
 
 # name → (module, what it measures). Every benchmark measures its baseline in the same run.
@@ -38,7 +40,7 @@ def _bench(argv: list[str]) -> int:
     kwargs = getattr(module, "QUICK", {}) if args.quick else {}
     result = module.run(**kwargs)
     print(module.format_table(result))
-    args.json.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(args.json, json.dumps(result, indent=2, default=str))
     print(f"\nJSON written to {args.json}")
     return 0
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the embedded MiniLM, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("serve", help="the team dashboard: lens serve [--config FILE] [--store DIR] …; "
                                  "lens serve adduser NAME --admin", add_help=False)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
+        run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
         return 0
     if args.command == "version":
         import torch

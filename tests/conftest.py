@@ -195,3 +195,22 @@ def team_server(tmp_path_factory):
                 raise RuntimeError("the worker never got ready:\n" + config.with_suffix(".log").read_text()[-4000:])
             time.sleep(0.5)
         yield types.SimpleNamespace(url=url, store=store, proc=proc, passwords=passwords, root=root, config=config)
+
+
+# -- measured figures ---------------------------------------------------------------------------------------
+# Tests that measure something worth reading (payload sizes, …) report it here instead of printing into
+# pytest's progress line; the figures are listed once, in their own section, after the test summary.
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure():
+    """``report_figure("AttentionExplorer, T=2048: notebook +0.42 MB")`` — shown at the end of the session."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -34,7 +34,7 @@ class Batch:
 class AttentionProbe:
     """Mass received per key and |Q_k| for every layer and head; optional full patterns.
 
-    Implements DESIGN §3 "Attention mass received" from the statistics the attention kernel returns.
+    Implements docs/definitions.md#attention-mass-received from the statistics the attention kernel returns.
     """
 
     def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes):
@@ -106,7 +106,7 @@ class AttentionProbe:
 class ResidualProbe:
     """Token norms, cos² to the first token, massive activations and both entropy spectra per layer.
 
-    Implements DESIGN §3 "Massive activations", "Token norms" and "Matrix entropy" (the spectra; the
+    Implements docs/definitions.md#massive-activations, #token-norms and "Matrix entropy" (the spectra; the
     entropies themselves are computed by ``lens.valley``). X_ℓ is read at the input of block ℓ, and
     X_L at the output of the last block.
     """
@@ -204,7 +204,7 @@ class ResidualProbe:
 
 
 class MLPProbe:
-    """Per-neuron mean/max/fraction-positive and streaming top-k examples (DESIGN §3 "Neuron activation").
+    """Per-neuron mean/max/fraction-positive and streaming top-k examples (docs/definitions.md#neuron-activation).
 
     The activation is read at the input of each block's MLP output projection: after the nonlinearity,
     and after act(gate)·up for gated MLPs. Top-k is merged batch by batch, so memory is

@@ -25,7 +25,7 @@ class Family:
 
     ``layers``: the ModuleList of transformer blocks. ``attention``: the submodule of a block that calls
     ``transformers.AttentionInterface``. ``mlp_out``: the MLP's output projection inside a block; its
-    *input* is the neuron activation of DESIGN §3 (after the nonlinearity; for gated MLPs after
+    *input* is the neuron activation of docs/definitions.md (after the nonlinearity; for gated MLPs after
     act(gate)·up), so one pre-hook serves plain and gated MLPs alike. ``final_norm``: the norm applied
     after the last block (None for post-LN encoders). ``prepend_bos``: prepend the tokenizer's BOS
     token when the tokenizer does not add one itself (the TransformerLens convention, so that

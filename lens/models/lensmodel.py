@@ -112,6 +112,7 @@ class LensModel:
         quant=None,
         calibration=None,
         source: str = "transformers",
+        progress: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -147,7 +148,7 @@ class LensModel:
         self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
         self.set_attention(attention)
         if quant is not None:
-            self.set_quant(quant, calibration=calibration)
+            self.set_quant(quant, calibration=calibration, progress=progress)
 
     # -- deployment -------------------------------------------------------------------------------
     @property
@@ -161,16 +162,18 @@ class LensModel:
             module._lens_kernel = kernel
         self.attention_kernel = kernel
 
-    def set_quant(self, quant, *, calibration=None) -> None:
+    def set_quant(self, quant, *, calibration=None, progress: bool | None = None) -> None:
         """Replace the model's linear layers by packed low-bit ones (a scheme name or a ``QuantConfig``).
 
-        ``calibration``: texts for the schemes that smooth activations (SmoothQuant).
+        ``calibration``: texts for the schemes that smooth activations (SmoothQuant). ``progress``: a bar
+        over the layers being quantized (None: in a terminal or notebook only; see ``lens.progress``).
+        Raises ``ConfigError`` when the model is already quantized or the scheme is unknown.
         """
         from lens.models import deploy
 
         if self.quant is not None:
             raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
-        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration)
+        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration, progress=progress)
         # the MLP output projections are new modules now: re-read where the probes attach
         parts = _find_parts(self.model, self.family)
         self.mlp_out_modules = parts.mlp_out
@@ -214,4 +217,18 @@ class LensModel:
             f"d_model={self.d_model}, causal={self.causal}, attention={attn}, quant={quant})"
         )
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
 
+        from lens._display import html_card
+
+        facts = {
+            "family": self.family.name, "layers": self.n_layers, "heads": self.n_heads,
+            "key/value heads": self.n_kv_heads, "d_model": self.d_model, "d_mlp": self.d_mlp,
+            "causal": str(self.causal), "positions": self.max_positions,
+            "attention": (self.attention_kernel or lens_attention._DENSE).describe().get("kind"),
+            "quant": self.quant.describe().get("scheme") if self.quant is not None else "none",
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+        }
+        frame = pd.DataFrame([{k: str(v) for k, v in facts.items()}])
+        return html_card("LensModel", f"{self.model_id} ({self.source})", frame)

