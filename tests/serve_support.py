@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["claim_all", "postgres_bin", "postgres", "create_database", "lens_server", "free_port", "REQUIRE_POSTGRES"]
+__all__ = ["fake_scan", "claim_all", "postgres_bin", "postgres", "create_database", "lens_server", "free_port", "REQUIRE_POSTGRES"]
 
 #: CI (.ci/run) installs PostgreSQL and sets this: there a missing server fails the tests instead of skipping.
 REQUIRE_POSTGRES = os.environ.get("LENS_REQUIRE_POSTGRES") == "1"
@@ -148,3 +148,20 @@ def claim_all(root: str, index: str, worker: str, out: str) -> None:
         taken.append(job.id)
         store.jobs.finish(job.id, worker, "0123456789abcdef")
     Path(out).write_text(json.dumps(taken))
+
+
+def fake_scan(folder: Path, **manifest) -> Path:
+    """A finished scan directory in lens.scan's layout (manifest.json with a sha256 per listed file), with
+    random contents: what the store must keep whole, whatever the scan holds."""
+    import hashlib
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "stats.safetensors").write_bytes(os.urandom(5000))
+    (folder / "examples.parquet").write_bytes(b"PAR1" + os.urandom(100))
+    files = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("stats.safetensors", "examples.parquet")}
+    data = {"schema": "lens.scan/1", "status": "complete", "files": files,
+            "provenance": {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "attention": {"kind": "dense"}},
+            "corpus": {"documents": 12, "tokens": 345, "description": "twelve documents"}, **manifest}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder

@@ -128,6 +128,25 @@ def test_a_team_signs_in_runs_minilm_opens_compares_and_respects_ownership(team_
         title = ana.page.inner_text(".lens-view-title")
         assert "CompareView" in title and dense in title and quantized in title and "int8" in title
 
+        # the other pages: a stored scan, the vision runs, the admin page
+        from serve_support import fake_scan
+
+        scan = store.save_scan(fake_scan(team_server.root / "scan-src"), owner="ana", tags="corpus")
+        tab(ana, "Scans")
+        row = f".lens-scan-table .tabulator-row:has-text('{scan.id}')"
+        ana.page.wait_for_selector(row, timeout=30_000)
+        ana.page.click(f"{row} .tabulator-cell[tabulator-field='id']")
+        ana.page.click(".lens-scans-open button")
+        ana.page.wait_for_selector(f"text=Scan {scan.id}", timeout=30_000)
+        assert "twelve documents" in ana.page.inner_text(".lens-scans-view")
+        tab(ana, "Vision")
+        ana.page.wait_for_selector("text=vision-language", timeout=30_000)
+        tab(ana, "Admin")
+        ana.page.wait_for_selector(".lens-admin-workers .tabulator-row", timeout=30_000)
+        assert "minilm:none/int8" in ana.page.inner_text(".lens-admin-workers .tabulator-tableholder")
+        assert "transformers modelling modules imported: 0" in ana.page.inner_text(".lens-admin-process-facts")
+        tab(ana, "Runs")
+
         # bo, a member, sees ana's run but cannot delete it
         bo = sign_in(new_page, team_server, "bo")
         signed_in(bo, "bo")

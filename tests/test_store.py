@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from serve_support import fake_scan
 from test_widgets_support import synthetic_run
 
 import lens
@@ -190,20 +191,8 @@ def test_concurrent_workers_never_take_the_same_job(store, tmp_path):
     assert store.jobs.counts() == {"done": 40}
 
 
-def _fake_scan(folder: Path, **manifest) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "stats.safetensors").write_bytes(os.urandom(5000))
-    (folder / "examples.parquet").write_bytes(b"PAR1" + os.urandom(100))
-    files = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("stats.safetensors", "examples.parquet")}
-    data = {"schema": "lens.scan/1", "status": "complete", "files": files,
-            "provenance": {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "attention": {"kind": "dense"}},
-            "corpus": {"documents": 12, "tokens": 345, "description": "twelve documents"}, **manifest}
-    (folder / "manifest.json").write_text(json.dumps(data))
-    return folder
-
-
 def test_any_scan_directory_is_stored_whole_with_a_checksum_per_file(store, tmp_path):
-    entry = store.save_scan(_fake_scan(tmp_path / "scan"), tags="corpus")
+    entry = store.save_scan(fake_scan(tmp_path / "scan"), tags="corpus")
     assert (entry.kind, entry.n_inputs, entry.n_tokens, entry.preview) == ("scan", 12, 345, "twelve documents")
     assert set(entry.files) == {"manifest.json", "stats.safetensors", "examples.parquet"}
     folder = store.scan_folder(entry.id)
@@ -213,15 +202,15 @@ def test_any_scan_directory_is_stored_whole_with_a_checksum_per_file(store, tmp_
     assert "does not list" in store.verify().problems[0]
     (folder / "extra.bin").unlink()
     with pytest.raises(StoreError, match="not finished"):
-        store.save_scan(_fake_scan(tmp_path / "running", status="running"))
-    bad = _fake_scan(tmp_path / "bad")
+        store.save_scan(fake_scan(tmp_path / "running", status="running"))
+    bad = fake_scan(tmp_path / "bad")
     (bad / "stats.safetensors").write_bytes(b"changed")
     with pytest.raises(StoreError, match="does not match the sha256"):
         store.save_scan(bad)
-    sneaky = _fake_scan(tmp_path / "sneaky", files={"../../etc/passwd": "0" * 64})
+    sneaky = fake_scan(tmp_path / "sneaky", files={"../../etc/passwd": "0" * 64})
     with pytest.raises(StoreError, match="leaves its folder"):
         store.save_scan(sneaky)
-    linked = _fake_scan(tmp_path / "linked")
+    linked = fake_scan(tmp_path / "linked")
     (linked / "stats.safetensors").unlink()
     (linked / "stats.safetensors").symlink_to("/etc/hostname")
     with pytest.raises(StoreError, match="not a regular file"):
@@ -234,7 +223,7 @@ def test_any_scan_directory_is_stored_whole_with_a_checksum_per_file(store, tmp_
 
 def test_export_and_import_keep_ids_owners_tags_and_checksums(store, tmp_path):
     run = store.save_run(synthetic_run([6]), owner="ana", tags="a")
-    scan = store.save_scan(_fake_scan(tmp_path / "scan"), owner="bo", tags="b")
+    scan = store.save_scan(fake_scan(tmp_path / "scan"), owner="bo", tags="b")
     out = store.export([run.id, scan.id], tmp_path / "export")
     other = lens.store.open(tmp_path / "other", user="cy")
     imported = other.import_path(out)

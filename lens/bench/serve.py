@@ -9,7 +9,7 @@ server's update that carries the new view. Meanwhile a job at a time runs on the
 
 Baselines in the same run: one session alone (the latency ratio), and the web process's memory after a
 warm-up session (before), its peak while the sessions run (during), and after they closed and the server
-discarded them (after). Goals (DESIGN §4): 0 errors, p95 < 2 s, memory after within 10 % of before.
+discarded them (after). Goals (docs/serve.md#under-load): 0 errors, p95 < 2 s, memory after within 10 % of before.
 
 Example: ``lens bench serve --sessions 20 --duration 120`` (``--quick``: 4 sessions, 20 s).
 """

@@ -93,10 +93,10 @@ class AdminPage:
                  f"<b>{facts['lens_models']}</b>")
         cache = self.s.shared.runs.stats()
         self.process.object = (
-            f"<p>pid {facts['pid']} · memory <b>{human_bytes(facts['rss_bytes'])}</b> · sessions {self.s.shared.sessions} "
+            f"<div class='lens-admin-process-facts'><p>pid {facts['pid']} · memory <b>{human_bytes(facts['rss_bytes'])}</b> · sessions {self.s.shared.sessions} "
             f"(since start {self.s.shared.sessions_total}) · run cache {cache['runs']} runs, {human_bytes(cache['bytes'])}</p>"
             f"<p>Model weights in this process: transformers modelling modules imported: "
-            f"<b>{len(facts['transformers_modeling_modules'])}</b>{holds} (the workers hold the models).</p>")
+            f"<b>{len(facts['transformers_modeling_modules'])}</b>{holds} (the workers hold the models).</p></div>")
         count = store.count()
         counts = store.jobs.counts()
         self.store_info.object = (f"<p>{html.escape(str(store.root))} · index {html.escape(store.index.display_url)} · "

@@ -54,8 +54,10 @@ class _EntryList:
         self.table = pn.widgets.Tabulator(_frame([], self.kind), selectable=1, disabled=True, show_index=False,
                                           height=260, sizing_mode="stretch_width", layout="fit_data_fill",
                                           css_classes=[f"lens-{self.kind}-table"])
-        self.open_button = pn.widgets.Button(name="Open", button_type="primary", width=90)
-        self.delete_button = pn.widgets.Button(name="Delete", button_type="danger", width=90)
+        self.open_button = pn.widgets.Button(name="Open", button_type="primary", width=90,
+                                             css_classes=[f"lens-{self.page_name}-open"])
+        self.delete_button = pn.widgets.Button(name="Delete", button_type="danger", width=90,
+                                               css_classes=[f"lens-{self.page_name}-delete"])
         self.message = message_pane(f"lens-{self.kind}-message")
         self.holder = pn.Column(sizing_mode="stretch_width")
         self.widget = None
@@ -165,10 +167,10 @@ class ScansPage(_EntryList):
         corpus = manifest.get("corpus") or {}
         show_message(self.message, "")
         self._show(None, pn.pane.HTML(
-            f"<h4>Scan {entry.id}</h4><p>{html.escape(entry.model)} · {entry.n_inputs:,} documents · {entry.n_tokens:,} "
+            f"<div class='lens-scans-view'><h4>Scan {entry.id}</h4><p>{html.escape(entry.model)} · {entry.n_inputs:,} documents · {entry.n_tokens:,} "
             f"tokens · by {html.escape(entry.owner)} · schema {html.escape(str(manifest.get('schema')))}</p>"
             f"<p>{html.escape(str(corpus.get('description') or ''))}</p>"
-            f"<table><tr><th>file</th><th>sha256</th></tr>{rows}</table>", sizing_mode="stretch_width"))
+            f"<table><tr><th>file</th><th>sha256</th></tr>{rows}</table></div>", sizing_mode="stretch_width"))
 
     def _on_corpus(self, event) -> None:
         self.documents = []
