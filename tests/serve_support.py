@@ -113,12 +113,14 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
 
 
 @contextlib.contextmanager
-def lens_server(config: Path, *args: str, port: int, timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+def lens_server(config: Path, *args: str, port: int, timeout: float = 120,
+                env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``lens serve --config config --port port *args``; yield (URL, process) once it answers."""
     log = config.with_suffix(".log")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lens", "serve", "--config", str(config), "--port", str(port), *args],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/liveness", proc, timeout, log)

@@ -152,3 +152,31 @@ def test_adduser_and_passwd_from_the_command_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(sys, "stdin", io.StringIO("a brand new password\n"))
     assert main(["serve", "passwd", "cy", "--password-stdin", "--store", str(tmp_path)]) == 0
     assert store.users.authenticate("cy", "a brand new password") and not store.users.authenticate("cy", "cy's password")
+
+
+def test_single_sign_on_through_panels_oauth_hands_over_to_the_provider(tmp_path):
+    """With server.oauth_provider, lens's login is replaced by Panel's OAuth flow (here GitHub's; nothing is
+    contacted: the test only follows the first redirect), and the store still decides who gets a dashboard."""
+    from lens.cli import main
+
+    store = lens.store.open(tmp_path / "store")
+    assert main(["serve", "adduser", "octocat", "--oauth", "--store", str(tmp_path / "store")]) == 0
+    assert store.users.get("octocat").role == "member"
+    config = tmp_path / "oauth.toml"
+    config.write_text('[store]\npath = "store"\n\n[server]\nworkers = 0\noauth_provider = "github"\n'
+                      'oauth_key = "lens-test-client"\noauth_redirect_uri = "http://127.0.0.1/"\n')
+    from serve_support import lens_server
+
+    port = free_port()
+    with lens_server(config, port=port, env={"LENS_OAUTH_SECRET": "not-a-real-secret"}) as (url, proc):
+        opener, _ = client()
+        status, headers, _ = fetch(opener, f"{url}/")
+        assert status == 302 and "login" in headers["Location"]
+        status, headers, _ = fetch(opener, f"{url}/login")
+        assert status == 302 and headers["Location"].startswith("https://github.com/login/oauth/authorize")
+        assert "client_id=lens-test-client" in headers["Location"]
+        assert fetch(opener, f"{url}/api/status")[0] == 403
+    out = subprocess.run([sys.executable, "-m", "lens", "serve", "--config", str(config), "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120, env={k: v for k, v in __import__("os").environ.items()
+                                                                             if k != "LENS_OAUTH_SECRET"})
+    assert out.returncode == 2 and "LENS_OAUTH_SECRET" in out.stderr  # no client secret: refused

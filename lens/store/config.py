@@ -15,6 +15,12 @@ Example ``lens-serve.toml`` (every key optional; the values shown are the defaul
     workers = 2                  # worker processes on this host; 0: the web process only
     worker_threads = 1           # torch threads per worker process
     secure_cookies = false       # true behind TLS: cookies only travel over https
+    oauth_provider = ""          # sign in through Panel's OAuth instead: "github", "gitlab", "google", "azure",
+                                 # "okta", "auth0", "generic" (see docs/serve.md); users must exist in the store
+    oauth_key = ""               # the OAuth client id
+    oauth_secret = ""            # the client secret (better: the environment variable LENS_OAUTH_SECRET)
+    oauth_redirect_uri = ""      # e.g. "https://lens.example.org" (what the provider redirects back to)
+    oauth_extra_params = {}      # provider specifics, e.g. {TOKEN_URL = "…", AUTHORIZE_URL = "…", USER_URL = "…"}
 
     [limits]
     tokens_per_input = 512       # checked with the model's tokenizer by the worker
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +125,11 @@ class ServeConfig:
     workers: int = 2
     worker_threads: int = 1
     secure_cookies: bool = False
+    oauth_provider: str = ""
+    oauth_key: str = ""
+    oauth_secret: str = ""
+    oauth_redirect_uri: str = ""
+    oauth_extra_params: dict = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     models: tuple[ModelSpec, ...] = (ModelSpec("minilm"),)
     source: Path | None = None
@@ -159,8 +171,9 @@ class ServeConfig:
         if store.get("index"):
             kwargs["index"] = str(store["index"])
         server = dict(data.get("server", {}))
-        _only(server, {"address", "port", "auth", "allow_websocket_origin", "root_path", "workers", "worker_threads",
-                       "secure_cookies"}, "server")
+        _only(server, {"address", "port", "auth", "allow_websocket_origin", "workers", "worker_threads",
+                       "secure_cookies", "oauth_provider", "oauth_key", "oauth_secret", "oauth_redirect_uri",
+                       "oauth_extra_params"}, "server")
         for key, value in server.items():
             kwargs[key] = tuple(value) if key == "allow_websocket_origin" else value
         limits = dict(data.get("limits", {}))
@@ -193,6 +206,11 @@ class ServeConfig:
             raise ConfigError(f"server.workers must be an integer ≥ 0; got {self.workers!r}")
         if not self.models:
             raise ConfigError("configure at least one model ([[models]] in the configuration file)")
+        if self.oauth_provider and not (self.oauth_key and (self.oauth_secret or os.environ.get("LENS_OAUTH_SECRET"))):
+            raise ConfigError(
+                f"server.oauth_provider = {self.oauth_provider!r} needs server.oauth_key and the client secret "
+                "(server.oauth_secret, or better the environment variable LENS_OAUTH_SECRET)"
+            )
 
     def model(self, name: str) -> ModelSpec:
         for spec in self.models:
@@ -214,7 +232,7 @@ class ServeConfig:
             "server": {"address": self.address, "port": self.port, "auth": self.auth,
                        "allow_websocket_origin": list(self.allow_websocket_origin), "root_path": self.root_path,
                        "workers": self.workers, "worker_threads": self.worker_threads,
-                       "secure_cookies": self.secure_cookies},
+                       "secure_cookies": self.secure_cookies},  # the OAuth client secret stays with the web process
             "limits": dataclasses.asdict(self.limits),
             "models": [{**dataclasses.asdict(m), "quant": list(m.quant), "attention": list(m.attention)} for m in self.models],
         }

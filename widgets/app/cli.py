@@ -14,6 +14,7 @@ import argparse
 import getpass
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
         if argv[0] == "adduser":
             parser.add_argument("--admin", action="store_true", help="the admin role (delete anything, scans, admin page)")
+            parser.add_argument("--oauth", action="store_true",
+                                help="a user who signs in through the identity provider (server.oauth_provider): "
+                                     "NAME is their name there; no password")
         args = parser.parse_args(argv[1:])
         try:
             from lens.store.core import Store
@@ -63,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             config = _config(args)
             store = Store(config.store, config.index or None)
             if argv[0] == "adduser":
-                user = store.users.add(args.name, _password(args, args.name), role="admin" if args.admin else "member")
+                # an OAuth user gets a random password nobody knows: lens's own sign-in can never accept it
+                password = secrets.token_urlsafe(32) if args.oauth else _password(args, args.name)
+                user = store.users.add(args.name, password, role="admin" if args.admin else "member")
                 print(f"added {user.name} ({user.role}) to the store at {store.root}")
             else:
                 store.users.set_password(args.name, _password(args, args.name))

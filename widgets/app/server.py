@@ -96,6 +96,21 @@ def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
         pass
 
 
+def _encrypt_oauth_tokens(pn, store: Store) -> None:
+    """Have Panel encrypt the identity provider's tokens in cookies (Fernet; the key is persisted in the
+    store's index, so restarts and other hosts can read them). Needs ``cryptography``."""
+    import base64
+
+    try:
+        from cryptography.fernet import Fernet
+    except ImportError:
+        log.warning("OAuth tokens are kept in signed but unencrypted cookies: pip install cryptography to encrypt them")
+        return
+    key = store.setting("oauth_encryption_key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    pn.config._oauth_encryption_key = key.encode()
+    pn.state.encryption = Fernet(key.encode())
+
+
 def serve(config: ServeConfig, *, on_ready: Callable[[Any], None] | None = None) -> None:
     """Run the dashboard until SIGINT/SIGTERM: check the policy, start the workers, serve on
     ``config.address:config.port``. ``on_ready(server)`` is called once it listens.
@@ -126,7 +141,17 @@ def serve(config: ServeConfig, *, on_ready: Callable[[Any], None] | None = None)
 
         pool = WorkerPool(config).start()
     kwargs: dict[str, Any] = {}
-    if config.auth:
+    if config.auth and config.oauth_provider:
+        # sign-in by an identity provider through Panel's OAuth handlers; the store still decides who may
+        # use the dashboard and with which role (build_dashboard looks pn.state.user up in its users)
+        import os
+
+        kwargs.update(oauth_provider=config.oauth_provider, oauth_key=config.oauth_key,
+                      oauth_secret=config.oauth_secret or os.environ.get("LENS_OAUTH_SECRET", ""),
+                      oauth_redirect_uri=config.oauth_redirect_uri or None,
+                      oauth_extra_params=dict(config.oauth_extra_params))
+        _encrypt_oauth_tokens(pn, store)
+    elif config.auth:
         kwargs["auth_provider"] = LensAuth(store, secure_cookies=config.secure_cookies)
     server = pn.serve(
         {"/": lambda: build_dashboard(shared)},
