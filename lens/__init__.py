@@ -28,6 +28,9 @@ from lens.errors import (
     RunFormatError,
     StoreError,
     UnsupportedModelError,
+    CorpusError,
+    ScanError,
+    ScanFormatError,
 )
 from lens.run import Run
 
@@ -50,6 +53,11 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+    "neurons": "lens.analysis",
+    "NeuronResult": "lens.analysis",
+    "scan": "lens.scan",
+    "Scan": "lens.scan",
+    "ScanCompareResult": "lens.scan",
 }
 
 
@@ -83,6 +91,11 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "neurons",
+    "NeuronResult",
+    "scan",
+    "Scan",
+    "ScanCompareResult",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -103,4 +116,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "LimitExceededError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]

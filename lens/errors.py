@@ -18,6 +18,9 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "LimitExceededError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]
 
 
@@ -72,3 +75,13 @@ class PermissionDeniedError(StoreError, PermissionError):
 class LimitExceededError(InputError):
     """A job exceeds the dashboard's input limits (tokens per input, inputs per job, upload or image size)
     or the user's concurrency limit."""
+class CorpusError(InputError):
+    """A corpus given to ``lens.scan`` cannot be read (missing or unreadable file, wrong field, no text)."""
+
+
+class ScanError(LensError, RuntimeError):
+    """A scan cannot continue as asked (``resume=True`` with a different model, corpus or options)."""
+
+
+class ScanFormatError(LensError, OSError):
+    """A saved scan directory is missing, incomplete, corrupted (checksum mismatch) or not a lens scan."""

@@ -21,10 +21,14 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | resid.spectrum_normalized | [L+1, S, R] f64 | eigenvalues of the Gram of centered, row-normalized X_ℓ |
 | resid.hidden.<ℓ> | [N, d] f32 | X_ℓ itself (only for layers passed to keep_hidden) |
 | mlp.sum / mlp.max | [L, M] | per-neuron Σ and max of the activation over all tokens |
+| mlp.sumsq | [L, M] f64 | per-neuron Σ of the squared activation (for the variance) |
 | mlp.positive | [L, M] int64 | tokens with activation > 0 |
 | mlp.top_value | [L, M, K] f32 | streaming top-K activations per neuron … |
 | mlp.top_token | [L, M, K] int64 | … and their flat token index (−1: none) |
 | mlp.tracked | [P, N] f32 | per-token activation of the neurons in meta["tracked_neurons"] |
+| moe.layers | [Lm] int64 | the MoE layers (mixture-of-experts models; capture "router") |
+| moe.probs | [Lm, N, E] f32 | router probabilities r[t, e] = softmax over experts |
+| moe.experts / moe.gates | [Lm, N, k] | the experts the model selected per token and their gates |
 | pattern.<ℓ>.<h> | [Σ T_s²] f32 | full attention patterns kept on request, row-major per sequence |
 | logits.logprobs | [N, V] f32 | next-token log-probabilities (capture "logits", causal LMs) |
 

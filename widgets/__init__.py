@@ -11,6 +11,7 @@ follows the JupyterLab theme, and is keyboard accessible.
 | ``ValleyPlot`` | entropy, anisotropy, first-token norm per layer, several runs (``lens.valley(run).show()``) |
 | ``TokenView`` | text coloured by any per-token value (a neuron, the mass received…) |
 | ``CompareView`` | the deltas of ``lens.compare(run_a, run_b)`` |
+| ``NeuronExplorer`` | the neurons of a corpus scan: table, search by token, a page per neuron (``scan.show()``) |
 
 Each has ``to_html(path)`` (one offline file) and ``to_panel()`` (the same ESM in a Panel app), and traits
 Python can read back and link (``seq``, ``layer``, ``head``, ``token``).
@@ -38,8 +39,9 @@ except ImportError as exc:  # pragma: no cover - exercised in environments witho
 from ._base import LensWidget
 from .attention import AttentionExplorer
 from .compare import CompareView
+from .neuron_explorer import NeuronExplorer
 from .sinkmap import SinkMap
 from .tokens import TokenView
 from .valley_plot import ValleyPlot
 
-__all__ = ["AttentionExplorer", "SinkMap", "ValleyPlot", "TokenView", "CompareView", "LensWidget"]
+__all__ = ["AttentionExplorer", "SinkMap", "ValleyPlot", "TokenView", "CompareView", "NeuronExplorer", "LensWidget"]

@@ -255,7 +255,12 @@ def compare(run_a: Run, run_b: Run, *, epsilon: float = 0.3) -> CompareResult:
         dense = lens.trace(lens.load(), texts, keep_hidden="all")
         sparse = lens.trace(lens.load(attention=lens.Sparse(topp=0.9)), texts, keep_hidden="all")
         lens.compare(dense, sparse).to_frame()
+
+    Two ``Scan`` objects (``lens.scan``) of the same corpus compare neuron by neuron instead: top-k overlap
+    (Jaccard), histogram distance, mean shift and the neurons that moved most (``ScanCompareResult``).
     """
+    if getattr(run_a, "__lens_scan__", False) is True:  # a Scan knows how to compare itself (lens.scan)
+        return run_a.compare(run_b)
     if not isinstance(run_a, Run) or not isinstance(run_b, Run):
         raise ConfigError("lens.compare takes two lens.Run objects (from lens.trace or lens.Run.load)")
     ha, hb = run_a.provenance.get("input_sha256"), run_b.provenance.get("input_sha256")

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from lens.capture.moe import RouterProbe, moe_layers
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
 from lens.errors import ConfigError
 from lens.models.inputs import encode, pad_batch
@@ -21,7 +22,8 @@ from lens.run import Run
 __all__ = ["trace", "CAPTURES", "TraceOptions"]
 
 CAPTURES = ("attention", "residual", "mlp")
-OPTIONAL_CAPTURES = ("logits",)  # next-token log-probabilities [N, vocab]: heavy, for lens.compare on LMs
+OPTIONAL_CAPTURES = ("logits", "router")  # logits: next-token log-probabilities [N, vocab] (heavy, for lens.compare)
+# "router": MoE routing per token; on by default with "mlp" for mixture-of-experts models
 
 # Full patterns are opt-in because they are n² per head; refuse requests that would not fit comfortably.
 _MAX_PATTERN_BYTES = 4 * 1024**3
@@ -105,10 +107,11 @@ class Probes:
     residual: ResidualProbe | None
     mlp: MLPProbe | None
     logprobs: np.ndarray | None
+    router: RouterProbe | None = None
 
     @property
     def hooked(self) -> list:
-        return [p for p in (self.residual, self.mlp) if p is not None]
+        return [p for p in (self.residual, self.mlp, self.router) if p is not None]
 
 
 @torch.inference_mode()
@@ -230,9 +233,12 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
     )
     logprobs = None
     if "logits" in capture:
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        head = lm.model.get_output_embeddings()
+        # a packed head (QuantLinear, e.g. quant="keep") has no float .weight, only its shape
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
-    return Probes(attention, residual, mlp, logprobs)
+    router = RouterProbe(lm, n_tokens) if moe_layers(lm) and ("mlp" in capture or "router" in capture) else None
+    return Probes(attention, residual, mlp, logprobs, router)
 
 
 def _pad_id(tokenizer) -> int:
@@ -309,6 +315,8 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
         arrays.update(probes.mlp.arrays(n_tokens))
     if probes.logprobs is not None:
         arrays["logits.logprobs"] = probes.logprobs
+    if probes.router is not None:
+        arrays.update(probes.router.arrays())
 
     tokens = [[lm.tokenizer.decode([t]) for t in ids] if ids else [] for ids in encoded.ids]
     provenance = lm.provenance()
