@@ -23,7 +23,11 @@ from lens.errors import (
     LensWarning,
     ModelLoadError,
     NumericalError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
     RunFormatError,
+    StoreError,
     UnsupportedModelError,
     CorpusError,
     ScanError,
@@ -66,7 +70,15 @@ _LAZY = {
 }
 
 
+#: Subpackages reachable as attributes without an import of their own: ``lens.store.open(...)``.
+_SUBPACKAGES = ("store",)
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"lens.{name}")
     if name in _LAZY:
         import importlib
 
@@ -77,11 +89,12 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [
     "load",
+    "store",
     "trace",
     "Ablate",
     "Clamp",
@@ -117,6 +130,10 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "StoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "LimitExceededError",
     "CorpusError",
     "ScanError",
     "ScanFormatError",
