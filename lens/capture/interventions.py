@@ -45,7 +45,8 @@ import torch
 from lens.errors import ConfigError
 from lens.run import Run
 
-__all__ = ["Ablate", "Clamp", "Patch", "ScaleAttention", "Intervention", "Interventions"]
+__all__ = ["Ablate", "Clamp", "Patch", "ScaleAttention", "Intervention", "Interventions", "from_description",
+           "is_positional"]
 
 _SITES = ("mlp", "head", "resid")
 
@@ -160,6 +161,31 @@ class ScaleAttention:
 
 
 Intervention = Ablate | Clamp | Patch | ScaleAttention
+
+
+_BY_TYPE = {"ablate": Ablate, "clamp": Clamp, "patch": Patch, "scale_attention": ScaleAttention}
+
+
+def from_description(description: dict):
+    """The intervention a ``describe()`` dict stands for (a run's provenance, a scan's manifest).
+
+    ``Patch`` cannot be rebuilt (its source run is not in the description): ``ConfigError``.
+
+    Example: ``from_description(lens.Ablate("mlp", 3).describe()) == lens.Ablate("mlp", 3)``.
+    """
+    kind = description.get("type") if isinstance(description, dict) else None
+    if kind not in _BY_TYPE or kind == "patch":
+        raise ConfigError(f"not a description of an Ablate, Clamp or ScaleAttention: {description!r}")
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in description.items() if k != "type"}
+    return _BY_TYPE[kind](**fields)
+
+
+def is_positional(spec) -> bool:
+    """Whether the intervention's effect depends on token positions or on the whole sequence (positions,
+    keys, or a mean over the sequence) — in a corpus scan, those need every document in one window."""
+    if isinstance(spec, ScaleAttention):
+        return True
+    return getattr(spec, "positions", None) is not None or getattr(spec, "kind", None) == "mean"
 
 
 def _describe(obj, kind: str) -> dict:
