@@ -11,7 +11,6 @@ Example ``lens-serve.toml`` (every key optional; the values shown are the defaul
     port = 5006
     auth = true                  # false only on a loopback address (a single user's own machine)
     allow_websocket_origin = []  # extra "host:port" origins, e.g. the reverse proxy's public name
-    root_path = ""               # URL prefix when a reverse proxy serves lens under a path
     workers = 2                  # worker processes on this host; 0: the web process only
     worker_threads = 1           # torch threads per worker process
     secure_cookies = false       # true behind TLS: cookies only travel over https
@@ -121,7 +120,6 @@ class ServeConfig:
     port: int = 5006
     auth: bool = True
     allow_websocket_origin: tuple[str, ...] = ()
-    root_path: str = ""
     workers: int = 2
     worker_threads: int = 1
     secure_cookies: bool = False
@@ -230,7 +228,7 @@ class ServeConfig:
         return {
             "store": {"path": str(self.store), "index": self.index},
             "server": {"address": self.address, "port": self.port, "auth": self.auth,
-                       "allow_websocket_origin": list(self.allow_websocket_origin), "root_path": self.root_path,
+                       "allow_websocket_origin": list(self.allow_websocket_origin),
                        "workers": self.workers, "worker_threads": self.worker_threads,
                        "secure_cookies": self.secure_cookies},  # the OAuth client secret stays with the web process
             "limits": dataclasses.asdict(self.limits),
