@@ -158,8 +158,23 @@ def trace(
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
     probes = _build_probes(model, options, lengths)
+    executed = _executions(model)
     _run_batches(model, encoded, lengths, probes, options)
-    return _assemble_run(model, encoded, lengths, probes, options)
+    run = _assemble_run(model, encoded, lengths, probes, options)
+    if executed is not None:
+        # which execution path computed each attention call of this trace (a sparse kernel runs dense
+        # SDPA when a selection keeps every block): the provenance says what ran, never silently
+        now = _executions(model)
+        run.meta["provenance"]["attention"]["executed"] = {
+            path: int(now[path] - executed.get(path, 0)) for path in sorted(now) if now[path] - executed.get(path, 0)
+        }
+    return run
+
+
+def _executions(lm) -> dict | None:
+    """A copy of the deployed kernel's per-path call counts, or None for kernels that keep none."""
+    counts = getattr(lm.attention_kernel, "executed", None)
+    return dict(counts) if counts is not None else None
 
 
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
