@@ -18,9 +18,10 @@ from lens.models.inputs import encode, pad_batch
 from lens.models.observers import observing
 from lens.run import Run
 
-__all__ = ["trace", "CAPTURES", "TraceOptions"]
+__all__ = ["trace", "CAPTURES", "SPECTRA", "TraceOptions"]
 
 CAPTURES = ("attention", "residual", "mlp")
+SPECTRA = ("exact", "none")  # what the residual probe computes of the entropy spectra (see ResidualProbe)
 OPTIONAL_CAPTURES = ("logits",)  # next-token log-probabilities [N, vocab]: heavy, for lens.compare on LMs
 
 # Full patterns are opt-in because they are n² per head; refuse requests that would not fit comfortably.
@@ -95,6 +96,7 @@ class TraceOptions:
     truncate: bool
     prepend_bos: bool | None
     progress: bool
+    spectra: str = "exact"
 
 
 @dataclass
@@ -126,6 +128,7 @@ def trace(
     truncate: bool = False,
     prepend_bos: bool | None = None,
     progress: bool = True,
+    spectra: str = "exact",
 ) -> Run:
     """Run ``model`` (a ``LensModel``) over ``inputs`` with streaming probes and return a ``Run``.
 
@@ -138,6 +141,9 @@ def trace(
     list of ``(layer, head)``, or ``{layer: [heads]}``. ``keep_hidden``: residual layers (0..L) whose
     hidden states to keep. ``track_neurons``: ``(layer, neuron)`` pairs whose per-token activation to keep.
     ``truncate``: cut inputs longer than the model's positions instead of raising ``InputTooLongError``.
+    ``spectra``: ``"exact"`` (default) keeps every eigenvalue of both Gram matrices per layer — exact,
+    computed in a background thread while the forward pass continues (``lens.capture.background``) —
+    or ``"none"`` to skip them (norms and massive activations only; ``lens.valley`` needs them).
 
     Raises ``ConfigError`` for options that do not fit the model, ``InputError`` (and its subclasses)
     for inputs that cannot be used, ``NumericalError`` when activations become non-finite, and
@@ -152,7 +158,7 @@ def trace(
     options = _parse_options(
         model, capture=capture, batch_size=batch_size, keep_patterns=keep_patterns, keep_hidden=keep_hidden,
         track_neurons=track_neurons, top_k_massive=top_k_massive, top_k_neurons=top_k_neurons,
-        truncate=truncate, prepend_bos=prepend_bos, progress=progress,
+        truncate=truncate, prepend_bos=prepend_bos, progress=progress, spectra=spectra,
     )
     encoded = encode(model, inputs, truncate=options.truncate, prepend_bos=options.prepend_bos)
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
@@ -178,7 +184,7 @@ def _executions(lm) -> dict | None:
 
 
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
-                   top_k_neurons, truncate, prepend_bos, progress) -> TraceOptions:
+                   top_k_neurons, truncate, prepend_bos, progress, spectra="exact") -> TraceOptions:
     """Check every option against the model before any work is done; ``ConfigError`` names the fix."""
     capture = tuple(capture)
     unknown = set(capture) - set(CAPTURES) - set(OPTIONAL_CAPTURES)
@@ -190,6 +196,8 @@ def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track
         )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1; got {batch_size}")
+    if spectra not in SPECTRA:
+        raise ConfigError(f"spectra must be one of {SPECTRA} ('exact': every eigenvalue, 'none': skip); got {spectra!r}")
     if top_k_massive < 1 or top_k_neurons < 1:
         raise ConfigError("top_k_massive and top_k_neurons must be ≥ 1")
     if keep_patterns and "attention" not in capture:
@@ -203,7 +211,7 @@ def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track
                 f"track_neurons names ({layer}, {neuron}); layers are 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1}"
             )
     return TraceOptions(capture, batch_size, keep, hidden_layers, tracked, top_k_massive, top_k_neurons,
-                        truncate, prepend_bos, progress)
+                        truncate, prepend_bos, progress, spectra)
 
 
 def _check_pattern_budget(options: TraceOptions, lengths: np.ndarray) -> None:
@@ -225,7 +233,8 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
         AttentionProbe(lm, n_tokens, n_seq, options.keep, lengths**2) if "attention" in capture else None
     )
     residual = (
-        ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers)
+        ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers,
+                      spectra=options.spectra)
         if "residual" in capture
         else None
     )
@@ -279,6 +288,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                 _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs)
                 if probes.attention is not None:
                     probes.attention.end()
+            if probes.residual is not None:
+                probes.residual.finish()  # the last layers reduce in the background: wait, raise their errors
     finally:
         for probe in probes.hooked:
             probe.detach()
@@ -332,6 +343,7 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
                 "top_k_neurons": options.top_k_neurons,
                 "keep_patterns": [[layer, list(heads)] for layer, heads in options.keep.items()],
                 "keep_hidden": list(options.hidden_layers),
+                "spectra": options.spectra if "residual" in options.capture else None,
             },
         }
     )
