@@ -24,6 +24,9 @@ from lens.errors import (
     NumericalError,
     RunFormatError,
     UnsupportedModelError,
+    CorpusError,
+    ScanError,
+    ScanFormatError,
 )
 from lens.run import Run
 
@@ -46,6 +49,11 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+    "neurons": "lens.analysis",
+    "NeuronResult": "lens.analysis",
+    "scan": "lens.scan",
+    "Scan": "lens.scan",
+    "ScanCompareResult": "lens.scan",
 }
 
 
@@ -70,6 +78,11 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "neurons",
+    "NeuronResult",
+    "scan",
+    "Scan",
+    "ScanCompareResult",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -86,4 +99,7 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]

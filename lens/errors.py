@@ -14,6 +14,9 @@ __all__ = [
     "RunFormatError",
     "CaptureError",
     "MissingDependencyError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]
 
 
@@ -51,3 +54,15 @@ class CaptureError(LensError, RuntimeError):
 
 class MissingDependencyError(LensError, ImportError):
     """An optional part of lens needs a package that is not installed; the message names the extra."""
+
+
+class CorpusError(InputError):
+    """A corpus given to ``lens.scan`` cannot be read (missing or unreadable file, wrong field, no text)."""
+
+
+class ScanError(LensError, RuntimeError):
+    """A scan cannot continue as asked (``resume=True`` with a different model, corpus or options)."""
+
+
+class ScanFormatError(LensError, OSError):
+    """A saved scan directory is missing, incomplete, corrupted (checksum mismatch) or not a lens scan."""

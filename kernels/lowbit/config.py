@@ -18,15 +18,18 @@ from torch import nn
 from ..errors import ConfigError, LensError
 from .binary import BinaryLowRankCodec
 from .fp4 import MXFP4Codec, NVFP4Codec
+from .gguf import ACTIVATION_MODES, GGUF_BITS_PER_WEIGHT, GGUF_WEIGHT_TYPES, GGUFCodec, gguf_type_name
+from .gguf_blocks import block_info
 from .integer import Int4Codec, Int8Codec, NF4Codec
 from .packing import PackedWeight
 from .ternary import TernaryCodec
 
-SCHEMES = ("nvfp4", "mxfp4", "int8", "int4", "nf4", "ternary", "binary-lowrank")
+SCHEMES = ("nvfp4", "mxfp4", "int8", "int4", "nf4", "ternary", "binary-lowrank") + GGUF_WEIGHT_TYPES
 BACKENDS = ("auto", "lens", "torchao")
-_BLOCK_DEFAULT = {"nvfp4": 16, "mxfp4": 32, "int4": 128, "nf4": 64}
+_BLOCK_DEFAULT = {"nvfp4": 16, "mxfp4": 32, "int4": 128, "nf4": 64,
+                  **{t: block_info(t)[0] for t in GGUF_WEIGHT_TYPES}}
 _BLOCK_CHOICES = {"nvfp4": (16,), "mxfp4": (32,), "int4": (32, 64, 128, 256, 512),
-                  "nf4": (32, 64, 128, 256)}
+                  "nf4": (32, 64, 128, 256), **{t: (block_info(t)[0],) for t in GGUF_WEIGHT_TYPES}}
 _DEFAULT_BITS_BUDGET = 0.8
 
 #: Names accepted by :meth:`QuantConfig.from_name` besides the plain scheme names.
@@ -46,7 +49,7 @@ _LOWRANK_NAME = re.compile(r"^binary-lowrank[-@:](\d*\.?\d+)(?:bpw|bits)?$")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize the linear layers of a model (DESIGN.md §3 "Low-bit formats", "Smoothing").
+    """How to quantize the linear layers of a model (docs/definitions.md#low-bit-formats, #smoothing).
 
     Fields (``None`` means "the scheme's default" where one exists):
 
@@ -62,6 +65,12 @@ class QuantConfig:
     * ``per_channel``: ternary γ per output row instead of per tensor (ternary only).
     * ``backend``: ``"auto"`` (torchao for weight-only int8 if it runs here, lens otherwise), ``"lens"``,
       or ``"torchao"`` (weight-only int8 only).
+    * GGUF / llama.cpp types ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``, ``q2_k``, ``q3_k``, ``q4_k``,
+      ``q5_k``, ``q6_k`` (and ``iq4_nl``, llama-quantize's fallback): names keep their underscore; the block
+      is fixed (32, or 256 for K-quants). ``activations="llama.cpp"`` (GGUF types only, not with
+      ``act_bits``) makes ``QuantLinear`` quantize its input as llama.cpp's CPU matmul does (the weight
+      type's ``vec_dot_type``: Q8_0, Q8_1 or Q8_K; lens.kernels.lowbit.gguf_activations); ``None`` (default)
+      multiplies float activations by the exactly dequantized weight.
 
     Example::
 
@@ -81,9 +90,14 @@ class QuantConfig:
     modality_aware: bool = False
     per_channel: bool = False
     backend: str = "auto"
+    activations: str | None = None
 
     def __post_init__(self):
-        scheme = str(self.scheme).lower().replace("_", "-")
+        scheme = str(self.scheme).strip().lower().replace("_", "-")
+        if scheme.replace("-", "_") in GGUF_WEIGHT_TYPES:
+            scheme = scheme.replace("-", "_")
+        elif scheme.replace("-", "_").rsplit("_", 1)[0] in GGUF_WEIGHT_TYPES:
+            gguf_type_name(str(self.scheme))  # raises, with the hint q4_k_m (a llama-quantize recipe) → q4_k
         if scheme not in SCHEMES:
             raise ConfigError(f"unknown quantization scheme {self.scheme!r}; valid schemes: "
                               f"{', '.join(SCHEMES)} (presets: {', '.join(PRESETS)}, binary-lowrank-<bits>)")
@@ -126,6 +140,15 @@ class QuantConfig:
                               "by token group)")
         if self.per_channel and scheme != "ternary":
             raise ConfigError(f"per_channel applies to ternary only (got scheme {scheme!r})")
+        if self.activations not in ACTIVATION_MODES:
+            raise ConfigError(f"activations must be None or 'llama.cpp', got {self.activations!r}")
+        if self.activations is not None:
+            if scheme not in GGUF_WEIGHT_TYPES:
+                raise ConfigError(f"activations='llama.cpp' emulates llama.cpp's matmul, which exists for GGUF "
+                                  f"types only ({', '.join(GGUF_WEIGHT_TYPES)}), not {scheme!r}")
+            if self.act_bits is not None:
+                raise ConfigError("activations='llama.cpp' already quantizes activations (to Q8_0/Q8_1/Q8_K); "
+                                  "leave act_bits=None")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "torchao" and not (scheme == "int8" and self.act_bits is None):
@@ -135,7 +158,7 @@ class QuantConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "QuantConfig":
-        """Config for a scheme name or preset (DESIGN.md §3), with optional field overrides.
+        """Config for a scheme name or preset (docs/definitions.md), with optional field overrides.
 
         Names: ``nvfp4``, ``mxfp4``, ``int8``, ``int4``, ``nf4``, ``ternary``, ``binary-lowrank``,
         ``ternary-channel``, ``w8a8`` (int8 + int8 activations), ``w8a8-smooth`` (+ SmoothQuant α 0.5),
@@ -149,7 +172,11 @@ class QuantConfig:
         key = name.strip().lower().replace("_", "-")
         params: dict = {}
         m = _LOWRANK_NAME.match(key)
-        if key in SCHEMES:
+        if key.replace("-", "_") in GGUF_WEIGHT_TYPES:
+            params = {"scheme": key.replace("-", "_")}
+        elif key.replace("-", "_").rsplit("_", 1)[0] in GGUF_WEIGHT_TYPES:
+            gguf_type_name(name)  # raises with the recipe hint (q4_k_m → q4_k)
+        elif key in SCHEMES:
             params = {"scheme": key}
         elif key in PRESETS:
             params = dict(PRESETS[key])
@@ -168,25 +195,30 @@ class QuantConfig:
         return cls(**params)
 
     def nominal_bits_per_weight(self) -> float | None:
-        """The format's rate for an ``in`` that is a multiple of the block (DESIGN.md §3); ``None`` where
+        """The format's rate for an ``in`` that is a multiple of the block (docs/definitions.md); ``None`` where
         it depends on the layer shape (int8 adds 32/in, binary-lowrank follows the budget per layer).
 
         Example: ``QuantConfig.from_name("mxfp4").nominal_bits_per_weight()`` → ``4.25``.
         """
         s, b = self.scheme, self.block_size
+        if s in GGUF_BITS_PER_WEIGHT:
+            return GGUF_BITS_PER_WEIGHT[s]
         return {"nvfp4": 4.5, "mxfp4": 4.25, "int4": 4 + 24 / b if b else None,
                 "nf4": 4 + 32 / b if b else None, "ternary": 1.6,
                 "binary-lowrank": self.bits_budget, "int8": None}[s]
 
     def describe(self) -> dict:
-        """JSON-able provenance: every field, the nominal rate and the definition (DESIGN.md §3) it follows.
+        """JSON-able provenance: every field, the nominal rate and the definition (docs/definitions.md) it follows.
 
         Example: ``QuantConfig.from_name("w8a8-smooth").describe()["smooth_alpha"]`` → ``0.5``.
         """
         d = asdict(self)
         d["nominal_bits_per_weight"] = self.nominal_bits_per_weight()
-        d["definition"] = "DESIGN.md §3 Low-bit formats" + (" + Smoothing" if self.smooth_alpha is not None
-                                                             else "")
+        d["definition"] = "docs/definitions.md#low-bit-formats" + (
+            ", #smoothing" if self.smooth_alpha is not None else "")
+        if self.scheme in GGUF_WEIGHT_TYPES:
+            d["definition"] = ("docs/definitions.md#gguf-formats (llama.cpp ggml-quants.c; bit-exact with gguf.quants)"
+                               + (" + llama.cpp activation quantization" if self.activations else ""))
         return d
 
 
@@ -199,11 +231,13 @@ def _as_config(config: "QuantConfig | str") -> QuantConfig:
 
 
 def codec_for(config: "QuantConfig | str"):
-    """The lens codec object implementing ``config``'s weight format (DESIGN.md §3).
+    """The lens codec object implementing ``config``'s weight format (docs/definitions.md).
 
     Example: ``codec_for("int4").quantize(torch.randn(8, 256)).bits_per_weight()`` → ``4.1875``.
     """
     c = _as_config(config)
+    if c.scheme in GGUF_WEIGHT_TYPES:
+        return GGUFCodec(c.scheme)
     if c.scheme == "nvfp4":
         return NVFP4Codec(c.block_size)
     if c.scheme == "mxfp4":
@@ -220,7 +254,7 @@ def codec_for(config: "QuantConfig | str"):
 
 
 def quantize(w: torch.Tensor, config: "QuantConfig | str") -> PackedWeight:
-    """Quantize a weight ``[out, in]`` with lens's codec for ``config`` (DESIGN.md §3).
+    """Quantize a weight ``[out, in]`` with lens's codec for ``config`` (docs/definitions.md).
 
     Example: ``dequantize(quantize(torch.randn(16, 64), "nf4")).shape`` → ``(16, 64)``.
     """
@@ -249,7 +283,7 @@ def _torchao_int8_works() -> bool:
 
 
 def resolve_backend(config: "QuantConfig | str") -> str:
-    """``"torchao"`` or ``"lens"``: which implementation ``config`` runs on here (DESIGN.md §3).
+    """``"torchao"`` or ``"lens"``: which implementation ``config`` runs on here (docs/definitions.md).
 
     ``auto`` → torchao for weight-only int8 when torchao is installed and runs on this CPU, else lens.
 

@@ -32,10 +32,10 @@ from .smoothing import ActStats
 
 
 def quantize_model(model: nn.Module, config: "QuantConfig | str", *,
-                   include: Callable[[str, nn.Module], bool] | None = None, progress: bool = True,
+                   include: Callable[[str, nn.Module], bool] | None = None, progress: bool | None = None,
                    calibration: Mapping[str, ActStats] | None = None) -> dict:
     """Replace the linear layers of a (Hugging Face) model in place by :class:`QuantLinear`
-    (DESIGN.md §3 "Low-bit formats"); returns a JSON-able report.
+    (docs/definitions.md#low-bit-formats); returns a JSON-able report.
 
     ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` are converted; by default the LM head and layers
     tied to embeddings are skipped (``include(name, module)`` overrides the choice). ``calibration`` (from
@@ -45,7 +45,9 @@ def quantize_model(model: nn.Module, config: "QuantConfig | str", *,
     ``skipped`` (linear layers left in full precision), ``weights`` (count), ``bytes_before`` /
     ``bytes_after`` (resident bytes of the replaced layers, bias included), ``weight_bytes_before`` /
     ``weight_bytes_after``, ``bits_per_weight`` (``8 · weight_bytes_after / weights``),
-    ``model_bytes_before`` / ``model_bytes_after`` (all parameters and buffers), ``per_module``.
+    ``model_bytes_before`` / ``model_bytes_after`` (all parameters and buffers), ``per_module`` (each with
+    the ``scheme`` it is stored in), ``fallbacks`` (layers stored in llama-quantize's fallback type because
+    a GGUF K-quant cannot hold their rows: name → stored scheme).
 
     Example::
 
@@ -76,6 +78,7 @@ def quantize_model(model: nn.Module, config: "QuantConfig | str", *,
             wbytes_after += q.weight_bytes()
             weights += n
             per_module[name] = {"shape": [q.out_features, q.in_features], "source": q.source,
+                                "scheme": q.packed.scheme if q.packed is not None else cfg.scheme,
                                 "backend": q.backend, "bits_per_weight": q.bits_per_weight(),
                                 "resident_bytes": after, "bytes_before": before}
     replaced = list(per_module)
@@ -95,6 +98,9 @@ def quantize_model(model: nn.Module, config: "QuantConfig | str", *,
         "model_bytes_before": model_before,
         "model_bytes_after": resident_bytes(model),
         "per_module": per_module,
+        # Layers stored in another scheme than asked: llama-quantize's fallback for K-quant rows that are
+        # not a multiple of 256 (lens.kernels.lowbit.gguf.LLAMA_QUANTIZE_FALLBACK).
+        "fallbacks": {n: m["scheme"] for n, m in per_module.items() if m["scheme"] != cfg.scheme},
     }
 
 

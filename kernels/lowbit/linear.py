@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ConfigError
 from .binary import BinaryLowRankCodec
 from .config import QuantConfig, _as_config, codec_for, resolve_backend
+from .gguf import GGUF_WEIGHT_TYPES, GGUFCodec, fallback_type, gguf_linear
 from .layers import (
     _linear_weight,
 )
@@ -52,7 +53,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def resident_bytes(module: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer of ``module`` as stored (packed codes count at their
     packed size, torchao tensors at their inner int8 data + scales) — the number lens reports as
-    "resident bytes" (DESIGN.md §4: must match the format's bits/weight within 5%).
+    "resident bytes" (docs/benchmarks.md: must match the format's bits/weight within 5%).
 
     Example: ``resident_bytes(nn.Linear(4, 2))`` → ``40`` (8 + 2 float32).
     """
@@ -67,7 +68,7 @@ def resident_bytes(module: nn.Module) -> int:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is kept only in packed low-bit form (DESIGN.md §3 "Low-bit formats").
+    """A linear layer whose weight is kept only in packed low-bit form (docs/definitions.md#low-bit-formats).
 
     ``forward(x) = F.linear(act(x), dequantize(packed), bias)``: the weight is dequantized on every call
     and dropped afterwards (nothing weight-sized is cached); the bias stays in full precision. With
@@ -85,7 +86,10 @@ class QuantLinear(nn.Module):
     per-token rescale; that compensation is not implemented here. Without a mask every token uses ``s``.
 
     Binary low-rank weights are applied as ``((x ⊙ s2) V) Uᵀ ⊙ s1`` — the same product without building
-    the ``out × in`` matrix. The ``torchao`` backend wraps an ``nn.Linear`` converted by torchao's
+    the ``out × in`` matrix. GGUF weights (``q4_0`` … ``q6_k``) keep llama.cpp's block bytes and are
+    dequantized in row chunks inside the matmul (``lens.kernels.lowbit.gguf.gguf_linear``); with
+    ``QuantConfig(..., activations="llama.cpp")`` the input is quantized as llama.cpp's CPU matmul does.
+    :meth:`from_packed` wraps bytes read from a GGUF file without re-quantizing them. The ``torchao`` backend wraps an ``nn.Linear`` converted by torchao's
     ``quantize_(…, Int8WeightOnlyConfig())``.
 
     Example::
@@ -130,7 +134,7 @@ class QuantLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, config: "QuantConfig | str", *,
                     stats: ActStats | None = None, source: str = "Linear") -> "QuantLinear":
         """Build from a weight ``[out, in]`` (and bias); ``stats`` from :func:`calibrate` is required
-        when ``config.smooth_alpha`` is set (DESIGN.md §3 "Smoothing").
+        when ``config.smooth_alpha`` is set (docs/definitions.md#smoothing).
 
         Example: ``QuantLinear.from_weight(torch.randn(8, 32), None, "int4")``.
         """
@@ -163,15 +167,49 @@ class QuantLinear(nn.Module):
                 lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
             quantize_(lin, Int8WeightOnlyConfig())
             return cls(in_f, out_f, config=cfg, ao_linear=lin, source=source)
-        packed = codec_for(cfg).quantize(w)
+        if cfg.scheme in GGUF_WEIGHT_TYPES:
+            # llama-quantize's rule: a K-quant row that is not a multiple of 256 goes to its fallback type.
+            packed = GGUFCodec(fallback_type(cfg.scheme, in_f)).quantize(w)
+        else:
+            packed = codec_for(cfg).quantize(w)
         return cls(in_f, out_f, config=cfg, packed=packed, bias=bias, smooth=smooth, group_smooth=group,
                    source=source)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None,
+                    config: "QuantConfig | str | None" = None, *, source: str = "gguf") -> "QuantLinear":
+        """A layer around an already packed weight — e.g. a GGUF file's own blocks from
+        :func:`~lens.kernels.lowbit.gguf.packed_from_gguf` — with no re-quantization (``quant="keep"``).
+
+        ``config`` defaults to ``QuantConfig(packed.scheme)``; pass ``QuantConfig("q4_1",
+        activations="llama.cpp")`` to emulate llama.cpp's activation quantization. Its scheme must be the
+        packed weight's; SmoothQuant and ``act_bits`` need the float weight, so they are rejected here.
+        Raises ``ConfigError`` otherwise. The weight tensors are used as they are (not copied).
+
+        Example::
+
+            p = packed_from_gguf(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+            q = QuantLinear.from_packed(p, config=QuantConfig(p.scheme, activations="llama.cpp"))
+            q(torch.randn(2, p.shape[1])).shape     # (2, out)
+        """
+        if not isinstance(packed, PackedWeight):
+            raise ConfigError(f"from_packed needs a PackedWeight, got {type(packed).__name__}")
+        cfg = _as_config(packed.scheme if config is None else config)
+        if cfg.scheme != packed.scheme:
+            raise ConfigError(f"config scheme {cfg.scheme!r} does not match the packed weight's "
+                              f"{packed.scheme!r}")
+        if cfg.smooth_alpha is not None or cfg.act_bits is not None:
+            raise ConfigError("from_packed: smoothing and act_bits need the float weight; use from_weight")
+        out_f, in_f = packed.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ConfigError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        return cls(in_f, out_f, config=cfg, packed=packed, bias=bias, source=source)
 
     @classmethod
     def from_module(cls, module: nn.Module, config: "QuantConfig | str", *,
                     stats: ActStats | None = None) -> "QuantLinear":
         """Build from an ``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (weight stored ``[in, out]``);
-        the format is DESIGN.md §3's for ``config``.
+        the format is the one docs/definitions.md gives for ``config``.
 
         Example: ``QuantLinear.from_module(model.transformer.h[0].attn.c_attn, "nvfp4")``.
         """
@@ -182,7 +220,7 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight | None:
-        """The stored :class:`PackedWeight` (DESIGN.md §3; views of this module's buffers), None on torchao.
+        """The stored :class:`PackedWeight` (docs/definitions.md; views of this module's buffers), None on torchao.
 
         Example: ``dequantize(q.packed)`` is the weight the forward uses (with smoothing folded in).
         """
@@ -193,14 +231,14 @@ class QuantLinear(nn.Module):
 
     @property
     def backend(self) -> str:
-        """``"lens"`` or ``"torchao"`` (DESIGN.md §3).
+        """``"lens"`` or ``"torchao"`` (docs/definitions.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(4, 4), "nvfp4").backend`` → ``"lens"``.
         """
         return "torchao" if self.ao_linear is not None else "lens"
 
     def weight_bytes(self) -> int:
-        """Stored bytes of the weight alone — codes, scales, zero points; no bias or smoothing (DESIGN.md §4).
+        """Stored bytes of the weight alone — codes, scales, zero points; no bias or smoothing (docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").weight_bytes()`` → ``4352``.
         """
@@ -209,21 +247,21 @@ class QuantLinear(nn.Module):
         return self.packed.nbytes()
 
     def resident_bytes(self) -> int:
-        """Every byte this layer keeps: packed weight + full-precision bias + smoothing factors (DESIGN.md §4).
+        """Every byte this layer keeps: packed weight + full-precision bias + smoothing factors (docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").resident_bytes()`` → ``4352 + 256``.
         """
         return resident_bytes(self)
 
     def bits_per_weight(self) -> float:
-        """Measured weight storage rate ``8 · weight_bytes / (out · in)`` (DESIGN.md §3, §4).
+        """Measured weight storage rate ``8 · weight_bytes / (out · in)`` (docs/definitions.md, docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").bits_per_weight()`` → ``4.25``.
         """
         return 8.0 * self.weight_bytes() / (self.in_features * self.out_features)
 
     def dequantized_weight(self, *, unsmoothed: bool = True) -> torch.Tensor:
-        """The weight ``Ŵ`` (DESIGN.md §3) this layer represents, float32 ``[out, in]``, built on demand.
+        """The weight ``Ŵ`` (docs/definitions.md) this layer represents, float32 ``[out, in]``, built on demand.
 
         With ``unsmoothed=True`` (default) SmoothQuant's folded factors are divided out, so ``Ŵ`` is
         comparable with the original weight.
@@ -258,7 +296,7 @@ class QuantLinear(nn.Module):
         return (xq * (s_tok / self.smooth)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(act(x), Ŵ_stored, bias)`` — see the class docstring for ``act`` (DESIGN.md §3).
+        """``F.linear(act(x), Ŵ_stored, bias)`` — see the class docstring for ``act`` (docs/definitions.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(8, 4), "int8")(torch.ones(3, 8)).shape`` → ``(3, 4)``.
         """
@@ -266,6 +304,8 @@ class QuantLinear(nn.Module):
             return self.ao_linear(x)
         h = self._activation(x)
         bias = None if self.bias is None else self.bias.to(h.dtype)
+        if self._scheme in GGUF_WEIGHT_TYPES:
+            return gguf_linear(h, self.packed, self.bias, activations=self.config.activations)
         if self._scheme == "binary-lowrank":
             u, v, s1, s2 = BinaryLowRankCodec.factors(self.packed)
             y = ((h * s2.to(h.dtype)) @ v.to(h.dtype)) @ (u * s1.unsqueeze(1)).to(h.dtype).T
@@ -275,8 +315,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         extra = f", act_bits={self.config.act_bits}" if self.config.act_bits else ""
         extra += f", smooth_alpha={self.config.smooth_alpha}" if self.smooth is not None else ""
+        extra += f", activations={self.config.activations}" if self.config.activations else ""
+        scheme = self._scheme
+        if scheme != self.config.scheme:
+            scheme += f" (llama-quantize's fallback for {self.config.scheme})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self._scheme}, backend={self.backend}, bits_per_weight={self.bits_per_weight():.3f}"
+                f"scheme={scheme}, backend={self.backend}, bits_per_weight={self.bits_per_weight():.3f}"
                 f"{extra}")
 
 

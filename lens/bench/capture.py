@@ -1,5 +1,5 @@
 """``lens bench capture``: what capturing sinks, massive activations and entropy costs, against the
-plain forward and the way other toolkits get attention (DESIGN.md §4).
+plain forward and the way other toolkits get attention (docs/benchmarks.md).
 
 GPT-2-small shape (12 layers, d 768, 12 heads, random weights, fp32, one sequence, CPU). Methods:
 
@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from lens.bench.machine import machine_info, machine_line, ratio_interval
+from lens.atomic import atomic_write_text
 
 __all__ = ["run", "format_table", "METHODS"]
 
@@ -255,18 +256,18 @@ def _pair_up(baseline: _Process, other: _Process, rounds: dict, *, target: float
 
 
 def run(lengths=(1024, 2048, 8192), methods=METHODS, *, target: float = 0.03, min_rounds: int = 3,
-        max_rounds: int = 12, max_minutes: float = 45.0, nnsight_max_length: int = 2048, progress: bool = True,
+        max_rounds: int = 12, max_minutes: float = 45.0, nnsight_max_length: int = 2048, progress: bool | None = None,
         timeout: float = 3600.0) -> dict:
     """Measure every method at every length against the plain forward, interleaved; return a JSON-able dict.
 
     Example: ``print(format_table(run(lengths=(1024,), methods=("forward", "lens"), max_rounds=3)))``.
     """
-    from tqdm.auto import tqdm
+    from lens.progress import progress_bar
 
     methods = [m for m in methods if m != "forward"]
     rows = []
     info = machine_info()
-    bar = tqdm(desc="lens bench capture", unit="pair", disable=not progress)
+    bar = progress_bar(desc="lens bench capture", unit="pair", progress=progress)
     for length in lengths:
         deadline = time.monotonic() + max_minutes * 60
         budget = int(_available_bytes() * 0.8)
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
                  max_rounds=args.max_rounds, max_minutes=args.max_minutes,
                  nnsight_max_length=args.nnsight_max_length)
     print(format_table(result))
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
     return 0
 

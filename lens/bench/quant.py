@@ -1,10 +1,11 @@
-"""Benchmark of lens's low-bit weight formats on the embedded all-MiniLM-L6-v2 (DESIGN.md §3 "Low-bit
-formats", §4 "Performance targets").
+"""Benchmark of lens's low-bit weight formats on the embedded all-MiniLM-L6-v2 (docs/definitions.md#low-bit-formats, §4 "Performance targets").
 
 Per scheme, in one run, against the fp32 model measured in the same run:
 
-* ``bits/w``: 8 · resident weight bytes / weights, over the replaced layers (the DESIGN §4 check is that
-  this matches the format's nominal rate within 5%);
+* ``bits/w``: 8 · resident weight bytes / weights, over the replaced layers (the docs/benchmarks.md check is
+  that this matches the format's nominal rate within 5%; GGUF types within 2%). MiniLM's rows have 384 or
+  1536 weights: the K-quants (256-weight super-blocks) hold only the 1536-wide ones, and the others are
+  stored in llama-quantize's fallback type (Q4_K → Q5_0, …), which ``stored as`` lists and bits/w counts;
 * ``W relMSE``: Σ‖W − Ŵ‖² / Σ‖W‖² over the replaced layers;
 * ``layer out relMSE``: each quantized layer applied to the *fp32 model's* real input activations of a
   set of varied sentences, Σ‖Y − Ŷ‖² / Σ‖Y‖² over layers and real (non-pad) tokens — the isolated
@@ -15,8 +16,8 @@ Per scheme, in one run, against the fp32 model measured in the same run:
   those activations tiled to 2048 tokens (per layer, alternating, fastest of ``repeats``). lens's layers
   dequantize on every call, so this is the price of emulation, not a deployment speed.
 
-Run: ``lens bench quant`` or ``python -m lens.bench.quant`` (``--json out.json``, ``--schemes nvfp4,int8``,
-``--quick``).
+Run: ``lens bench quant`` or ``python -m lens.bench.quant`` (``--json out.json``, ``--schemes nvfp4,int8``
+— GGUF types by their names, ``q4_1+llama.cpp`` with llama.cpp's activation quantization — ``--quick``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lens.atomic import atomic_write_text
 from lens.kernels.lowbit import (
     QuantConfig,
     calibrate,
@@ -49,6 +51,10 @@ DEFAULT_SCHEMES: tuple = (
     "binary-lowrank",
     "w8a8",
     "w8a8-smooth",
+    # GGUF / llama.cpp block formats, and llama.cpp's activation quantization on two of them
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    QuantConfig("q4_1", activations="llama.cpp"),
+    QuantConfig("q4_k", activations="llama.cpp"),
 )
 
 SENTENCES: tuple[str, ...] = (
@@ -77,6 +83,8 @@ def _label(cfg: QuantConfig, backend: str) -> str:
             base += f"-smooth{cfg.smooth_alpha:g}"
     if cfg.scheme == "binary-lowrank":
         base += f"@{cfg.bits_budget:g}" if cfg.rank is None else f"@r{cfg.rank}"
+    if cfg.activations:
+        base += f"+{cfg.activations} act"
     return f"{base} [{backend}]"
 
 
@@ -106,10 +114,10 @@ def _time_layers(pairs, inputs, repeats: int, rows: int = 2048) -> tuple[float, 
     return tq, tf
 
 
-def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool = True, *, sentences: Sequence[str] = SENTENCES,
+def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool | None = None, *, sentences: Sequence[str] = SENTENCES,
         repeats: int = 7) -> dict:
     """Quantize the embedded MiniLM with each scheme and measure storage, error and layer time against
-    fp32 in the same run (DESIGN.md §3 "Low-bit formats", §4).
+    fp32 in the same run (docs/definitions.md#low-bit-formats, docs/benchmarks.md).
 
     ``schemes`` holds names (``QuantConfig.from_name``) or ``QuantConfig`` objects. Returns a JSON-able
     dict with ``rows`` (one per scheme) and the run's context.
@@ -203,6 +211,7 @@ def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool = True, *, sentences
             "time_fp32_layers_s": tf,
             "time_ratio": tq / tf,
             "quantize_seconds": t_quant,
+            "stored_as": _stored_as(report),
         })
         del qmodel
     return {
@@ -218,9 +227,17 @@ def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool = True, *, sentences
     }
 
 
+def _stored_as(report: dict) -> dict:
+    """Layers per stored scheme (GGUF K-quants fall back per layer, as llama-quantize does)."""
+    counts: dict = {}
+    for m in report["per_module"].values():
+        counts[m["scheme"]] = counts.get(m["scheme"], 0) + 1
+    return counts
+
+
 def format_table(result: dict) -> str:
     """Fixed-width table of :func:`run`'s result, one line per scheme, fp32 baseline of the same run
-    (DESIGN.md §4: quote ratios, baseline measured in the same run).
+    (docs/benchmarks.md: quote ratios, baseline measured in the same run).
 
     Example: ``print(format_table(run(("int8",), progress=False)))``.
     """
@@ -232,13 +249,26 @@ def format_table(result: dict) -> str:
              f"{result['threads']} threads",
              head, sub, "-" * len(head)]
     for r in result["rows"]:
+        stored = r.get("stored_as", {})
+        mix = "" if len(stored) <= 1 else "  stored as " + ", ".join(f"{n} {k}" for k, n in stored.items())
         lines.append(f"{r['scheme']:<28} {r['bits_per_weight']:>7.3f} {r['weight_rel_mse']:>9.2e} "
                      f"{r['layer_out_rel_mse']:>9.2e} {r['layer_out_rel_mse_worst']:>9.2e} "
                      f"{r['final_hidden_rel_mse']:>9.2e} {r['final_hidden_cos']:>7.4f} "
-                     f"{r['time_ratio']:>6.2f}")
+                     f"{r['time_ratio']:>6.2f}{mix}")
     lines.append("fp32 baseline: 32 bits/w, errors 0, time 1.00 (same run; time = all replaced layers on "
                  "the captured activations tiled to 2048 tokens, fastest of repeats per layer)")
     return "\n".join(lines)
+
+
+def _scheme_arg(text: str):
+    """A ``--schemes`` entry: a scheme or preset name, or ``<gguf type>+llama.cpp`` for llama.cpp's
+    activation quantization (``q4_1+llama.cpp``)."""
+    name, plus, act = text.strip().partition("+")
+    if not plus:
+        return name
+    if act != "llama.cpp":
+        raise SystemExit(f"lens bench quant: unknown suffix '+{act}' in {text!r} (only +llama.cpp)")
+    return QuantConfig.from_name(name, activations="llama.cpp")
 
 
 #: The smallest configuration, for a smoke test (``lens bench quant --quick``).
@@ -246,14 +276,15 @@ QUICK = {"schemes": ("nvfp4", "int8"), "repeats": 3}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line (also ``lens bench quant``): prints the table and writes the JSON result (DESIGN.md §4).
+    """Command line (also ``lens bench quant``): prints the table and writes the JSON result (docs/benchmarks.md).
 
     ``[--schemes a,b] [--json bench-quant.json] [--repeats 7] [--quick] [--no-progress]``.
 
     Example: ``main(["--schemes", "nvfp4,int8", "--json", "/tmp/quant.json"])``.
     """
     ap = argparse.ArgumentParser(prog="lens bench quant", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--schemes", default=None, help="comma-separated scheme names (default: all)")
+    ap.add_argument("--schemes", default=None,
+                    help="comma-separated scheme names, e.g. nvfp4,q4_k,q4_1+llama.cpp (default: all)")
     ap.add_argument("--json", default="bench-quant.json", help="where to write the JSON result")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="nvfp4 and int8 only, 3 repeats (smoke test)")
@@ -261,11 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     kwargs = dict(QUICK) if a.quick else {"repeats": a.repeats}
     if a.schemes:
-        kwargs["schemes"] = tuple(s.strip() for s in a.schemes.split(","))
-    result = run(progress=not a.no_progress, **kwargs)
+        kwargs["schemes"] = tuple(_scheme_arg(s) for s in a.schemes.split(","))
+    result = run(progress=False if a.no_progress else None, **kwargs)
     print(format_table(result))
-    with open(a.json, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(a.json, json.dumps(result, indent=1))
     print(f"\nJSON written to {a.json}")
     return 0
 
