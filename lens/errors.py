@@ -14,6 +14,7 @@ __all__ = [
     "RunFormatError",
     "CaptureError",
     "MissingDependencyError",
+    "LensWarning",
     "CorpusError",
     "ScanError",
     "ScanFormatError",
@@ -56,6 +57,8 @@ class MissingDependencyError(LensError, ImportError):
     """An optional part of lens needs a package that is not installed; the message names the extra."""
 
 
+class LensWarning(UserWarning):
+    """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""
 class CorpusError(InputError):
     """A corpus given to ``lens.scan`` cannot be read (missing or unreadable file, wrong field, no text)."""
 
