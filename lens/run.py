@@ -168,7 +168,8 @@ class Run:
         return np.divide(col, count, out=np.zeros_like(col), where=count > 0)
 
     def uniform_share(self, layer: int, seq: int = 0) -> np.ndarray:
-        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer (DESIGN §3): what k
+        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer
+        (docs/definitions.md#sink-tokens): what k
         would receive if every query spread its attention evenly over the keys the model's mask lets it see.
 
         Read from the run (measured inside the attention kernel from the real mask — causal, padding,

@@ -82,7 +82,7 @@ class SinkResult:
 
     def sink_tokens(self, layer: int, head: int, seq: int = 0) -> np.ndarray:
         """Positions of the sink tokens of one head in one sequence: keys whose mass received exceeds τ × their
-        uniform share u[k] under the model's mask (DESIGN §3 "Sink tokens").
+        uniform share u[k] under the model's mask (docs/definitions.md#sink-tokens).
 
         Example: ``lens.sinks(run).sink_tokens(0, 3)`` → ``array([0])``.
         """
