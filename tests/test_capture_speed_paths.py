@@ -149,7 +149,7 @@ def test_spectra_none_skips_the_eigen_solves_and_says_what_is_missing(minilm, mi
 
 
 def _reference_entropies(x: np.ndarray) -> tuple[float, float, float]:
-    """(raw H / log r, anisotropy, normalized H / log r) from float64 SVDs (DESIGN §3)."""
+    """(raw H / log r, anisotropy, normalized H / log r) from float64 SVDs (docs/definitions.md, "Matrix entropy")."""
     x = torch.from_numpy(x).double()
     rank = min(x.shape)
 
