@@ -234,23 +234,26 @@ def test_ragged_lengths_pool_only_real_rows():
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
 def test_sparse_matches_masked_reference(mask_name):
+    # every execution path computes exactly the kept blocks: FlexAttention, gathered-block SDPA, and
+    # whichever "auto" measured faster
     mask, is_causal = MASKS[mask_name]
     q, k, v = _qkv(3)
     cfg = SparseConfig()
-    for seed in (0, 1):
-        sel = _random_selection(cfg, mask, is_causal, seed)
-        out = sparse_attention(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
+    for execution in ("flex", "gathered", "auto"):
+        for seed in (0, 1):
+            sel = _random_selection(cfg, mask, is_causal, seed)
+            out = sparse_attention(q, k, v, sel, attention_mask=mask, is_causal=is_causal, execution=execution)
+            ref = sparse_attention_reference(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        sel = select_blocks(q, k, SparseConfig(topk=0.2, topp=0.5), attention_mask=mask, is_causal=is_causal)
+        assert float(sel.density) < 1.0
+        out = sparse_attention(q, k, v, sel, attention_mask=mask, is_causal=is_causal, execution=execution)
         ref = sparse_attention_reference(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
-        assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    sel = select_blocks(q, k, SparseConfig(topk=0.2, topp=0.5), attention_mask=mask, is_causal=is_causal)
-    assert float(sel.density) < 1.0
-    out = sparse_attention(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
-    ref = sparse_attention_reference(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    if mask_name == "causal_left_padding":
-        # padded query rows of the shorter sequence have no key at all: zeros, not NaN
-        assert (out[1, :, : T - LENGTHS[1]] == 0).all()
+        if mask_name == "causal_left_padding":
+            # padded query rows of the shorter sequence have no key at all: zeros, not NaN
+            assert (out[1, :, : T - LENGTHS[1]] == 0).all()
 
 
 @pytest.mark.parametrize("mask_name", ["causal", "bidirectional", "causal_right_padding", "bidirectional_padding",
@@ -264,6 +267,105 @@ def test_every_block_kept_equals_dense_sdpa(mask_name):
     assert float(sel.density) == 1.0
     out = sparse_attention(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(out, _sdpa(q, k, v, mask, is_causal), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------- gathered-block SDPA, dense path
+
+
+def _kept_logsumexp(q, k, sel, mask, is_causal):
+    """log Σ exp(score) over the kept elements of every row (float64), −inf for rows with none."""
+    element = sparse_element_mask(sel, attention_mask=mask, is_causal=is_causal)
+    group = q.shape[1] // k.shape[1]
+    scores = q.double() @ k.double().repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.logsumexp(scores.masked_fill(~element, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_gathered_returns_the_log_normalizer_of_the_kept_probabilities(mask_name):
+    # the full and partial parts of every row are combined through their log-sum-exp: a wrong partition
+    # (a block counted twice, or missed) shows in L even where the output happens to agree
+    from lens.kernels.sparse.gathered import gathered_attention
+    from lens.kernels.sparse.selection import _resolve_base
+
+    mask, is_causal = MASKS[mask_name]
+    q, k, v = _qkv(12)
+    for cfg in (SparseConfig(topk=0.2, topp=0.5), SparseConfig(mode="topp", topp=0.8, block_q=64, block_k=48),
+                SparseConfig.streaming(sink_tokens=4, window=100), SparseConfig(local_blocks=0, keep_sink_block=False)):
+        sel = select_blocks(q, k, cfg, attention_mask=mask, is_causal=is_causal)
+        out, lse = gathered_attention(q, k, v, sel, _resolve_base(sel, mask, is_causal, q), None)
+        ref = sparse_attention_reference(q, k, v, sel, attention_mask=mask, is_causal=is_causal)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        expected = _kept_logsumexp(q, k, sel, mask, is_causal).float()
+        assert torch.equal(torch.isinf(lse), torch.isinf(expected))  # rows without a key: −inf, output zeros
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(lse[finite], expected[finite], atol=1e-4, rtol=1e-5)
+        assert (out[~finite] == 0).all()
+
+
+def test_gathered_on_ragged_lengths_shorter_queries_and_half_precision():
+    q, k, v = _qkv(13)
+    # T = 600 is ragged for 128-row and 48-key blocks; Tq < Tk aligns the causal diagonal bottom-right
+    for q_part, cfg in ((q, SparseConfig(block_q=32, block_k=48, topk=0.3)), (q[:, :, -136:], SparseConfig(topk=0.3))):
+        sel = select_blocks(q_part, k, cfg, is_causal=True)
+        out = sparse_attention(q_part, k, v, sel, is_causal=True, execution="gathered")
+        torch.testing.assert_close(out, sparse_attention_reference(q_part, k, v, sel, is_causal=True),
+                                   atol=1e-5, rtol=0)
+    mask, _ = MASKS["causal_right_padding"]
+    sel = select_blocks(q, k, SparseConfig(topk=0.3), attention_mask=mask)
+    out = sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, attention_mask=mask, execution="gathered")
+    ref = sparse_attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, attention_mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert _rel_l1(out, ref) < 1e-2
+
+
+def test_dense_path_runs_exactly_when_every_block_is_kept():
+    from lens.kernels.sparse import choose_execution, keeps_every_block
+
+    q, k, v = _qkv(14)
+    every = make_selection(torch.ones(B, H, 5, 10, dtype=torch.bool), SparseConfig(), q_len=T, k_len=T, is_causal=True)
+    assert keeps_every_block(every) and choose_execution(q, k, v, every, is_causal=True) == "dense"
+    for execution in ("auto", "gathered", "flex"):  # the request cannot make it slower: same pairs, dense kernel
+        assert choose_execution(q, k, v, every, is_causal=True, execution=execution) == "dense"
+    skipping = select_blocks(q, k, SparseConfig(topk=0.2, topp=0.5), is_causal=True)
+    assert not keeps_every_block(skipping) and choose_execution(q, k, v, skipping, is_causal=True) != "dense"
+    with pytest.raises(ValueError, match="skips blocks"):
+        sparse_attention(q, k, v, skipping, is_causal=True, execution="dense")
+    # a streaming window cuts inside the blocks it touches: never dense unless the window covers everything
+    narrow = select_blocks(q, k, SparseConfig.streaming(sink_tokens=4, window=100), is_causal=True)
+    wide = select_blocks(q, k, SparseConfig.streaming(sink_tokens=4, window=2 * T + 1), is_causal=True)
+    assert not keeps_every_block(narrow) and keeps_every_block(wide)
+    torch.testing.assert_close(sparse_attention(q, k, v, wide, is_causal=True), _sdpa(q, k, v, None, True),
+                               atol=1e-5, rtol=0)
+    # padded queries with no key at all are zeros on the dense path too
+    mask, _ = MASKS["causal_left_padding"]
+    every = make_selection(torch.ones(B, H, 5, 10, dtype=torch.bool), SparseConfig(), q_len=T, k_len=T,
+                           attention_mask=mask)
+    out = sparse_attention(q, k, v, every, attention_mask=mask, execution="dense")
+    assert torch.isfinite(out).all() and (out[1, :, : T - LENGTHS[1]] == 0).all()
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, every, attention_mask=mask), atol=1e-5, rtol=0)
+
+
+def test_auto_measures_once_per_shape_and_falls_back_to_flex_where_gathered_cannot(monkeypatch):
+    from lens.kernels.sparse import execution_choices, paths
+
+    q, k, v = _qkv(15)
+    sel = select_blocks(q, k, SparseConfig(topk=0.2, topp=0.5), is_causal=True)
+    monkeypatch.setattr(paths, "_choices", {})
+    calls = []
+    original = paths.run_execution
+    monkeypatch.setattr(paths, "run_execution", lambda path, *a: calls.append(path) or original(path, *a))
+    first = paths.choose_execution(q, k, v, sel, is_causal=True)
+    assert first in ("gathered", "flex") and sorted(set(calls)) == ["flex", "gathered"]
+    measured = len(calls)
+    assert paths.choose_execution(q, k, v, sel, is_causal=True) == first and len(calls) == measured
+    (choice,) = execution_choices().values()
+    assert choice["path"] == first and set(choice["seconds"]) == {"flex", "gathered"}
+    # soft-capping and additive float masks exist only on the FlexAttention path
+    assert paths.choose_execution(q, k, v, sel, is_causal=True, softcap=2.0) == "flex"
+    with pytest.raises(ValueError, match="execution='gathered'"):
+        sparse_attention(q, k, v, sel, is_causal=True, softcap=2.0, execution="gathered")
+    with pytest.raises(ValueError, match="execution must be one of"):
+        sparse_attention(q, k, v, sel, is_causal=True, execution="fast")
 
 
 def test_streaming_preset_keeps_exactly_sink_and_window():

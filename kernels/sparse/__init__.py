@@ -8,6 +8,8 @@ Definitions: docs/definitions.md "Sparse attention" (SpargeAttention, Zhang et a
 | ``masks`` | the model's own (*base*) mask analysed once: causal, padding or general; allowed blocks |
 | ``selection`` | pooling, block scores, top-k / top-p / hybrid / streaming selection → ``BlockSelection`` |
 | ``flex`` | execution with compiled FlexAttention over a ``BlockMask`` built from the kept blocks |
+| ``gathered`` | execution with the fused SDPA kernel over each query block's gathered key/value blocks |
+| ``paths`` | which path computes a call: dense SDPA (every block kept), gathered, FlexAttention |
 | ``linear`` | the SLA-style linear branch for skipped blocks |
 | ``execute`` | the public entry points: ``sparse_attention``, its reference, ``…_with_stats`` |
 
@@ -22,6 +24,7 @@ Everything public is re-exported here::
 from .config import MODES, SparseConfig
 from .execute import sparse_attention, sparse_attention_with_stats
 from .linear import linear_mix_weight
+from .paths import EXECUTIONS, choose_execution, execution_choices, keeps_every_block
 from .reference import sparse_attention_reference, sparse_element_mask
 from .selection import BlockSelection, make_selection, select_blocks
 
@@ -36,4 +39,8 @@ __all__ = [
     "sparse_attention_with_stats",
     "sparse_element_mask",
     "linear_mix_weight",
+    "EXECUTIONS",
+    "choose_execution",
+    "execution_choices",
+    "keeps_every_block",
 ]

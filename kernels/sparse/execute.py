@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionStats
-from .flex import _TARGET_CHUNK_ELEMENTS, _run
+from .flex import _TARGET_CHUNK_ELEMENTS
 from .linear import _linear_branch, _mix
+from .gathered import gathered_supported
+from .paths import EXECUTIONS, _choose, keeps_every_block, run_execution
 from .masks import _BaseMask
 from .selection import BlockSelection, _resolve_base, _streaming_params
 
@@ -29,6 +31,7 @@ def sparse_attention(
     scale: float | None = None,
     softcap: float | None = None,
     compiled: bool = True,
+    execution: str = "auto",
 ) -> torch.Tensor:
     """Block-sparse attention over the kept blocks of ``selection`` (docs/definitions.md), [B, H, Tq, Dv].
 
@@ -47,7 +50,12 @@ def sparse_attention(
     are then right), and measured no gain on all-MiniLM-L6-v2, whose skipped mass φ(q)·φ(k) ranks poorly;
     SLA fine-tunes a projection of this branch, which an analysis tool cannot.
 
-    ``compiled=False`` runs eager FlexAttention (debugging; materializes the scores).
+    ``execution`` picks how the kept blocks are computed - every path computes exactly them, only the
+    speed differs (``kernels.sparse.paths``): ``"dense"`` (SDPA; only when the selection keeps every
+    block), ``"gathered"`` (each query block's kept key/value blocks gathered into batched SDPA calls),
+    ``"flex"`` (compiled FlexAttention over a ``BlockMask``), or ``"auto"``: dense when every block is
+    kept, else the faster of the other two measured on this machine per shape (:func:`choose_execution`).
+    ``compiled=False`` runs FlexAttention eagerly (debugging; materializes the scores).
 
     Example::
 
@@ -58,7 +66,17 @@ def sparse_attention(
     base = _resolve_base(selection, attention_mask, is_causal, query)
     if key.shape[2] != selection.k_len or query.shape[1] % key.shape[1]:
         raise ValueError(f"key of shape {tuple(key.shape)} does not fit the selection (Tk={selection.k_len})")
-    out = _run(query, key, value, selection, base, scale, softcap, compiled)
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
+    if execution == "auto":
+        execution = _choose(query, key, value, selection, base, attention_mask, is_causal, scale, softcap, compiled)
+    elif execution == "dense" and not keeps_every_block(selection):
+        raise ValueError("execution='dense' computes every allowed pair; this selection skips blocks")
+    elif execution == "gathered" and not gathered_supported(query, value, base, softcap):
+        raise ValueError("execution='gathered' supports neither softcap, additive float masks nor Dv != D; "
+                         "use 'flex' or 'auto'")
+    out = run_execution(execution, query, key, value, selection, base, attention_mask, is_causal, scale, softcap,
+                        compiled)
     if selection.config.linear_fallback:
         out = _mix(out, _linear_branch(query, key, value, selection), selection)
     return out
@@ -226,10 +244,11 @@ def sparse_attention_with_stats(
     pattern_heads: tuple[int, ...] | list[int] = (),
     chunk_size: int | None = None,
     compiled: bool = True,
+    execution: str = "auto",
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Sparse attention plus the same ``AttentionStats`` as ``kernels.attention.attention_with_stats``.
 
-    The output is the deployed kernel's (:func:`sparse_attention`, FlexAttention). The statistics are
+    The output is the deployed kernel's (:func:`sparse_attention`, on the ``execution`` path). The statistics are
     those of docs/definitions.md under sparsity — the softmax probabilities renormalized over the kept blocks:
     ``key_mass[b, h, k]`` = Σ over valid queries of those probabilities; ``query_count[b, k]`` = |Q_k|
     and ``uniform_sum[b, k]`` = Σ_{q∈Q_k} 1/|K_q| under the *base* mask (so dense and sparse runs share one
@@ -247,7 +266,7 @@ def sparse_attention_with_stats(
     """
     out = sparse_attention(
         query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal, scale=scale,
-        softcap=softcap, compiled=compiled,
+        softcap=softcap, compiled=compiled, execution=execution,
     )
     base = _resolve_base(selection, attention_mask, is_causal, query)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lens.errors import ConfigError
+from lens.errors import ConfigError, RunFormatError
 from lens.run import Run
 from lens.capture.spectra import entropy_from_spectrum
 
@@ -267,6 +267,9 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
     """
     if not alpha > 0:
         raise ConfigError(f"alpha must be > 0 (1 = Shannon); got {alpha}")
+    if (run.meta.get("provenance", {}).get("trace") or {}).get("spectra") == "none":
+        raise RunFormatError("lens.valley needs the entropy spectra, and this run was traced with spectra='none'; "
+                             "trace again with spectra='exact' (the default)")
     run.require("resid.spectrum_raw", "resid.spectrum_normalized", "resid.norm", "resid.cos2_first", what="lens.valley")
     raw = run.arrays["resid.spectrum_raw"]
     normalized = run.arrays["resid.spectrum_normalized"]

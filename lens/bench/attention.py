@@ -1,28 +1,39 @@
-"""Benchmark: block-sparse FlexAttention against dense causal SDPA (docs/definitions.md, docs/benchmarks.md).
+"""Benchmark: every block-sparse execution path against dense causal SDPA (docs/definitions.md, docs/benchmarks.md).
 
-For every sequence length T the dense baseline (``scaled_dot_product_attention(is_causal=True)``) is
-measured in the same run, interleaved with the sparse measurements so that both see the same machine
-load. For every target density a top-k selection is calibrated to keep that fraction of the causal
-blocks (top-k is the natural control: its density is set, not data-dependent), and the table reports
+Every run prints the machine (CPU model, ISA, cores, threads, load: ``lens.bench.machine``) and, for every
+sequence length T, **FlexAttention's dense ceiling** on it: plain compiled ``flex_attention`` with a causal
+``create_block_mask`` (BLOCK_SIZE 128) against dense causal SDPA - the speed FlexAttention reaches on this
+CPU when nothing is skipped, so a reader can compare machines. For every target density a top-k selection
+is calibrated to keep that fraction of the causal blocks (top-k is the natural control: its density is
+set, not data-dependent; density 1.0 keeps every block), and **each execution path** of
+``kernels.sparse`` computes it:
 
-* the sparse execution time (compiled FlexAttention, warmed up) and the speed-up over dense;
-* the ideal speed-up, dense causal blocks / kept blocks, and the efficiency = speed-up / ideal;
-* the selection overhead = selection time / sparse attention time (selection includes building the
-  kernel's block lists);
-* accuracy against dense: relative L1 ``Σ|o − o_ref| / Σ|o_ref|``, cosine similarity, RMSE.
+* ``auto`` - what ``sparse_attention`` runs by default (dense SDPA when every block is kept, else the
+  faster of the two below, measured per shape; the table names the path it chose);
+* ``gathered`` - each query block's kept key/value blocks through the fused SDPA kernel;
+* ``flex`` - compiled FlexAttention over a ``BlockMask`` of the kept blocks.
 
-docs/benchmarks.md targets at T ≥ 8192: efficiency ≥ 0.7 and overhead ≤ 5%. Quote ratios, not seconds: the
-machines are shared. Times are the minimum over ``repeats`` (the least disturbed run); medians are in
-the JSON too, with the load average before and after. The same ratios are also computed from process
-CPU time (``eff.cpu``, ``ovh.cpu``), which other jobs' preemption does not inflate; when the two
-disagree, the machine was busy and the CPU-time column is the better estimate of the kernels.
+For each the table reports the speed-up over dense, the ideal speed-up (causal blocks / kept blocks) and
+the **efficiency = speed-up / ideal**, each with its 95% interval, plus the selection overhead
+(selection time / the auto path's time) and accuracy against dense (relative L1
+``Σ|o − o_ref| / Σ|o_ref|``, cosine similarity, RMSE).
+
+**How a ratio is measured.** The machines are shared, so ratios come from interleaving: in each round the
+measurements form one chain ``dense, m1, dense, m2, dense, …`` (reversed every other round), and each
+measurement's ratio is taken against the geometric mean of the two dense calls around it - load that
+drifts hits both alike. Rounds repeat until every ratio's 95% interval (Student t on the log ratios) is
+within ±``target``, at least ``min_rounds`` and at most ``repeats`` rounds, within ``max_minutes`` per
+run. The same ratios from process CPU time (``eff.cpu``), which other jobs' preemption does not inflate,
+are printed beside them.
+
+Target (issue 16): efficiency ≥ 0.6 at T ≥ 8192 and 10-20% density, on every CPU; selection overhead ≤ 5%.
 
 Run it::
 
-    lens bench attention --lengths 4096 8192 --json bench-attention.json
+    lens bench attention --lengths 8192 16384 --densities 1.0 0.2 0.1 0.05 --json bench-attention.json
     python -m lens.bench.attention --source minilm --lengths 4096 8192
 
-or from Python: ``print(format_table(run(lengths=(4096, 8192))))``.
+or from Python: ``print(format_table(run(lengths=(4096,), densities=(0.2,))))``.
 """
 
 from __future__ import annotations
@@ -31,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -41,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from lens.atomic import atomic_write_text
-from lens.kernels.sparse import SparseConfig, select_blocks, sparse_attention
-
-__all__ = ["run", "format_table", "capture_minilm_qkv", "minilm_sentences", "main", "QUICK"]
+from lens.bench.machine import machine_info, machine_line, ratio_interval
+from lens.kernels.sparse import SparseConfig, choose_execution, select_blocks, sparse_attention
+__all__ = ["run", "format_table", "capture_minilm_qkv", "minilm_sentences", "main", "QUICK", "PATHS", "TARGETS"]
 
 # Varied sentences (topics, punctuation, numbers) so that the tiled sequence is not one repeated phrase.
 _SENTENCES = (
@@ -164,6 +174,10 @@ def _accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
+PATHS = ("auto", "gathered", "flex")
+TARGETS = {"min_T": 8192, "densities": (0.1, 0.2), "efficiency": 0.6, "selection_overhead": 0.05}
+
+
 def _timed(fn):
     """(wall seconds, CPU seconds of this process, result). CPU time is kept beside wall time because
     the machines are shared: preemption by other jobs inflates wall time but not the CPU we used."""
@@ -172,99 +186,171 @@ def _timed(fn):
     return time.perf_counter() - start, time.process_time() - start_cpu, result
 
 
+_PLAIN_FLEX: dict = {}
+
+
+def _flex_ceiling_call(q, k, v, block: int = 128):
+    """Plain compiled ``flex_attention`` with a causal ``create_block_mask``: no lens code on the path.
+
+    Compiled with static shapes (one graph per T; what a user writing ``torch.compile(flex_attention)``
+    gets). Returns a zero-argument callable.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _PLAIN_FLEX:
+        _PLAIN_FLEX["fn"] = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    length = q.shape[2]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, None, None, length, length, device=str(q.device), BLOCK_SIZE=block)
+    return lambda: _PLAIN_FLEX["fn"](q, k, v, block_mask=mask)
+
+
+def _summary(pairs: list[tuple[float, float]]) -> dict:
+    """Speed-up over dense from paired (wall, cpu) ratios path / dense: geometric mean and 95% interval."""
+    if not pairs:
+        return {"rounds": 0}
+    mean, low, high = ratio_interval([p[0] for p in pairs])
+    bounded = len(pairs) >= 2  # one pair has no interval
+    return {
+        "rounds": len(pairs),
+        "speedup": 1 / mean, "speedup_low": 1 / high if bounded else None, "speedup_high": 1 / low if bounded else None,
+        "speedup_cpu": 1 / statistics.geometric_mean(p[1] for p in pairs),
+        "ratios": [p[0] for p in pairs],
+    }
+
+
+def _within(pairs, target: float) -> bool:
+    if len(pairs) < 2:
+        return False
+    mean, low, high = ratio_interval([p[0] for p in pairs])
+    return high / mean - 1 <= target and 1 - low / mean <= target
+
+
 def run(
-    lengths: Sequence[int] = (4096, 8192, 16384),
-    densities: Sequence[float] = (0.5, 0.2, 0.1, 0.05),
+    lengths: Sequence[int] = (8192, 16384),
+    densities: Sequence[float] = (1.0, 0.2, 0.1, 0.05),
     heads: int = 12,
     head_dim: int = 64,
-    repeats: int = 3,
+    repeats: int = 5,
     source: str = "random",
     progress: bool | None = None,
     *,
+    paths: Sequence[str] = PATHS,
+    min_rounds: int = 2,
+    target: float = 0.03,
+    max_minutes: float = 20.0,
     block_q: int = 128,
     block_k: int = 64,
     seed: int = 0,
     minilm_layer: int = 2,
 ) -> dict:
-    """Measure sparse against dense causal attention; return a JSON-able dict (see the module docstring).
+    """Measure every execution path against dense causal SDPA, interleaved; return a JSON-able dict.
 
     ``source="random"``: Q/K/V ~ N(0, 1), [1, heads, T, head_dim]. ``source="minilm"``: Q/K/V captured
     from all-MiniLM-L6-v2 layer ``minilm_layer`` on a 512-token text, tiled to T and heads repeated to
-    ``heads`` (MiniLM's head_dim is 32, which then replaces ``head_dim``). The first sparse call per
-    length is a warm-up that includes compilation and is not timed.
+    ``heads`` (MiniLM's head_dim is 32, which then replaces ``head_dim``). Every path is called once
+    before timing (compilation and ``auto``'s per-shape measurement are not timed). ``max_minutes`` caps
+    the whole run: rounds stop when it is spent (after at least one), and lengths not reached are listed
+    as skipped. See the module docstring for the protocol.
 
     Example::
 
         result = run(lengths=(4096,), densities=(0.2, 0.1), repeats=3)
         print(format_table(result))
-        result["rows"][0]["efficiency"]
+        [r["efficiency"] for r in result["rows"]]
     """
     from lens.progress import progress_bar
 
-    rows = []
-    load_before = os.getloadavg()
-    steps = [(length, density) for length in lengths for density in densities]
-    bar = progress_bar(total=len(steps) * (repeats + 1), progress=progress, desc="bench attention")
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise ValueError(f"paths must be among {', '.join(PATHS)}; got {sorted(unknown)}")
+    info = machine_info()
+    deadline = time.monotonic() + max_minutes * 60
+    rows, ceilings, skipped = [], [], []
+    bar = progress_bar(total=len(lengths), progress=progress, desc="bench attention", unit="length")
     actual_head_dim = head_dim
     for length in lengths:
+        if time.monotonic() > deadline:
+            skipped.append({"T": length, "skipped": f"time cap of {max_minutes:g} min reached"})
+            continue
         q, k, v = _inputs(source, length, heads, head_dim, seed, minilm_layer)
         actual_head_dim = q.shape[-1]
         with torch.no_grad():
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            configs = []
+            entries = []  # each: a callable and its (path / dense) ratio pairs
+            ceiling = _flex_ceiling_call(q, k, v)
+            warm = time.perf_counter()
+            entries.append({"kind": "ceiling", "fn": ceiling, "pairs": [], "accuracy": _accuracy(ceiling(), reference),
+                            "warmup_s": time.perf_counter() - warm})
             for density in densities:
-                topk = _calibrate(q, k, density, block_q, block_k)
+                topk = 1.0 if density >= 1.0 else _calibrate(q, k, density, block_q, block_k)
                 config = _config(topk, block_q, block_k)
                 selection = select_blocks(q, k, config, is_causal=True)
-                warm_start = time.perf_counter()
-                out = sparse_attention(q, k, v, selection, is_causal=True)  # warm-up (compiles once)
-                configs.append({
-                    "density": density, "topk": topk, "config": config, "selection": selection,
-                    "accuracy": _accuracy(out, reference), "warmup_s": time.perf_counter() - warm_start,
-                    "dense": [], "sparse": [], "select": [],
-                })
-                bar.update(1)
-            for _ in range(repeats):
-                for entry in configs:
-                    # dense is re-measured next to every sparse measurement: same load, same caches
-                    entry["dense"].append(_timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))[:2])
-                    *t_sel, selection = _timed(lambda: select_blocks(q, k, entry["config"], is_causal=True))
-                    entry["select"].append(tuple(t_sel))
-                    entry["sparse"].append(_timed(lambda: sparse_attention(q, k, v, selection, is_causal=True))[:2])
-                    bar.update(1)
-        dense_all = [t for entry in configs for t in entry["dense"]]
-        dense_s, dense_cpu = min(t[0] for t in dense_all), min(t[1] for t in dense_all)
-        for entry in configs:
-            selection = entry["selection"]
-            kept = int(selection.kept.sum())
-            allowed = int(selection.allowed.sum())
-            sparse_s, sparse_cpu = min(t[0] for t in entry["sparse"]), min(t[1] for t in entry["sparse"])
-            select_s, select_cpu = min(t[0] for t in entry["select"]), min(t[1] for t in entry["select"])
-            speedup = dense_s / sparse_s
-            ideal = allowed / max(kept, 1)
-            rows.append({
-                "T": length,
-                "target_density": entry["density"],
-                "kept_fraction": kept / allowed,
-                "topk": entry["topk"],
-                "dense_s": dense_s,
-                "dense_median_s": statistics.median(t[0] for t in dense_all),
-                "sparse_s": sparse_s,
-                "sparse_median_s": statistics.median(t[0] for t in entry["sparse"]),
-                "select_s": select_s,
-                "select_median_s": statistics.median(t[0] for t in entry["select"]),
-                "warmup_s": entry["warmup_s"],
-                "speedup": speedup,
-                "ideal_speedup": ideal,
-                "efficiency": speedup / ideal,
-                "selection_overhead": select_s / sparse_s,
-                # the same ratios from process CPU time (insensitive to preemption by other jobs)
-                "efficiency_cpu": dense_cpu / sparse_cpu / ideal,
-                "selection_overhead_cpu": select_cpu / sparse_cpu,
+                select_times = []
+                for path in paths:
+                    def fn(path=path, selection=selection):
+                        return sparse_attention(q, k, v, selection, is_causal=True, execution=path)
+
+                    warm = time.perf_counter()
+                    out = fn()  # warm-up: compiles FlexAttention; "auto" measures its candidates once per shape
+                    entries.append({
+                        "kind": "path", "path": path, "density": density, "topk": topk, "fn": fn, "pairs": [],
+                        "selection": selection, "config": config, "select": select_times,
+                        "runs": path if path != "auto" else choose_execution(q, k, v, selection, is_causal=True),
+                        "accuracy": _accuracy(out, reference), "warmup_s": time.perf_counter() - warm,
+                    })
+            dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            rounds = 0
+            while rounds < repeats:
+                order = entries if rounds % 2 == 0 else entries[::-1]
+                before = _timed(dense)[:2]
+                for entry in order:
+                    if time.monotonic() > deadline and rounds >= 1:
+                        break
+                    if entry["kind"] == "path" and entry["path"] == "auto":
+                        entry["select"].append(_timed(lambda: select_blocks(q, k, entry["config"], is_causal=True))[:2])
+                    measured = _timed(entry["fn"])[:2]
+                    after = _timed(dense)[:2]
+                    entry["pairs"].append(tuple(m / math.sqrt(a * b) for m, a, b in zip(measured, before, after)))
+                    entry.setdefault("times", []).append(measured[0])
+                    entry.setdefault("dense_times", []).append(math.sqrt(before[0] * after[0]))
+                    before = after
+                rounds += 1
+                if time.monotonic() > deadline:
+                    break
+                if rounds >= min_rounds and all(_within(e["pairs"], target) for e in entries):
+                    break
+        for entry in entries:
+            summary = _summary(entry["pairs"])
+            common = {
+                "T": length, "rounds": summary["rounds"],
+                "time_s": statistics.median(entry["times"]) if entry.get("times") else None,
+                "dense_s": statistics.median(entry["dense_times"]) if entry.get("dense_times") else None,
+                "warmup_s": entry["warmup_s"], **{k_: v_ for k_, v_ in summary.items() if k_ != "rounds"},
                 **entry["accuracy"],
-            })
+            }
+            if entry["kind"] == "ceiling":
+                ceilings.append({**common, "what": "compiled flex_attention, causal create_block_mask, BLOCK_SIZE 128"})
+                continue
+            selection = entry["selection"]
+            kept, allowed = int(selection.kept.sum()), int(selection.allowed.sum())
+            ideal = allowed / max(kept, 1)
+            row = {**common, "path": entry["path"], "runs": entry["runs"], "target_density": entry["density"],
+                   "kept_fraction": kept / allowed, "topk": entry["topk"], "ideal_speedup": ideal}
+            if summary["rounds"]:
+                bounded = row["speedup_low"] is not None
+                row.update(efficiency=row["speedup"] / ideal, efficiency_cpu=row["speedup_cpu"] / ideal,
+                           efficiency_low=row["speedup_low"] / ideal if bounded else None,
+                           efficiency_high=row["speedup_high"] / ideal if bounded else None)
+                if entry["select"] and row["time_s"]:
+                    row["select_s"] = statistics.median(t[0] for t in entry["select"])
+                    row["selection_overhead"] = row["select_s"] / row["time_s"]
+            rows.append(row)
+        bar.update(1)
     bar.close()
-    load_after = os.getloadavg()
     return {
         "benchmark": "sparse_attention",
         "source": source,
@@ -275,78 +361,111 @@ def run(
         "causal": True,
         "block_q": block_q,
         "block_k": block_k,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "targets": {"min_T": 8192, "efficiency": 0.7, "selection_overhead": 0.05},
-        "load_average": {"before": load_before[0], "after": load_after[0]},
+        "protocol": {"min_rounds": min_rounds, "max_rounds": repeats, "target": target, "max_minutes": max_minutes},
+        "machine": info,
+        "targets": {**TARGETS, "densities": list(TARGETS["densities"])},
+        "load_average": {"before": info["load_average"], "after": os.getloadavg()[0]},
+        "flex_ceiling": ceilings,
         "rows": rows,
+        "skipped": skipped,
     }
 
 
-def format_table(result: dict) -> str:
-    """Render ``run``'s result as a fixed-width text table with a target verdict per row.
+def _interval(low, high) -> str:
+    return "[—]" if low is None else f"[{low:.2f},{high:.2f}]"
 
-    Example: ``print(format_table(run(lengths=(4096,))))``.
+
+def _verdict(row: dict, targets: dict) -> str:
+    lo, hi = min(targets["densities"]), max(targets["densities"])
+    if row["T"] < targets["min_T"] or not lo - 1e-9 <= row["target_density"] <= hi + 1e-9 or "efficiency" not in row:
+        return "-"
+    return "yes" if row["efficiency"] >= targets["efficiency"] else "no"
+
+
+def format_table(result: dict) -> str:
+    """Render ``run``'s result as text: the machine line, FlexAttention's dense ceiling, one row per path.
+
+    Example: ``print(format_table(run(lengths=(4096,), densities=(0.2,))))``.
     """
-    header = (
+    protocol, targets = result["protocol"], result["targets"]
+    lines = [
+        machine_line(result["machine"]),
         f"sparse vs dense causal SDPA — source={result['source']}, heads={result['heads']}, "
-        f"head_dim={result['head_dim']}, blocks={result['block_q']}x{result['block_k']}, "
-        f"threads={result['threads']}, torch {result['torch']}, min of {result['repeats']} runs, "
-        f"load average {result['load_average']['before']:.1f} → {result['load_average']['after']:.1f}"
-    )
-    columns = ("T", "target", "kept", "dense ms", "sparse ms", "speedup", "ideal", "effic.", "eff.cpu",
-               "select ms", "overhead", "ovh.cpu", "rel L1", "cosine", "RMSE", "target met")
-    lines = [header, " ".join(f"{c:>9}" for c in columns)]
-    targets = result["targets"]
-    for row in result["rows"]:
-        if row["T"] >= targets["min_T"]:
-            ok = row["efficiency"] >= targets["efficiency"] and row["selection_overhead"] <= targets["selection_overhead"]
-            verdict = "yes" if ok else "no"
-        else:
-            verdict = "-"
-        values = (
-            f"{row['T']}", f"{row['target_density']:.2f}", f"{row['kept_fraction']:.3f}",
-            f"{row['dense_s'] * 1e3:.1f}", f"{row['sparse_s'] * 1e3:.1f}", f"{row['speedup']:.2f}",
-            f"{row['ideal_speedup']:.2f}", f"{row['efficiency']:.2f}", f"{row['efficiency_cpu']:.2f}",
-            f"{row['select_s'] * 1e3:.2f}", f"{row['selection_overhead'] * 100:.1f}%",
-            f"{row['selection_overhead_cpu'] * 100:.1f}%", f"{row['rel_l1']:.4f}", f"{row['cosine']:.4f}",
-            f"{row['rmse']:.4f}", verdict,
+        f"head_dim={result['head_dim']}, blocks={result['block_q']}x{result['block_k']}, fp32, batch 1; "
+        f"interleaved with dense, until each 95% interval is within ±{protocol['target'] * 100:.0f}% "
+        f"({protocol['min_rounds']}-{protocol['max_rounds']} rounds, {protocol['max_minutes']:g} min cap); "
+        f"load average {result['load_average']['before']:.1f} → {result['load_average']['after']:.1f}",
+    ]
+    for c in result["flex_ceiling"]:
+        if not c["rounds"]:
+            continue
+        lines.append(
+            f"FlexAttention dense ceiling at T={c['T']}: plain compiled flex_attention (causal create_block_mask, "
+            f"BLOCK_SIZE 128) runs at {c['speedup']:.2f} {_interval(c['speedup_low'], c['speedup_high'])} of "
+            f"dense SDPA's speed (cpu {c['speedup_cpu']:.2f}; SDPA {c['dense_s'] * 1e3:.0f} ms, {c['rounds']} rounds)"
         )
-        lines.append(" ".join(f"{v:>9}" for v in values))
+    columns = ("T", "target", "kept", "path", "runs", "ms", "speedup", "95% int.", "ideal", "effic.", "95% int.",
+               "eff.cpu", "overhead", "rel L1", "rounds", "target met")
+    widths = (6, 6, 6, 8, 8, 8, 7, 11, 6, 6, 11, 7, 8, 8, 6, 10)
+    lines.append(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    for row in result["rows"]:
+        if not row["rounds"]:
+            values = (row["T"], f"{row['target_density']:.2f}", f"{row['kept_fraction']:.3f}", row["path"],
+                      row["runs"], "—", "", "", f"{row['ideal_speedup']:.2f}", "", "", "", "", "", 0, "time cap")
+        else:
+            overhead = f"{row['selection_overhead'] * 100:.1f}%" if "selection_overhead" in row else ""
+            values = (
+                row["T"], f"{row['target_density']:.2f}", f"{row['kept_fraction']:.3f}", row["path"], row["runs"],
+                f"{row['time_s'] * 1e3:.0f}", f"{row['speedup']:.2f}",
+                _interval(row["speedup_low"], row["speedup_high"]), f"{row['ideal_speedup']:.2f}",
+                f"{row['efficiency']:.2f}", _interval(row["efficiency_low"], row["efficiency_high"]),
+                f"{row['efficiency_cpu']:.2f}", overhead, f"{row['rel_l1']:.4f}", row["rounds"],
+                _verdict(row, targets),
+            )
+        lines.append(" ".join(f"{str(v):>{w}}" for v, w in zip(values, widths)))
+    for s in result.get("skipped", ()):
+        lines.append(f"T={s['T']}: skipped ({s['skipped']})")
     lines.append(
-        f"targets at T >= {targets['min_T']}: efficiency >= {targets['efficiency']}, "
-        f"selection overhead <= {targets['selection_overhead'] * 100:.0f}% (verdict from wall-clock columns; "
-        f"eff.cpu / ovh.cpu use process CPU time)"
+        f"efficiency = speed-up over dense / ideal speed-up (causal blocks / kept blocks); target: >= "
+        f"{targets['efficiency']} at T >= {targets['min_T']} and {min(targets['densities']):g}-"
+        f"{max(targets['densities']):g} density (verdict from wall clock; eff.cpu from process CPU time); "
+        f"selection overhead = selection / auto path, target <= {targets['selection_overhead'] * 100:.0f}%"
     )
     return "\n".join(lines)
 
 
-QUICK = {"lengths": (1024,), "densities": (0.2,), "repeats": 1}
+QUICK = {"lengths": (1024,), "densities": (1.0, 0.2), "repeats": 1, "min_rounds": 1}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (also ``lens bench attention``): prints the table and writes the JSON; returns 0.
 
-    Example: ``python -m lens.bench.attention --lengths 4096 8192 --json bench-attention.json``.
+    Example: ``python -m lens.bench.attention --lengths 8192 --densities 1.0 0.2 --json bench-attention.json``.
     """
     parser = argparse.ArgumentParser(prog="lens bench attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.2, 0.1, 0.05])
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds at most")
+    parser.add_argument("--min-rounds", type=int, default=2)
+    parser.add_argument("--target", type=float, default=0.03, help="stop when every 95%% interval is within ±this")
+    parser.add_argument("--max-minutes", type=float, default=20.0, help="time cap for the whole run")
     parser.add_argument("--source", choices=("random", "minilm"), default="random")
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=Path("bench-attention.json"))
-    parser.add_argument("--quick", action="store_true", help="one short length, one density: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="one short length, two densities: a smoke test")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = dict(
         lengths=args.lengths, densities=args.densities, heads=args.heads, head_dim=args.head_dim,
         repeats=args.repeats, source=args.source, progress=False if args.no_progress else None,
+        paths=args.paths, min_rounds=args.min_rounds, target=args.target, max_minutes=args.max_minutes,
         block_q=args.block_q, block_k=args.block_k,
     )
     if args.quick:

@@ -17,7 +17,7 @@ import torch
 from lens.errors import CaptureError, NumericalError
 from lens.capture.spectra import center_and_normalize_rows, lower_median, squared_singular_values
 
-__all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe"]
+__all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe", "top_magnitudes"]
 
 
 @dataclass
@@ -121,37 +121,63 @@ class ResidualProbe:
     Implements docs/definitions.md#massive-activations, #token-norms and "Matrix entropy" (the spectra; the
     entropies themselves are computed by ``lens.valley``). X_ℓ is read at the input of block ℓ, and
     X_L at the output of the last block.
+
+    ``spectra``: ``"exact"`` (every eigenvalue of both Gram matrices, ``lens.capture.spectra``) or
+    ``"none"`` (no spectra: norms and massive activations only; ``lens.valley`` then says what is
+    missing). ``background``: reduce each layer in a background thread (``lens.capture.background``)
+    on a copy of its hidden state, so the eigen-solves and Gram products overlap the next layers'
+    forward instead of holding it up; the numbers are the same as reducing in the forward's thread
+    (up to the summation order of a multi-threaded matrix product, ~1e-7 relative).
     """
 
-    def __init__(self, lm, n_tokens: int, n_sequences: int, max_len: int, top_k: int, keep_hidden: tuple[int, ...]):
+    def __init__(self, lm, n_tokens: int, n_sequences: int, max_len: int, top_k: int, keep_hidden: tuple[int, ...],
+                 *, spectra: str = "exact", background: bool = True):
         self.lm = lm
         n = lm.n_layers + 1
         rank = min(max_len, lm.d_model)
         self.top_k = top_k
+        self.spectra = spectra
         self.norm = np.zeros((n, n_tokens), dtype=np.float32)
         self.cos2 = np.zeros((n, n_tokens), dtype=np.float32)
         self.median = np.zeros((n, n_sequences), dtype=np.float32)
         self.top_value = np.zeros((n, n_sequences, top_k), dtype=np.float32)
         self.top_position = np.full((n, n_sequences, top_k), -1, dtype=np.int64)
         self.top_dim = np.full((n, n_sequences, top_k), -1, dtype=np.int64)
-        self.spectrum_raw = np.zeros((n, n_sequences, rank), dtype=np.float64)
-        self.spectrum_normalized = np.zeros((n, n_sequences, rank), dtype=np.float64)
+        self.spectrum_raw = np.zeros((n, n_sequences, rank), dtype=np.float64) if spectra == "exact" else None
+        self.spectrum_normalized = np.zeros((n, n_sequences, rank), dtype=np.float64) if spectra == "exact" else None
         self.hidden = {layer: np.zeros((n_tokens, lm.d_model), dtype=np.float32) for layer in keep_hidden}
         self.batch: Batch | None = None
         self.handles: list = []
+        self.background = background
+        self.worker = None
 
     def begin(self, batch: Batch) -> None:
         self.batch = batch
 
     def attach(self) -> None:
+        if self.background:
+            from lens.capture.background import Worker
+
+            self.worker = Worker(max_pending=2)
         for layer, block in enumerate(self.lm.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
         self.handles.append(self.lm.blocks[-1].register_forward_hook(self._post_hook(self.lm.n_layers)))
+
+    def finish(self) -> None:
+        """Wait for the layers still being reduced; raise the first error (e.g. ``NumericalError``)."""
+        if self.worker is not None:
+            self.worker.drain()
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            try:
+                worker.close()
+            except Exception:  # noqa: BLE001 - finish() raised it already, or another error is on its way
+                pass
 
     def _pre_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -170,32 +196,46 @@ class ResidualProbe:
     @torch.no_grad()
     def observe(self, layer: int, hidden: torch.Tensor) -> None:
         batch = self.batch
-        if not torch.isfinite(hidden[batch.mask]).all():
-            raise NumericalError(
-                f"the residual stream entering layer {layer} contains NaN or infinite values for input(s) "
-                f"{batch.sequences}. This usually means the weights are broken or the dtype overflows: "
-                "load the model with dtype='float32', and check the weights with torch.isfinite"
-            )
-        k = self.top_k
-        for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
-            x = hidden[row, :n].float()
+        rows = [(seq, n, start, hidden[row, :n]) for row, (seq, n, start) in
+                enumerate(zip(batch.sequences, batch.lengths, batch.starts))]
+        if self.worker is None:
+            self._reduce(layer, batch.sequences, [(seq, n, start, x.float()) for seq, n, start, x in rows])
+            return
+        # the model may reuse or modify its hidden-state buffer: the worker gets its own copy
+        copies = [(seq, n, start, x.float().clone() if x.dtype == torch.float32 else x.float())
+                  for seq, n, start, x in rows]
+        self.worker.submit(self._reduce, layer, batch.sequences, copies)
+
+    def _reduce(self, layer: int, sequences: list[int], rows) -> None:
+        for seq, n, start, x in rows:
             norms = x.norm(dim=1)
+            if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(x).all()):
+                # (a finite row can have an infinite norm when its squares overflow; only non-finite
+                # values themselves are an error)
+                raise NumericalError(
+                    f"the residual stream entering layer {layer} contains NaN or infinite values for input(s) "
+                    f"{sequences}. This usually means the weights are broken or the dtype overflows: "
+                    "load the model with dtype='float32', and check the weights with torch.isfinite"
+                )
             self.norm[layer, start : start + n] = norms.cpu().numpy()
-            first = x[0] / norms[0].clamp_min(torch.finfo(x.dtype).tiny)
-            cos = (x @ first) / norms.clamp_min(torch.finfo(x.dtype).tiny)
+            tiny = torch.finfo(x.dtype).tiny
+            first = x[0] / norms[0].clamp_min(tiny)
+            cos = (x @ first) / norms.clamp_min(tiny)
             self.cos2[layer, start : start + n] = (cos * cos).cpu().numpy()
-            flat = x.reshape(-1)
-            magnitude = flat.abs()
+            magnitude = x.abs()
             # the lower middle value for an even count, as torch.median (and Sun et al.'s code) define it
-            self.median[layer, seq] = float(lower_median(magnitude))
-            kk = min(k, flat.numel())
-            top = magnitude.topk(kk)
-            self.top_value[layer, seq, :kk] = flat[top.indices].cpu().numpy()
-            self.top_position[layer, seq, :kk] = (top.indices // x.shape[1]).cpu().numpy()
-            self.top_dim[layer, seq, :kk] = (top.indices % x.shape[1]).cpu().numpy()
-            r = min(n, x.shape[1])
-            self.spectrum_raw[layer, seq, :r] = squared_singular_values(x).cpu().numpy()
-            self.spectrum_normalized[layer, seq, :r] = squared_singular_values(center_and_normalize_rows(x)).cpu().numpy()
+            self.median[layer, seq] = float(lower_median(magnitude.reshape(-1)))
+            values, positions, dims = top_magnitudes(x, magnitude, self.top_k)
+            kk = values.numel()
+            self.top_value[layer, seq, :kk] = values.cpu().numpy()
+            self.top_position[layer, seq, :kk] = positions.cpu().numpy()
+            self.top_dim[layer, seq, :kk] = dims.cpu().numpy()
+            if self.spectrum_raw is not None:
+                r = min(n, x.shape[1])
+                self.spectrum_raw[layer, seq, :r] = squared_singular_values(x).cpu().numpy()
+                self.spectrum_normalized[layer, seq, :r] = (
+                    squared_singular_values(center_and_normalize_rows(x)).cpu().numpy()
+                )
             if layer in self.hidden:
                 self.hidden[layer][start : start + n] = x.cpu().numpy()
 
@@ -207,12 +247,37 @@ class ResidualProbe:
             "resid.top_value": self.top_value,
             "resid.top_position": self.top_position,
             "resid.top_dim": self.top_dim,
-            "resid.spectrum_raw": self.spectrum_raw,
-            "resid.spectrum_normalized": self.spectrum_normalized,
         }
+        if self.spectrum_raw is not None:
+            out["resid.spectrum_raw"] = self.spectrum_raw
+            out["resid.spectrum_normalized"] = self.spectrum_normalized
         for layer, values in self.hidden.items():
             out[f"resid.hidden.{layer}"] = values
         return out
+
+
+def top_magnitudes(x: torch.Tensor, magnitude: torch.Tensor, k: int):
+    """The ``k`` entries of ``x`` [n, d] largest in magnitude: (signed values, rows, columns), descending.
+
+    ``magnitude`` is ``x.abs()``. Only rows whose largest magnitude reaches the k-th largest row maximum
+    can hold one of the k largest entries (k other rows each hold a larger one), so ``topk`` runs over
+    those few rows instead of all n·d values (7× less work at T = 2048, d = 768). Ties among equal
+    magnitudes may pick different positions than a full ``topk`` would; the values are the same.
+
+    Example: ``top_magnitudes(x, x.abs(), 10)[0]`` → the 10 signed values with the largest |x|.
+    """
+    n, d = x.shape
+    kk = min(k, n * d)
+    if n > kk:
+        row_max = magnitude.amax(dim=1)
+        threshold = row_max.topk(kk).values[-1]
+        rows = torch.nonzero(row_max >= threshold).flatten()
+    else:
+        rows = torch.arange(n, device=x.device)
+    top = magnitude.index_select(0, rows).reshape(-1).topk(kk)
+    positions = rows[top.indices // d]
+    dims = top.indices % d
+    return x[positions, dims], positions, dims
 
 
 class MLPProbe:

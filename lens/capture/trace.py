@@ -22,9 +22,10 @@ from lens.models.observers import editing, observing
 from lens.progress import progress_bar
 from lens.run import Run
 
-__all__ = ["trace", "CAPTURES", "TraceOptions"]
+__all__ = ["trace", "CAPTURES", "SPECTRA", "TraceOptions"]
 
 CAPTURES = ("attention", "residual", "mlp")
+SPECTRA = ("exact", "none")  # what the residual probe computes of the entropy spectra (see ResidualProbe)
 OPTIONAL_CAPTURES = ("logits", "router")  # logits: next-token log-probabilities [N, vocab] (heavy, for lens.compare)
 # "router": MoE routing per token; on by default with "mlp" for mixture-of-experts models
 
@@ -100,6 +101,7 @@ class TraceOptions:
     truncate: bool
     prepend_bos: bool | None
     progress: bool | None
+    spectra: str = "exact"
 
 
 @dataclass
@@ -132,6 +134,7 @@ def trace(
     truncate: bool = False,
     prepend_bos: bool | None = None,
     progress: bool | None = None,
+    spectra: str = "exact",
     interventions: Iterable = (),
 ) -> Run:
     """Run ``model`` (a ``LensModel``) over ``inputs`` with streaming probes and return a ``Run``.
@@ -146,6 +149,9 @@ def trace(
     list of ``(layer, head)``, or ``{layer: [heads]}``. ``keep_hidden``: residual layers (0..L) whose
     hidden states to keep. ``track_neurons``: ``(layer, neuron)`` pairs whose per-token activation to keep.
     ``truncate``: cut inputs longer than the model's positions instead of raising ``InputTooLongError``.
+    ``spectra``: ``"exact"`` (default) keeps every eigenvalue of both Gram matrices per layer — exact,
+    computed in a background thread while the forward pass continues (``lens.capture.background``) —
+    or ``"none"`` to skip them (norms and massive activations only; ``lens.valley`` needs them).
     ``interventions``: ``lens.Ablate`` / ``lens.Clamp`` / ``lens.Patch`` / ``lens.ScaleAttention`` objects
     applied during the forward pass (see ``lens.capture.interventions``); the probes observe the intervened
     model, and provenance records them.
@@ -163,18 +169,26 @@ def trace(
     options = _parse_options(
         model, capture=capture, batch_size=batch_size, keep_patterns=keep_patterns, keep_hidden=keep_hidden,
         track_neurons=track_neurons, top_k_massive=top_k_massive, top_k_neurons=top_k_neurons,
-        truncate=truncate, prepend_bos=prepend_bos, progress=progress,
+        truncate=truncate, prepend_bos=prepend_bos, progress=progress, spectra=spectra,
     )
     encoded = encode(model, inputs, truncate=options.truncate, prepend_bos=options.prepend_bos)
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
     edits = Interventions(model, list(interventions), lengths, encoded.ids)
     probes = _build_probes(model, options, lengths)
+    executed = _executions(model)
     reset = getattr(model.attention_kernel, "reset_tally", None)
     if reset is not None:
         reset()
     _run_batches(model, encoded, lengths, probes, options, edits)
     run = _assemble_run(model, encoded, lengths, probes, options)
+    if executed is not None:
+        # which execution path computed each attention call of this trace (a sparse kernel runs dense
+        # SDPA when a selection keeps every block): the provenance says what ran, never silently
+        now = _executions(model)
+        run.meta["provenance"]["attention"]["executed"] = {
+            path: int(now[path] - executed.get(path, 0)) for path in sorted(now) if now[path] - executed.get(path, 0)
+        }
     run.provenance["trace"]["interventions"] = edits.describe()
     if reset is not None:  # a sparse kernel: warn when it kept every block (sparsity asked for, dense computed)
         from lens.models.deploy import check_every_block_kept
@@ -183,8 +197,14 @@ def trace(
     return run
 
 
+def _executions(lm) -> dict | None:
+    """A copy of the deployed kernel's per-path call counts, or None for kernels that keep none."""
+    counts = getattr(lm.attention_kernel, "executed", None)
+    return dict(counts) if counts is not None else None
+
+
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
-                   top_k_neurons, truncate, prepend_bos, progress) -> TraceOptions:
+                   top_k_neurons, truncate, prepend_bos, progress, spectra="exact") -> TraceOptions:
     """Check every option against the model before any work is done; ``ConfigError`` names the fix."""
     if isinstance(capture, str):
         capture = (capture,)
@@ -215,6 +235,8 @@ def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track
         raise ConfigError(
             f"prepend_bos must be True, False or None (the tokenizer's default); got {prepend_bos!r}. Pass one of those"
         )
+    if spectra not in SPECTRA:
+        raise ConfigError(f"spectra must be one of {SPECTRA} ('exact': every eigenvalue, 'none': skip); got {spectra!r}")
     if keep_patterns and "attention" not in capture:
         raise ConfigError("keep_patterns needs capture to include 'attention'")
     try:
@@ -244,7 +266,7 @@ def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track
                 "pass pairs in those ranges"
             )
     return TraceOptions(capture, batch_size, keep, hidden_layers, tracked, top_k_massive, top_k_neurons,
-                        truncate, prepend_bos, progress)
+                        truncate, prepend_bos, progress, spectra)
 
 
 def _check_pattern_budget(options: TraceOptions, lengths: np.ndarray) -> None:
@@ -266,7 +288,8 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
         AttentionProbe(lm, n_tokens, n_seq, options.keep, lengths**2) if "attention" in capture else None
     )
     residual = (
-        ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers)
+        ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers,
+                      spectra=options.spectra)
         if "residual" in capture
         else None
     )
@@ -335,6 +358,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                 _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs, fields)
                 if probes.attention is not None:
                     probes.attention.end()
+            if probes.residual is not None:
+                probes.residual.finish()  # the last layers reduce in the background: wait, raise their errors
     finally:
         guard.detach()
         for probe in probes.hooked:
@@ -411,6 +436,7 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
                 "top_k_neurons": options.top_k_neurons,
                 "keep_patterns": [[layer, list(heads)] for layer, heads in options.keep.items()],
                 "keep_hidden": list(options.hidden_layers),
+                "spectra": options.spectra if "residual" in options.capture else None,
             },
         }
     )

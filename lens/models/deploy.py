@@ -7,11 +7,14 @@ attention-function protocol of ``lens.models.attention`` and to Hugging Face mod
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from lens.kernels.lowbit import QuantConfig, calibrate, quantize_model
 from lens.kernels.sparse import (
+    EXECUTIONS,
     SparseConfig,
+    choose_execution,
     select_blocks,
     sparse_attention,
     sparse_attention_with_stats,
@@ -31,20 +34,36 @@ class SparseAttention:
     """Block-sparse attention as a lens attention kernel (docs/definitions.md#sparse-attention).
 
     Each call selects blocks from the real post-RoPE queries and keys (mean-pooled block scores, top-k /
-    top-p / hybrid, sink block, local window), then runs the compiled FlexAttention kernel over the kept
-    blocks. While traced, the statistics are those of the probabilities renormalized over the kept
-    blocks, and the kept fraction per head is reported.
+    top-p / hybrid, sink block, local window), then computes exactly the kept blocks on one of three
+    paths (``lens.kernels.sparse.paths``): dense SDPA when the selection keeps every block the mask
+    allows, else gathered-block SDPA or compiled FlexAttention - with ``execution="auto"`` (the
+    default), whichever measured faster on this machine for the shape. While traced, the statistics are
+    those of the probabilities renormalized over the kept blocks, and the kept fraction per head is
+    reported; the run's provenance records how many calls ran on each path
+    (``run.meta["provenance"]["attention"]["executed"]``).
+
+    ``execution``: ``"auto"``, ``"gathered"`` or ``"flex"`` (``"dense"`` is taken automatically, and
+    only, when every block is kept). Raises ``ConfigError`` for another value.
 
     Example::
 
         lm = lens.load(attention=lens.Sparse(mode="hybrid", topk=0.1, topp=0.95, block_q=64, block_k=64))
         run = lens.trace(lm, texts)
-        run.arrays["attn.kept_fraction"]     # [layers, sequences, heads]
+        run.arrays["attn.kept_fraction"]                 # [layers, sequences, heads]
+        run.meta["provenance"]["attention"]["executed"]  # e.g. {'gathered': 5, 'dense': 1}
     """
 
-    def __init__(self, config: SparseConfig, *, compiled: bool = True):
+    def __init__(self, config: SparseConfig, *, compiled: bool = True, execution: str = "auto"):
+        if execution not in EXECUTIONS or execution == "dense":
+            raise ConfigError(
+                f"execution must be 'auto', 'gathered' or 'flex' (dense SDPA runs by itself when a selection "
+                f"keeps every block); got {execution!r}"
+            )
         self.config = config
         self.compiled = compiled
+        self.execution = execution
+        #: calls per execution path since this kernel was created (lens.trace reports its own share)
+        self.executed: Counter = Counter()
         #: calls since the last ``reset_tally()`` and how many of them kept every allowed block
         self.tally = {"calls": 0, "every_block_kept": 0}
 
@@ -56,22 +75,31 @@ class SparseAttention:
                  with_stats):
         selection = select_blocks(query, key, self.config, attention_mask=attention_mask, is_causal=is_causal,
                                   scale=scale)
+        path = choose_execution(query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal,
+                                scale=scale, softcap=softcap, compiled=self.compiled, execution=self.execution)
+        self.executed[path] += 1
         self.tally["calls"] += 1
         self.tally["every_block_kept"] += int(selection.skipped_fraction() <= 0.0)
         if not with_stats:
             out = sparse_attention(query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal,
-                                   scale=scale, softcap=softcap, compiled=self.compiled)
+                                   scale=scale, softcap=softcap, compiled=self.compiled, execution=path)
             return out, None
         return sparse_attention_with_stats(
             query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal, scale=scale,
-            softcap=softcap, pattern_heads=pattern_heads, compiled=self.compiled,
+            softcap=softcap, pattern_heads=pattern_heads, compiled=self.compiled, execution=path,
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "sparse", "kernel": "torch flex_attention (compiled) over a BlockMask", **self.config.describe()}
+        return {
+            "kind": "sparse",
+            "kernel": "dense SDPA when every block is kept; else gathered-block SDPA or compiled FlexAttention "
+                      "(execution=" + repr(self.execution) + ")",
+            "execution": self.execution,
+            **self.config.describe(),
+        }
 
     def __repr__(self) -> str:
-        return f"SparseAttention({self.config!r})"
+        return f"SparseAttention({self.config!r}, execution={self.execution!r})"
 
 
 class EveryBlockKeptWarning(UserWarning):
