@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"held-out seed (default {EVAL_SEED})")
     parser.add_argument("--weights", type=Path, default=None, help="vision+projector safetensors (default: committed)")
     parser.add_argument("--language-model", type=Path, default=None, help="saved LM folder (default: SmolLM2 cache)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--min", type=float, default=0.0, help="exit 1 if any attribute's accuracy is below this")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)

@@ -6,11 +6,19 @@
 * ``DIR/toyvlm.json`` — the architecture/processor settings they belong to;
 * ``DIR/training_log.json`` — steps, sampled loss curve, wall time, versions, seed, held-out accuracy.
 
-Recipe: each step draws a fresh batch of generated images (``make_scenes(batch, seed, stream=1000 + step)``),
-feeds ``prompt + caption + <|im_end|>`` and takes the next-token cross-entropy on the caption tokens only
-(prompt and image positions are masked). The decoder (all of SmolLM2, embeddings and head included) is frozen;
-gradients flow through it to the projected image tokens. bf16 autocast on CPU, AdamW, linear warm-up then
-cosine decay, gradient clipping at 1.0. Same seed + same thread count → same weights.
+Recipe, two stages, one seed:
+
+1. *Vision pre-training* (``--pretrain-steps``, no language model, cheap): the CLIP vision tower learns the
+   image's colour, shape and position through three linear heads (:class:`AttributeHeads`, discarded).
+2. *Caption alignment* (``--steps``): each step draws a fresh batch (``make_scenes(batch, seed,
+   stream=1000 + step)``), feeds ``prompt + caption + <|im_end|>`` and takes the next-token cross-entropy on
+   the caption tokens only (prompt and image positions masked), plus ``aux_weight`` × the heads' loss. The
+   decoder (all of SmolLM2, embeddings and head included) is frozen; gradients flow through it to the
+   projected image tokens, training projector and vision tower together.
+
+bf16 autocast on CPU, AdamW, linear warm-up then cosine decay to 0.1 × lr, gradient clipping at 1.0.
+Same seed + same thread count → same weights. One thread by default: on a shared 2-core machine two
+OpenMP threads were measured 7× slower per step than one (each parallel region waits for a descheduled peer).
 """
 
 from __future__ import annotations
@@ -28,13 +36,15 @@ import numpy as np
 import torch
 
 from .build import WEIGHTS_NAME, assemble_model, load_trainable, trainable_state
-from .data import make_scenes
+from .data import COLOURS, POSITIONS, SHAPES, make_scenes
 from .evaluate import EVAL_SEED, heldout_accuracy
 from .spec import SPEC_NAME, default_spec, prompt_text
 
 LOG_NAME = "training_log.json"
 TRAIN_STREAM_BASE = 1000
-DEFAULTS = {"steps": 500, "batch_size": 16, "lr": 1.5e-3, "warmup": 25, "weight_decay": 0.01, "eval_images": 96}
+PRETRAIN_STREAM_BASE = 100_000
+DEFAULTS = {"steps": 160, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
+            "pretrain_steps": 300, "pretrain_batch": 64, "aux_weight": 0.1}
 
 
 def _batch(processor, prompt_ids: torch.Tensor, scenes, eos: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -52,7 +62,7 @@ def _batch(processor, prompt_ids: torch.Tensor, scenes, eos: str) -> tuple[torch
     return ids, targets, pixels, prompt_ids.shape[1]
 
 
-def caption_loss(model, ids: torch.Tensor, targets: torch.Tensor, pixels: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def caption_loss(model, ids: torch.Tensor, targets: torch.Tensor, pixels: torch.Tensor, prompt_len: int, return_vision: bool = False):
     """Mean next-token cross-entropy over caption tokens (the LM head runs on caption positions only).
 
     Args:
@@ -61,18 +71,52 @@ def caption_loss(model, ids: torch.Tensor, targets: torch.Tensor, pixels: torch.
         targets: [B, L] int64 caption ids, -100 where padded.
         pixels: [B, 3, H, W] float32 from the processor.
         prompt_len: P.
+        return_vision: also return the vision tower's last hidden state [B, 1 + GRID**2, d].
 
     Returns:
-        scalar float32 tensor (differentiable w.r.t. the vision tower and projector).
+        scalar float32 tensor (differentiable w.r.t. the vision tower and projector), or ``(loss, hidden)``.
 
     Example:
         >>> loss = caption_loss(model, *_batch(processor, prompt_ids, make_scenes(4), "<|im_end|>"))  # doctest: +SKIP
     """
     # right padding only follows real tokens, so the causal mask alone is exact: no attention_mask needed
-    hidden = model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+    out = model.model(input_ids=ids, pixel_values=pixels)
     width = targets.shape[1]
-    logits = model.lm_head(hidden[:, prompt_len - 1 : prompt_len - 1 + width])
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    logits = model.lm_head(out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + width])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    if return_vision:
+        return loss, out.image_outputs.last_hidden_state
+    return loss
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear colour/shape/position classifiers on the vision tower's pooled output (training aid, not saved).
+
+    Input: the vision tower's last hidden state [B, 1 + GRID**2, d]; the CLS token and the mean of the patch
+    tokens are concatenated ([B, 2d]) and classified into 6 colours, 4 shapes and 9 positions.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(2 * width, len(COLOURS))
+        self.shape = torch.nn.Linear(2 * width, len(SHAPES))
+        self.position = torch.nn.Linear(2 * width, len(POSITIONS))
+
+    def loss(self, hidden: torch.Tensor, scenes) -> tuple[torch.Tensor, float]:
+        """Summed cross-entropy of the three heads and the mean accuracy over the three attributes."""
+        pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1).float()
+        truth = {
+            "colour": [list(COLOURS).index(s.colour) for s in scenes],
+            "shape": [SHAPES.index(s.shape) for s in scenes],
+            "position": [s.row * 3 + s.col for s in scenes],
+        }
+        total, correct = 0.0, 0.0
+        for name, labels in truth.items():
+            logits = getattr(self, name)(pooled)
+            target = torch.tensor(labels)
+            total = total + torch.nn.functional.cross_entropy(logits, target)
+            correct += float((logits.argmax(-1) == target).float().mean()) / 3
+        return total, correct
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -93,9 +137,12 @@ def train(
     weight_decay: float = DEFAULTS["weight_decay"],
     language_model: str | Path | None = None,
     eval_images: int = DEFAULTS["eval_images"],
-    threads: int = 2,
+    threads: int = 1,
     progress: bool | None = None,
     verbose: bool = False,
+    pretrain_steps: int = DEFAULTS["pretrain_steps"],
+    pretrain_batch: int = DEFAULTS["pretrain_batch"],
+    aux_weight: float = DEFAULTS["aux_weight"],
 ) -> dict[str, Any]:
     """Train vision tower + projector, write weights, settings and log into ``out``; return the log.
 
@@ -108,6 +155,9 @@ def train(
         eval_images: held-out images captioned at the end (``0`` skips the evaluation).
         threads: ``torch.set_num_threads``.
         progress: a tqdm bar; default only when stderr is a terminal.
+        pretrain_steps, pretrain_batch: stage 1, the vision tower alone trained on colour/shape/position
+            labels by linear heads (:class:`AttributeHeads`, discarded afterwards; no language model, seconds).
+        aux_weight: weight of those heads' loss added to the caption loss in stage 2.
         verbose: print a plain line (step, loss, seconds) to stderr every 25 steps (for logs, non-interactive).
 
     Returns:
@@ -145,6 +195,30 @@ def train(
     prompt_ids = processor(images=make_scenes(1, seed)[0].image, text=prompt_text(spec=spec), return_tensors="pt")["input_ids"]
     _check_tokenization(processor, prompt_ids, eos, spec)
 
+    heads = AttributeHeads(model.config.vision_config.hidden_size)
+    params += list(heads.parameters())
+    torch.manual_seed(seed)
+
+    # stage 1: the vision tower alone learns colour / shape / position (cheap: no language model involved)
+    t_pre, pre_curve = time.perf_counter(), []
+    if pretrain_steps > 0:
+        vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+        pre_opt = torch.optim.AdamW(vision_params, lr=2e-3, betas=(0.9, 0.98), weight_decay=weight_decay)
+        pre_sched = torch.optim.lr_scheduler.LambdaLR(pre_opt, lambda s: _lr_factor(s, pretrain_steps, 20))
+        for step in range(pretrain_steps):
+            scenes = make_scenes(pretrain_batch, seed, stream=PRETRAIN_STREAM_BASE + step)
+            pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+            aux, acc = heads.loss(model.model.vision_tower(pixels).last_hidden_state, scenes)
+            pre_opt.zero_grad(set_to_none=True)
+            aux.backward()
+            torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
+            pre_opt.step()
+            pre_sched.step()
+            pre_curve.append((float(aux.detach()), acc))
+            if verbose and ((step + 1) % 50 == 0 or step + 1 == pretrain_steps):
+                print(f"pretrain {step + 1}/{pretrain_steps} loss {aux.item():.4f} acc {acc:.3f}", file=sys.stderr, flush=True)
+    pretrain_seconds = time.perf_counter() - t_pre
+
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -165,9 +239,10 @@ def train(
         scenes = make_scenes(batch_size, seed, stream=TRAIN_STREAM_BASE + step)
         ids, targets, pixels, plen = _batch(processor, prompt_ids, scenes, eos)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = caption_loss(model, ids, targets, pixels, plen)
+            loss, vision_hidden = caption_loss(model, ids, targets, pixels, plen, return_vision=True)
+        aux, _ = heads.loss(vision_hidden, scenes)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -201,6 +276,9 @@ def train(
         "images_seen": steps * batch_size,
         "optimizer": {"name": "AdamW", "lr": lr, "betas": [0.9, 0.98], "weight_decay": weight_decay,
                       "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0.1 x lr", "clip_grad_norm": 1.0},
+        "pretrain": {"steps": pretrain_steps, "batch_size": pretrain_batch, "lr": 2e-3, "seconds": round(pretrain_seconds, 1),
+                     "final_attribute_accuracy": round(float(np.mean([a for _, a in pre_curve[-10:]])), 4) if pre_curve else None},
+        "aux_weight": aux_weight,
         "autocast": "bfloat16",
         "threads": threads,
         "loss_curve": _sample_curve(losses),
@@ -267,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     p.add_argument("--language-model", type=Path, default=None, help="saved LM folder (default: SmolLM2 from GGUF)")
     p.add_argument("--eval-images", type=int, default=DEFAULTS["eval_images"], help="held-out images at the end (0: none)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared machine)")
+    p.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
     p.add_argument("--verbose", action="store_true", help="a plain progress line every 25 steps")
     args = p.parse_args(argv)
     log = train(
         args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, args.steps),
         language_model=args.language_model, eval_images=args.eval_images, threads=args.threads, verbose=args.verbose,
+        pretrain_steps=args.pretrain_steps,
     )
     summary = {k: log[k] for k in ("steps", "seed", "train_seconds", "wall_seconds", "final_loss_mean_last_10")}
     if log["held_out"] is not None:
