@@ -7,9 +7,12 @@ Example::
     run = lens.trace(lm, ["The cat sat on the mat.", "Sinks form on [CLS]."])
     lens.sinks(run).to_frame("heads")
     lens.valley(run).figure()
+
+The code is grouped by stage of the data flow — ``lens.models`` → ``lens.capture`` → ``lens.run`` →
+``lens.analysis`` → ``lens.report`` / ``lens.bench`` / ``lens.cli`` — see docs/architecture.md.
 """
 
-from lens.analysis import CompareResult, SinkResult, ValleyResult, compare, sinks, valley
+from lens._compat import install as _install_moved_module_aliases
 from lens.errors import (
     CaptureError,
     ConfigError,
@@ -24,16 +27,25 @@ from lens.errors import (
 )
 from lens.run import Run
 
+_install_moved_module_aliases()
+
 __version__ = "0.1.0"
 
-# Loading and tracing need transformers' modeling machinery (seconds to import); resolve them on first
-# use so that `import lens` — e.g. to read a saved Run in a dashboard — stays fast.
+# Loading, tracing and the analyses resolve on first use: loading and tracing need transformers'
+# modeling machinery (seconds to import), and `import lens` — e.g. to read a saved Run in a dashboard —
+# stays fast. __dir__ lists them so that tab completion (`lens.lo<TAB>`) offers them before first use.
 _LAZY = {
-    "load": "lens.model",
-    "LensModel": "lens.model",
-    "trace": "lens.tracer",
-    "Sparse": "lens.deploy",
-    "QuantConfig": "lens.deploy",
+    "load": "lens.models.load",
+    "LensModel": "lens.models.lensmodel",
+    "Sparse": "lens.models.deploy",
+    "QuantConfig": "lens.models.deploy",
+    "trace": "lens.capture.trace",
+    "sinks": "lens.analysis",
+    "valley": "lens.analysis",
+    "compare": "lens.analysis",
+    "SinkResult": "lens.analysis",
+    "ValleyResult": "lens.analysis",
+    "CompareResult": "lens.analysis",
 }
 
 
@@ -45,6 +57,11 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "load",

@@ -12,10 +12,10 @@ __all__ = ["main"]
 
 # name → (module, what it measures). Every benchmark measures its baseline in the same run.
 BENCHMARKS = {
-    "capture": ("lens.bench_capture", "streaming capture vs plain forward, HF eager and TransformerLens"),
-    "attention": ("lens.bench_attention", "block-sparse attention vs dense causal SDPA"),
-    "quant": ("lens.bench_quant", "low-bit weight formats vs fp32 on MiniLM"),
-    "widgets": ("lens.bench_widgets", "widget interaction latency in a real browser"),
+    "capture": ("lens.bench.capture", "streaming capture vs plain forward, HF eager and TransformerLens"),
+    "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
+    "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
+    "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
 }
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from lens.demo import run_demo
+        from lens.report.demo import run_demo
 
         run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
         return 0

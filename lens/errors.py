@@ -22,7 +22,7 @@ class ModelLoadError(LensError):
 
 
 class UnsupportedModelError(ModelLoadError):
-    """The architecture has no entry in lens's family table (see ``lens.families``)."""
+    """The architecture has no entry in lens's family table (see ``lens.models.families``)."""
 
 
 class InputError(LensError, ValueError):

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lens.atomic import atomic_path
 from lens.errors import RunFormatError
 
 __all__ = ["Run", "SCHEMA"]
@@ -190,7 +190,9 @@ class Run:
 
         Example: ``lens.trace(lens.load(), ["The cat sat."], keep_patterns=[(0, 3)]).show(layer=0, head=3)``.
         """
-        from lens.widgets import AttentionExplorer  # views sit above the core; imported only when asked
+        from lens.widgets import (
+            AttentionExplorer,  # views sit above the core; imported only when asked
+        )
 
         return AttentionExplorer(self, **kwargs)
 
@@ -206,19 +208,10 @@ class Run:
         from safetensors.numpy import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"schema": SCHEMA, "tokens": self.tokens, "meta": self.meta}
         arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(arrays, tmp, metadata={_META_KEY: json.dumps(header, default=_json_default)})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens.kernels import sparse
+from lens.kernels.sparse import flex as sparse
 from lens.kernels.attention import attention_with_stats
 from lens.kernels.errors import ConfigError
 from lens.kernels.sparse import (
@@ -219,7 +219,7 @@ def test_grouped_query_selection_equals_repeated_kv():
 def test_ragged_lengths_pool_only_real_rows():
     # T = 600 with 128-row query blocks: the last block has 88 rows and must be pooled over those
     q, k, _ = _qkv(2)
-    from lens.kernels.sparse_select import _pool
+    from lens.kernels.sparse.selection import _pool
 
     pooled, sim = _pool(q, 128, None, True)
     assert torch.allclose(pooled[:, :, -1], q[:, :, 512:].mean(dim=2), atol=1e-6)
@@ -426,7 +426,7 @@ def minilm_layers(request):
     attend to its own copies far away), and ~530 tokens of distinct prose cut to 510 (no repetition)."""
     from pathlib import Path
 
-    from lens.bench_attention import capture_minilm_qkv
+    from lens.bench.attention import capture_minilm_qkv
 
     if request.param == "tiled":
         return capture_minilm_qkv(512)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lens.analysis.valley import massive_activation_bound
-from lens.spectra import center_and_normalize_rows, entropy_from_spectrum, lower_median, renyi_entropy, squared_singular_values
+from lens.capture.spectra import center_and_normalize_rows, entropy_from_spectrum, lower_median, renyi_entropy, squared_singular_values
 
 
 @pytest.mark.parametrize("shape", [(10, 4), (4, 10), (300, 64)])

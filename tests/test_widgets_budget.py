@@ -20,7 +20,7 @@ import pytest
 from test_widgets_support import f32, read_export, view_of
 
 import lens.widgets as lw
-from lens.bench_widgets import KEPT_HEADS, build_model, long_run
+from lens.bench.widgets import KEPT_HEADS, build_model, long_run
 
 NOTEBOOK_BUDGET = 2_000_000
 HTML_BUDGET = 3_000_000

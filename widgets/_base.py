@@ -59,6 +59,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+#: The shared helpers, by concern, prepended in this order to every component's module text.
+SHARED_JS = ("_core", "_grids", "_charts")
+
+
 class LensWidget(anywidget.AnyWidget):
     """Base class of the lens components (not used directly).
 
@@ -87,7 +91,7 @@ class LensWidget(anywidget.AnyWidget):
         if component:
             # One module per component: the shared helpers are prepended as text because a blob-URL module
             # (how anywidget and Panel load ESM) cannot import a sibling file, and we ship no bundler.
-            cls._esm = _read_static("_common.js") + "\n" + _read_static(f"{component}.js")
+            cls._esm = "\n".join(_read_static(f"{name}.js") for name in (*SHARED_JS, component))
             cls._css = _read_static("lens.css")
         super().__init_subclass__(**kwargs)
 

@@ -1,6 +1,6 @@
 """Drive the widgets in a real browser: JupyterLab or Panel on 127.0.0.1, Debian's chromium via Playwright.
 
-Used by the browser tests and by ``lens.bench_widgets``; not needed to use the widgets. Requirements:
+Used by the browser tests and by ``lens.bench.widgets``; not needed to use the widgets. Requirements:
 ``apt-get install -y chromium`` and ``pip install jupyterlab playwright`` (never ``playwright install``:
 the system chromium is launched through ``executable_path``).
 

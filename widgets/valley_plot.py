@@ -104,11 +104,11 @@ class ValleyPlot(LensWidget):
         return value
 
     def figure(self):
-        """The same comparison as a static plotly figure (``lens.figures.valley_figure``).
+        """The same comparison as a static plotly figure (``lens.report.figures.valley_figure``).
 
         Example: ``lens.widgets.ValleyPlot(run_a, run_b).figure().write_html("valley.html")``.
         """
-        from lens import figures
+        from lens.report import figures
 
         return figures.valley_figure(self._results, self._labels)
 

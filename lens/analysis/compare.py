@@ -117,7 +117,7 @@ class CompareResult:
 
         Example: ``lens.compare(dense, nvfp4).figure().write_html("compare.html")``.
         """
-        from lens import figures
+        from lens.report import figures
 
         return figures.compare_figure(self)
 

@@ -206,7 +206,7 @@ class SinkResult:
 
         Example: ``lens.sinks(run).figure().write_html("sinks.html")``.
         """
-        from lens import figures
+        from lens.report import figures
 
         if kind == "heads":
             return figures.sink_heatmap(self)

@@ -10,7 +10,7 @@ import numpy as np
 
 from lens.errors import ConfigError
 from lens.run import Run
-from lens.spectra import entropy_from_spectrum
+from lens.capture.spectra import entropy_from_spectrum
 
 __all__ = ["ValleyResult", "valley", "massive_activation_bound"]
 
@@ -115,7 +115,7 @@ class ValleyResult:
 
         Example: ``lens.valley(run).figure().show()``.
         """
-        from lens import figures
+        from lens.report import figures
 
         return figures.valley_figure([self])
 

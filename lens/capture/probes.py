@@ -1,0 +1,288 @@
+"""Probes: small streaming reducers that turn one forward pass into the arrays of a ``Run``.
+
+Each probe writes straight into preallocated arrays indexed by *flat token position* (sequences back to
+back, padding dropped), so memory is independent of how the inputs were batched and no probe ever
+keeps a per-layer activation tensor after its hook returns (unless the user asked for hidden states or
+patterns). The attention probe is fed by the lens attention function (``lens.models.observers``); the others
+are forward hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lens.errors import CaptureError, NumericalError
+from lens.capture.spectra import center_and_normalize_rows, lower_median, squared_singular_values
+
+__all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe"]
+
+
+@dataclass
+class Batch:
+    """Where the sequences of the current forward pass go in the flat token arrays."""
+
+    sequences: list[int]  # run-level sequence index of each batch row
+    lengths: list[int]
+    starts: list[int]  # flat token offset of each row's first token
+    flat_index: torch.Tensor  # [n_real_tokens] flat position of every real token, row-major over the batch
+    mask: torch.Tensor  # [B, T] bool, True for real tokens
+
+
+class AttentionProbe:
+    """Mass received per key and |Q_k| for every layer and head; optional full patterns.
+
+    Implements DESIGN §3 "Attention mass received" from the statistics the attention kernel returns.
+    """
+
+    def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes):
+        self.lm = lm
+        self.key_mass = np.zeros((lm.n_layers, lm.n_heads, n_tokens), dtype=np.float32)
+        self.query_count = np.zeros((lm.n_layers, n_tokens), dtype=np.float32)
+        self.kept_fraction: np.ndarray | None = None
+        self.n_sequences = n_sequences
+        self.keep = keep
+        total_pattern = int(sum(pattern_sizes))
+        self.pattern_starts = np.concatenate([[0], np.cumsum(pattern_sizes)]).astype(np.int64)
+        self.patterns = {
+            (layer, head): np.zeros(total_pattern, dtype=np.float32) for layer, heads in keep.items() for head in heads
+        }
+        self.batch: Batch | None = None
+        self.seen: list[int] = []
+
+    def begin(self, batch: Batch) -> None:
+        self.batch = batch
+        self.seen = []
+
+    def pattern_heads(self, module: torch.nn.Module) -> tuple[int, ...]:
+        layer = self.lm.layer_of_attention.get(id(module))
+        return self.keep.get(layer, ()) if layer is not None else ()
+
+    def on_attention(self, module: torch.nn.Module, stats) -> None:
+        layer = self.lm.layer_of_attention.get(id(module))
+        if layer is None:  # e.g. a vision tower's attention: not a layer of the text model
+            return
+        self.seen.append(layer)
+        batch = self.batch
+        key_mass = stats.key_mass.float().cpu().numpy()
+        query_count = stats.query_count.float().cpu().numpy()
+        for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
+            self.key_mass[layer, :, start : start + n] = key_mass[row, :, :n]
+            self.query_count[layer, start : start + n] = query_count[row, :n]
+            if stats.patterns is not None:
+                for j, head in enumerate(stats.pattern_heads):
+                    if (layer, head) in self.patterns:
+                        block = stats.patterns[row, j, :n, :n].cpu().numpy().reshape(-1)
+                        p0 = self.pattern_starts[seq]
+                        self.patterns[(layer, head)][p0 : p0 + n * n] = block
+        if stats.kept_fraction is not None:
+            if self.kept_fraction is None:
+                self.kept_fraction = np.full((self.lm.n_layers, self.n_sequences, self.lm.n_heads), np.nan, np.float32)
+            kept = stats.kept_fraction.float().cpu().numpy()
+            for row, seq in enumerate(batch.sequences):
+                self.kept_fraction[layer, seq] = kept[row]
+
+    def end(self) -> None:
+        expected = list(range(self.lm.n_layers))
+        if sorted(self.seen) != expected:
+            missing = sorted(set(expected) - set(self.seen))
+            raise CaptureError(
+                f"the lens attention function saw layers {sorted(set(self.seen))} but not {missing}. This model's "
+                "attention does not go through transformers' AttentionInterface for those layers (or was replaced "
+                "after lens.load); reload it with lens.load, or trace with capture=('residual', 'mlp')"
+            )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"attn.key_mass": self.key_mass, "attn.query_count": self.query_count}
+        if self.kept_fraction is not None:
+            out["attn.kept_fraction"] = self.kept_fraction
+        for (layer, head), values in self.patterns.items():
+            out[f"pattern.{layer}.{head}"] = values
+        return out
+
+
+class ResidualProbe:
+    """Token norms, cos² to the first token, massive activations and both entropy spectra per layer.
+
+    Implements DESIGN §3 "Massive activations", "Token norms" and "Matrix entropy" (the spectra; the
+    entropies themselves are computed by ``lens.valley``). X_ℓ is read at the input of block ℓ, and
+    X_L at the output of the last block.
+    """
+
+    def __init__(self, lm, n_tokens: int, n_sequences: int, max_len: int, top_k: int, keep_hidden: tuple[int, ...]):
+        self.lm = lm
+        n = lm.n_layers + 1
+        rank = min(max_len, lm.d_model)
+        self.top_k = top_k
+        self.norm = np.zeros((n, n_tokens), dtype=np.float32)
+        self.cos2 = np.zeros((n, n_tokens), dtype=np.float32)
+        self.median = np.zeros((n, n_sequences), dtype=np.float32)
+        self.top_value = np.zeros((n, n_sequences, top_k), dtype=np.float32)
+        self.top_position = np.full((n, n_sequences, top_k), -1, dtype=np.int64)
+        self.top_dim = np.full((n, n_sequences, top_k), -1, dtype=np.int64)
+        self.spectrum_raw = np.zeros((n, n_sequences, rank), dtype=np.float64)
+        self.spectrum_normalized = np.zeros((n, n_sequences, rank), dtype=np.float64)
+        self.hidden = {layer: np.zeros((n_tokens, lm.d_model), dtype=np.float32) for layer in keep_hidden}
+        self.batch: Batch | None = None
+        self.handles: list = []
+
+    def begin(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def attach(self) -> None:
+        for layer, block in enumerate(self.lm.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+        self.handles.append(self.lm.blocks[-1].register_forward_hook(self._post_hook(self.lm.n_layers)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _pre_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            self.observe(layer, hidden)
+
+        return hook
+
+    def _post_hook(self, layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self.observe(layer, hidden)
+
+        return hook
+
+    @torch.no_grad()
+    def observe(self, layer: int, hidden: torch.Tensor) -> None:
+        batch = self.batch
+        if not torch.isfinite(hidden[batch.mask]).all():
+            raise NumericalError(
+                f"the residual stream entering layer {layer} contains NaN or infinite values for input(s) "
+                f"{batch.sequences}. This usually means the weights are broken or the dtype overflows: "
+                "load the model with dtype='float32', and check the weights with torch.isfinite"
+            )
+        k = self.top_k
+        for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
+            x = hidden[row, :n].float()
+            norms = x.norm(dim=1)
+            self.norm[layer, start : start + n] = norms.cpu().numpy()
+            first = x[0] / norms[0].clamp_min(torch.finfo(x.dtype).tiny)
+            cos = (x @ first) / norms.clamp_min(torch.finfo(x.dtype).tiny)
+            self.cos2[layer, start : start + n] = (cos * cos).cpu().numpy()
+            flat = x.reshape(-1)
+            magnitude = flat.abs()
+            # the lower middle value for an even count, as torch.median (and Sun et al.'s code) define it
+            self.median[layer, seq] = float(lower_median(magnitude))
+            kk = min(k, flat.numel())
+            top = magnitude.topk(kk)
+            self.top_value[layer, seq, :kk] = flat[top.indices].cpu().numpy()
+            self.top_position[layer, seq, :kk] = (top.indices // x.shape[1]).cpu().numpy()
+            self.top_dim[layer, seq, :kk] = (top.indices % x.shape[1]).cpu().numpy()
+            r = min(n, x.shape[1])
+            self.spectrum_raw[layer, seq, :r] = squared_singular_values(x).cpu().numpy()
+            self.spectrum_normalized[layer, seq, :r] = squared_singular_values(center_and_normalize_rows(x)).cpu().numpy()
+            if layer in self.hidden:
+                self.hidden[layer][start : start + n] = x.cpu().numpy()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {
+            "resid.norm": self.norm,
+            "resid.cos2_first": self.cos2,
+            "resid.median_abs": self.median,
+            "resid.top_value": self.top_value,
+            "resid.top_position": self.top_position,
+            "resid.top_dim": self.top_dim,
+            "resid.spectrum_raw": self.spectrum_raw,
+            "resid.spectrum_normalized": self.spectrum_normalized,
+        }
+        for layer, values in self.hidden.items():
+            out[f"resid.hidden.{layer}"] = values
+        return out
+
+
+class MLPProbe:
+    """Per-neuron mean/max/fraction-positive and streaming top-k examples (DESIGN §3 "Neuron activation").
+
+    The activation is read at the input of each block's MLP output projection: after the nonlinearity,
+    and after act(gate)·up for gated MLPs. Top-k is merged batch by batch, so memory is
+    O(layers · neurons · k) whatever the corpus size.
+    """
+
+    def __init__(self, lm, n_tokens: int, top_k: int, tracked: list[tuple[int, int]]):
+        self.lm = lm
+        self.top_k = top_k
+        self.sum: np.ndarray | None = None
+        self.max: np.ndarray | None = None
+        self.positive: np.ndarray | None = None
+        self.top_value: torch.Tensor | None = None
+        self.top_token: torch.Tensor | None = None
+        self.tracked = tracked
+        self.tracked_values = np.zeros((len(tracked), n_tokens), dtype=np.float32)
+        self.batch: Batch | None = None
+        self.handles: list = []
+
+    def begin(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def attach(self) -> None:
+        for layer, module in enumerate(self.lm.mlp_out_modules):
+            self.handles.append(module.register_forward_pre_hook(self._hook(layer)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            self.observe(layer, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def observe(self, layer: int, act: torch.Tensor) -> None:
+        batch = self.batch
+        values = act[batch.mask].float()  # [n_real, M], row-major over the batch = flat order
+        n_layers, width = self.lm.n_layers, values.shape[1]
+        if self.sum is None:
+            self.sum = np.zeros((n_layers, width), dtype=np.float64)
+            self.max = np.full((n_layers, width), -np.inf, dtype=np.float32)
+            self.positive = np.zeros((n_layers, width), dtype=np.int64)
+            self.top_value = torch.full((n_layers, width, self.top_k), -torch.inf)
+            self.top_token = torch.full((n_layers, width, self.top_k), -1, dtype=torch.long)
+        self.sum[layer] += values.sum(0, dtype=torch.float64).cpu().numpy()
+        self.max[layer] = np.maximum(self.max[layer], values.max(0).values.cpu().numpy())
+        self.positive[layer] += (values > 0).sum(0).cpu().numpy()
+        kk = min(self.top_k, values.shape[0])
+        top = values.topk(kk, dim=0)  # [kk, M]
+        tokens = batch.flat_index[top.indices]  # [kk, M]
+        merged_values = torch.cat([self.top_value[layer], top.values.T.cpu()], dim=1)
+        merged_tokens = torch.cat([self.top_token[layer], tokens.T.cpu()], dim=1)
+        best = merged_values.topk(self.top_k, dim=1)
+        self.top_value[layer] = best.values
+        self.top_token[layer] = merged_tokens.gather(1, best.indices)
+        for p, (t_layer, neuron) in enumerate(self.tracked):
+            if t_layer == layer:
+                self.tracked_values[p, batch.flat_index.cpu().numpy()] = values[:, neuron].cpu().numpy()
+
+    def arrays(self, n_tokens: int) -> dict[str, np.ndarray]:
+        if self.sum is None:
+            return {}
+        top_value = self.top_value.numpy().astype(np.float32)
+        top_token = self.top_token.numpy()
+        top_token[~np.isfinite(top_value)] = -1
+        top_value[~np.isfinite(top_value)] = np.nan
+        out = {
+            "mlp.sum": self.sum,
+            "mlp.max": self.max,
+            "mlp.positive": self.positive,
+            "mlp.count": np.array([n_tokens], dtype=np.int64),
+            "mlp.top_value": top_value,
+            "mlp.top_token": top_token,
+        }
+        if self.tracked:
+            out["mlp.tracked"] = self.tracked_values
+        return out

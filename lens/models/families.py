@@ -1,0 +1,129 @@
+"""Architecture facts, one declarative row per model family.
+
+Everything lens needs to know about *where things are* in a Hugging Face model lives here rather than in
+if-chains scattered through the code: which block list to walk, which submodule calls the attention
+function, where the MLP's neuron activation can be read, whether the family is causal, and whether a
+BOS token must be prepended. Paths are dotted names relative to ``model.base_model``
+(``GPT2LMHeadModel.transformer``, ``LlamaForCausalLM.model``, ``BertModel`` itself).
+
+To support a new family, add a row (or call ``register_family``) and test it with a tiny random-config
+model, as ``tests/test_families.py`` does for every row below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lens.errors import UnsupportedModelError
+
+__all__ = ["Family", "FAMILIES", "family_for", "register_family", "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture keeps the parts lens probes.
+
+    ``layers``: the ModuleList of transformer blocks. ``attention``: the submodule of a block that calls
+    ``transformers.AttentionInterface``. ``mlp_out``: the MLP's output projection inside a block; its
+    *input* is the neuron activation of DESIGN §3 (after the nonlinearity; for gated MLPs after
+    act(gate)·up), so one pre-hook serves plain and gated MLPs alike. ``final_norm``: the norm applied
+    after the last block (None for post-LN encoders). ``prepend_bos``: prepend the tokenizer's BOS
+    token when the tokenizer does not add one itself (the TransformerLens convention, so that
+    position 0 is the same token for every prompt). ``auto_class``: the ``transformers`` auto class
+    used to load a folder or hub id of this family.
+
+    Example: ``family_for(transformers.GPT2Config()).mlp_out`` → ``"mlp.c_proj"``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    causal: bool
+    layers: str
+    attention: str
+    mlp_out: str
+    final_norm: str | None
+    prepend_bos: bool
+    auto_class: str
+
+
+FAMILIES: list[Family] = [
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        causal=True,
+        layers="h",
+        attention="attn",
+        mlp_out="mlp.c_proj",
+        final_norm="ln_f",
+        prepend_bos=True,
+        auto_class="AutoModelForCausalLM",
+    ),
+    Family(
+        name="gpt-neox",
+        model_types=("gpt_neox",),
+        causal=True,
+        layers="layers",
+        attention="attention",
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="final_layer_norm",
+        prepend_bos=True,
+        auto_class="AutoModelForCausalLM",
+    ),
+    Family(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"),
+        causal=True,
+        layers="layers",
+        attention="self_attn",
+        mlp_out="mlp.down_proj",
+        final_norm="norm",
+        prepend_bos=False,  # their tokenizers add BOS themselves where the model has one
+        auto_class="AutoModelForCausalLM",
+    ),
+    Family(
+        name="bert",
+        model_types=("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+        causal=False,
+        layers="encoder.layer",
+        attention="attention.self",
+        mlp_out="output.dense",
+        final_norm=None,
+        prepend_bos=False,
+        auto_class="AutoModel",
+    ),
+]
+
+
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` lens knows, e.g. ``['bert', 'gpt2', 'llama', ...]``."""
+    return sorted(t for fam in FAMILIES for t in fam.model_types)
+
+
+def family_for(config) -> Family:
+    """The family row for a ``transformers`` config (or a ``model_type`` string).
+
+    Example: ``family_for("qwen2").name`` → ``"llama"``.
+    Raises ``UnsupportedModelError`` naming the supported types otherwise.
+    """
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"lens has no architecture entry for model_type {model_type!r}. Supported: "
+        f"{', '.join(supported_model_types())}. If this architecture calls transformers' AttentionInterface, "
+        "describe it with lens.models.families.register_family(Family(...)) (see the docstring of lens.models.families)."
+    )
+
+
+def register_family(family: Family) -> None:
+    """Add (or replace) a family row, e.g. for a fine-tuned architecture with its own ``model_type``.
+
+    Example::
+
+        register_family(Family(name="my-gpt", model_types=("my_gpt",), causal=True, layers="h",
+                               attention="attn", mlp_out="mlp.c_proj", final_norm="ln_f",
+                               prepend_bos=True, auto_class="AutoModelForCausalLM"))
+    """
+    FAMILIES[:] = [f for f in FAMILIES if not set(f.model_types) & set(family.model_types)]
+    FAMILIES.append(family)

@@ -1,0 +1,217 @@
+"""``LensModel``: a Hugging Face model plus what lens needs to know about it (parts, shape, deployment)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens.errors import ConfigError, ModelLoadError
+from lens.models import attention as lens_attention
+from lens.models.families import Family, family_for
+
+__all__ = ["LensModel", "DEFAULT_MODEL_ID"]
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+def _resolve_attention(attention) -> lens_attention.AttentionKernel | None:
+    """``"dense"``/None → dense SDPA; an object with ``describe()`` and ``__call__`` → that kernel;
+    a sparse configuration → the sparse kernel built from it."""
+    if attention is None or (isinstance(attention, str) and attention.lower() in ("dense", "sdpa")):
+        return None
+    from lens.models import (
+        deploy,  # the deployment kernels are only imported when asked for
+    )
+
+    return deploy.attention_kernel(attention)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    base: nn.Module
+    blocks: list[nn.Module]
+    attention: list[nn.Module]
+    mlp_out: list[nn.Module]
+    final_norm: nn.Module | None
+
+
+def _find_parts(model: nn.Module, family: Family) -> _Parts:
+    base = getattr(model, "base_model", model)
+    # Some task heads (…ForCausalLM) expose the decoder as base_model.model; the family paths start at
+    # the module that owns the block list.
+    for candidate in (base, getattr(base, "model", None), getattr(base, "language_model", None)):
+        if candidate is None:
+            continue
+        try:
+            blocks = list(candidate.get_submodule(family.layers))
+        except AttributeError:
+            continue
+        try:
+            attention = [b.get_submodule(family.attention) for b in blocks]
+            mlp_out = [b.get_submodule(family.mlp_out) for b in blocks]
+            final = candidate.get_submodule(family.final_norm) if family.final_norm else None
+        except AttributeError as exc:
+            raise ModelLoadError(
+                f"{type(model).__name__} does not have the layout of the {family.name!r} family ({exc}). "
+                "If this is a modified architecture, register a matching lens.models.families.Family."
+            ) from exc
+        return _Parts(candidate, blocks, attention, mlp_out, final)
+    raise ModelLoadError(
+        f"could not find the block list {family.layers!r} of the {family.name!r} family in {type(model).__name__}"
+    )
+
+
+class LensModel:
+    """A loaded transformer with its tokenizer, deployment configuration and architecture facts.
+
+    Build it with ``lens.load``; run it with ``lens.trace``. ``lens_model.model`` is the Hugging Face
+    model itself (already using lens's attention function), usable as usual.
+
+    Example::
+
+        lm = lens.load()                    # the embedded all-MiniLM-L6-v2
+        lm.n_layers, lm.n_heads, lm.causal  # (6, 12, False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        attention=None,
+        quant=None,
+        calibration=None,
+        source: str = "transformers",
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.source = source
+        self.config = model.config
+        self.family = family_for(getattr(self.config, "text_config", None) or self.config)
+        parts = _find_parts(model, self.family)
+        self.base = parts.base
+        self.blocks = parts.blocks
+        self.attention_modules = parts.attention
+        self.mlp_out_modules = parts.mlp_out
+        self.final_norm = parts.final_norm
+        self.layer_of_attention = {id(m): i for i, m in enumerate(self.attention_modules)}
+        cfg = self.text_config
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.d_model = int(cfg.hidden_size)
+        self.d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * self.d_model)
+        self.causal = self.family.causal
+        self.max_positions = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9
+        )
+        if self.family.name == "bert" and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            # RoBERTa reserves padding_idx + 1 positions before the first token
+            self.max_positions -= int(getattr(cfg, "pad_token_id", 1) or 1) + 1
+        self.attention_kernel = None
+        self.quant = None
+        self.quant_report: dict[str, Any] | None = None
+        lens_attention.register()
+        self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
+        self.set_attention(attention)
+        if quant is not None:
+            self.set_quant(quant, calibration=calibration)
+
+    # -- deployment -------------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return getattr(self.config, "text_config", None) or self.config
+
+    def set_attention(self, attention) -> None:
+        """Install an attention kernel on every layer (``"dense"`` or a sparse configuration)."""
+        kernel = _resolve_attention(attention)
+        for module in self.attention_modules:
+            module._lens_kernel = kernel
+        self.attention_kernel = kernel
+
+    def set_quant(self, quant, *, calibration=None) -> None:
+        """Replace the model's linear layers by packed low-bit ones (a scheme name or a ``QuantConfig``).
+
+        ``calibration``: texts for the schemes that smooth activations (SmoothQuant).
+        """
+        from lens.models import deploy
+
+        if self.quant is not None:
+            raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
+        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration)
+        # the MLP output projections are new modules now: re-read where the probes attach
+        parts = _find_parts(self.model, self.family)
+        self.mlp_out_modules = parts.mlp_out
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def provenance(self) -> dict[str, Any]:
+        """Everything needed to say which model, kernels and software produced a run."""
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "source": self.source,
+            "family": self.family.name,
+            "model_type": getattr(self.text_config, "model_type", None),
+            "architecture": type(self.model).__name__,
+            "attention": (self.attention_kernel or lens_attention._DENSE).describe(),
+            "quant": self.quant.describe() if self.quant is not None else None,
+            "quant_report": self.quant_report,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "versions": {
+                "lens": _version("lens-interp"),
+                "torch": torch.__version__,
+                "transformers": _version("transformers"),
+                "torchao": _version("torchao") if self.quant is not None else None,
+            },
+        }
+
+    def __repr__(self) -> str:
+        attn = (self.attention_kernel or lens_attention._DENSE).describe().get("kind")
+        quant = self.quant.describe().get("scheme") if self.quant is not None else None
+        return (
+            f"LensModel({self.model_id!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}, "
+            f"d_model={self.d_model}, causal={self.causal}, attention={attn}, quant={quant})"
+        )
+
+
