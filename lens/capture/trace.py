@@ -221,7 +221,9 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
     )
     logprobs = None
     if "logits" in capture:
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        head = lm.model.get_output_embeddings()
+        # a packed head (QuantLinear, e.g. quant="keep") has no float .weight, only its shape
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
     return Probes(attention, residual, mlp, logprobs)
 

@@ -18,6 +18,7 @@ from lens.kernels.sparse import (
 )
 
 from lens.errors import ConfigError
+from lens.models.llamacpp import use_ggml_norms
 
 __all__ = ["Sparse", "QuantConfig", "SparseAttention", "attention_kernel", "quantize", "long_documents"]
 
@@ -82,7 +83,7 @@ def attention_kernel(spec) -> SparseAttention:
     )
 
 
-def quantize(lm, quant, *, calibration=None, progress: bool = False):
+def quantize(lm, quant, *, calibration=None, progress: bool = False, activations: str | None = None):
     """Replace the linear layers of ``lm``'s model by packed low-bit ``QuantLinear`` layers.
 
     ``quant``: a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``, ``"ternary"``,
@@ -90,9 +91,29 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False):
     need ``calibration`` texts. Returns (config, report) — both JSON-able through ``describe()``/dict —
     for the run's provenance.
 
+    ``"keep"`` (a model loaded from a GGUF file): keep the file's own blocks packed instead of the
+    dequantized weights (``lens.models.gguf_keep``). ``activations="llama.cpp"`` (GGUF types and ``"keep"``):
+    quantize layer inputs as llama.cpp's CPU matmul does.
+
     Example: ``config, report = quantize(lm, "nvfp4"); report["bits_per_weight"]``.
     """
+    if isinstance(quant, str) and quant.strip().lower() == "keep":
+        from lens.models.gguf_keep import KeepGGUF, keep_gguf_blocks
+
+        if not getattr(lm, "gguf_path", None):
+            raise ConfigError(
+                "quant='keep' keeps a GGUF file's own blocks: load a .gguf file (lens.load('model.gguf', quant='keep')) "
+                "or the embedded 'smollm2'; for other models give a scheme such as quant='q4_k'"
+            )
+        report = keep_gguf_blocks(lm, lm.gguf_path, activations=activations)
+        if activations is not None:
+            report["ggml_norms"] = len(use_ggml_norms(lm.model))
+        return KeepGGUF(activations=activations), report
     config = quant if isinstance(quant, QuantConfig) else QuantConfig.from_name(str(quant))
+    if activations is not None and getattr(config, "activations", None) != activations:
+        import dataclasses
+
+        config = dataclasses.replace(config, activations=activations)
     stats = None
     if config.smooth_alpha is not None:
         if not calibration:
@@ -110,6 +131,8 @@ def quantize(lm, quant, *, calibration=None, progress: bool = False):
             batches.append({"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)})
         stats = calibrate(lm.model, batches)
     report = quantize_model(lm.model, config, progress=progress, calibration=stats)
+    if getattr(config, "activations", None) is not None:
+        report["ggml_norms"] = len(use_ggml_norms(lm.model))
     # provenance keeps the totals; the per-module lists can run to hundreds of names on a real model
     summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config")}
     summary["skipped"] = len(report.get("skipped", []))

