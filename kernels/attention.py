@@ -9,9 +9,14 @@ those of exactly the probabilities that produced the output.
 Definitions implemented here (DESIGN.md §3, "Attention mass received"):
 
 * ``key_mass[b, h, k] = Σ_{q ∈ Q_k} A[b, h, q, k]`` — the unnormalized column sum over *valid* queries;
-* ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``.
+* ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``;
+* ``uniform_sum[b, k] = Σ_{q ∈ Q_k} 1/|K_q|`` — the same column sum for the *uniform* pattern, where
+  each query spreads its attention evenly over the keys ``K_q`` the mask lets it see.
 
 ``key_mass / query_count`` is the mass received ``m[ℓ, h, k]``; for ``k = 0`` it is the sink score.
+``uniform_sum / query_count`` is the uniform share ``u[k]`` ("Attention mass received"): the yardstick of
+sink tokens and sink heads, read from the model's actual mask — causal, padding, sliding window,
+bidirectional blocks — in the same pass, never from an assumed shape.
 A query is *valid* when it is a real token: the model's mask lets it attend to itself (the diagonal of
 the mask). Padded queries therefore never count, whatever the padding side.
 """
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks"]
+__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks", "unmasked_counts"]
 
 # Chunk shape, measured against causal SDPA (12 heads, d 64, 2 cores; our kernel / SDPA time):
 #   T = 2048:  64 rows, all heads 1.44×;  128 rows 1.54×;  256 rows 1.73×
@@ -47,6 +52,8 @@ class AttentionStats:
     ``patterns``: [B, len(pattern_heads), Tq, Tk] float32 for the heads asked for, else None.
     ``kept_fraction``: [B, H] float32 fraction of the allowed (query, key) blocks that a sparse kernel
     computed; None for dense attention.
+    ``uniform_sum``: [B, Tk] float32, Σ_{q∈Q_k} 1/|K_q| under the model's mask (valid queries only); divided
+    by ``query_count`` it is the uniform share u[k]. Like ``query_count`` it ignores any sparsity pattern.
     """
 
     key_mass: torch.Tensor
@@ -55,6 +62,29 @@ class AttentionStats:
     patterns: torch.Tensor | None = None
     pattern_heads: tuple[int, ...] = ()
     kept_fraction: torch.Tensor | None = None
+    uniform_sum: torch.Tensor | None = None
+
+
+def unmasked_counts(
+    batch: int, q_len: int, k_len: int, causal: bool, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|Q_k|, Σ_{q∈Q_k} 1/|K_q|) per key, [B, Tk] float32 each, when there is no mask tensor.
+
+    Causal (bottom-right aligned, offset = Tk − Tq): query q sees keys 0..q+offset, so |K_q| = q + offset + 1
+    and key k is seen by queries q ≥ k − offset. Bidirectional: every query sees all Tk keys.
+
+    Example: ``unmasked_counts(1, 3, 3, True)`` → ``([[3, 2, 1]], [[1/1 + 1/2 + 1/3, 1/2 + 1/3, 1/3]])``.
+    """
+    if not causal:
+        count = torch.full((batch, k_len), float(q_len), device=device)
+        return count, torch.full((batch, k_len), q_len / k_len, device=device)
+    offset = k_len - q_len
+    first_query = (torch.arange(k_len, device=device) - offset).clamp(min=0)
+    count = (q_len - first_query).to(torch.float32)
+    inv = 1.0 / (torch.arange(q_len, device=device, dtype=torch.float64) + offset + 1)
+    suffix = torch.cat([inv.flip(0).cumsum(0).flip(0), inv.new_zeros(1)])  # Σ_{q' ≥ q} 1/|K_q'|
+    uniform = suffix[first_query].to(torch.float32)
+    return count.expand(batch, k_len).clone(), uniform.expand(batch, k_len).clone()
 
 
 def plan_chunks(
@@ -156,13 +186,10 @@ def attention_with_stats(
     valid_weight = valid.to(compute_dtype)
     key_mass = torch.zeros(batch, heads, k_len, dtype=torch.float32, device=device)
     if allowed is None:
-        if causal:
-            first_query = (torch.arange(k_len, device=device) - offset).clamp(min=0)
-            query_count = (q_len - first_query).to(torch.float32).expand(batch, k_len).clone()
-        else:
-            query_count = torch.full((batch, k_len), float(q_len), device=device)
+        query_count, uniform_sum = unmasked_counts(batch, q_len, k_len, causal, device)
     else:
         query_count = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
+        uniform_sum = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
     pattern_heads = tuple(int(h) for h in pattern_heads)
     patterns = (
         torch.zeros(batch, len(pattern_heads), q_len, k_len, dtype=torch.float32, device=device)
@@ -213,8 +240,15 @@ def attention_with_stats(
                 row_allowed = mask_chunk.any(dim=-1)  # [B|1, 1|h, rows]
                 if kv0 == 0:  # |Q_k| does not depend on the head: count it in the first pass only
                     full_chunk = allowed[..., start:stop, :]
-                    counted = (full_chunk & valid[:, None, start:stop, None]).any(dim=1)  # [B, rows, Tk]
-                    query_count += counted.sum(dim=1, dtype=torch.float32)
+                    full_chunk = full_chunk[:, 0] if full_chunk.shape[1] == 1 else full_chunk.any(dim=1)
+                    seen = (full_chunk & valid[:, start:stop, None]).to(torch.float32)  # [B, rows, Tk]
+                    # one product gives both column sums: Σ_q 1 (= |Q_k|) and Σ_q 1/|K_q| (the uniform
+                    # pattern's column sum: each valid query spreads 1 evenly over the keys it sees)
+                    n_keys = seen.sum(dim=-1)  # [B, rows] = |K_q| (0 for padding)
+                    weights_q = torch.stack([torch.ones_like(n_keys), 1.0 / n_keys.clamp(min=1.0)], dim=1)
+                    both = torch.matmul(weights_q, seen)  # [B, 2, Tk]
+                    query_count += both[:, 0]
+                    uniform_sum += both[:, 1]
             probs = torch.softmax(scores, dim=-1)
             if row_allowed is not None and not bool(row_allowed.all()):
                 probs = probs.masked_fill(~row_allowed[..., None], 0.0)
@@ -235,5 +269,6 @@ def attention_with_stats(
         query_valid=valid,
         patterns=patterns,
         pattern_heads=pattern_heads,
+        uniform_sum=uniform_sum,
     )
     return out, stats

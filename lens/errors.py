@@ -14,6 +14,7 @@ __all__ = [
     "RunFormatError",
     "CaptureError",
     "MissingDependencyError",
+    "LensWarning",
 ]
 
 
@@ -51,3 +52,7 @@ class CaptureError(LensError, RuntimeError):
 
 class MissingDependencyError(LensError, ImportError):
     """An optional part of lens needs a package that is not installed; the message names the extra."""
+
+
+class LensWarning(UserWarning):
+    """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""

@@ -32,15 +32,17 @@ class Batch:
 
 
 class AttentionProbe:
-    """Mass received per key and |Q_k| for every layer and head; optional full patterns.
+    """Mass received per key, |Q_k| and the uniform share u[k] for every layer and head; optional patterns.
 
-    Implements DESIGN §3 "Attention mass received" from the statistics the attention kernel returns.
+    Implements docs/definitions.md "Attention mass received" from the statistics the attention kernel
+    returns; u[k] = (Σ_{q∈Q_k} 1/|K_q|) / |Q_k| comes from the model's actual mask in the same pass.
     """
 
     def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes):
         self.lm = lm
         self.key_mass = np.zeros((lm.n_layers, lm.n_heads, n_tokens), dtype=np.float32)
         self.query_count = np.zeros((lm.n_layers, n_tokens), dtype=np.float32)
+        self.uniform_share = np.zeros((lm.n_layers, n_tokens), dtype=np.float32)
         self.kept_fraction: np.ndarray | None = None
         self.n_sequences = n_sequences
         self.keep = keep
@@ -66,11 +68,20 @@ class AttentionProbe:
             return
         self.seen.append(layer)
         batch = self.batch
+        if stats.uniform_sum is None:
+            raise CaptureError(
+                f"the attention kernel of layer {layer} ({type(getattr(module, '_lens_kernel', None)).__name__}) "
+                "returned no uniform_sum, so lens cannot tell which keys the model's mask lets each query see; "
+                "a kernel's AttentionStats must fill it (see lens.kernels.attention.AttentionStats)"
+            )
         key_mass = stats.key_mass.float().cpu().numpy()
-        query_count = stats.query_count.float().cpu().numpy()
+        query_count = stats.query_count.float()
+        share = (stats.uniform_sum.float() / query_count.clamp(min=1.0)).cpu().numpy()
+        query_count = query_count.cpu().numpy()
         for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
             self.key_mass[layer, :, start : start + n] = key_mass[row, :, :n]
             self.query_count[layer, start : start + n] = query_count[row, :n]
+            self.uniform_share[layer, start : start + n] = share[row, :n]
             if stats.patterns is not None:
                 for j, head in enumerate(stats.pattern_heads):
                     if (layer, head) in self.patterns:
@@ -95,7 +106,8 @@ class AttentionProbe:
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"attn.key_mass": self.key_mass, "attn.query_count": self.query_count}
+        out = {"attn.key_mass": self.key_mass, "attn.query_count": self.query_count,
+               "attn.uniform_share": self.uniform_share}
         if self.kept_fraction is not None:
             out["attn.kept_fraction"] = self.kept_fraction
         for (layer, head), values in self.patterns.items():

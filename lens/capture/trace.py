@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lens.capture.finite import FiniteGuard
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
-from lens.errors import ConfigError
-from lens.models.inputs import encode, pad_batch
+from lens.errors import ConfigError, NumericalError
+from lens.models.inputs import encode, pad_batch, pad_fields
+from lens.models.labels import token_labels
 from lens.models.observers import observing
 from lens.run import Run
 
@@ -47,10 +49,10 @@ def _parse_keep_patterns(spec, n_layers: int, n_heads: int) -> dict[int, tuple[i
             layer, head = item
             heads = [head]
         if not 0 <= int(layer) < n_layers:
-            raise ConfigError(f"keep_patterns names layer {layer}; valid layers are 0..{n_layers - 1}")
+            raise ConfigError(f"keep_patterns names layer {layer}; valid layers are 0..{n_layers - 1}: pass layers in that range")
         for head in heads:
             if not 0 <= int(head) < n_heads:
-                raise ConfigError(f"keep_patterns names head {head}; valid heads are 0..{n_heads - 1}")
+                raise ConfigError(f"keep_patterns names head {head}; valid heads are 0..{n_heads - 1}: pass heads in that range")
             keep.setdefault(int(layer), set()).add(int(head))
     return {layer: tuple(sorted(heads)) for layer, heads in sorted(keep.items())}
 
@@ -63,7 +65,7 @@ def _parse_layers(spec, n_layers: int, what: str) -> tuple[int, ...]:
     layers = (spec,) if isinstance(spec, int) else tuple(spec)
     for layer in layers:
         if not 0 <= layer <= n_layers:
-            raise ConfigError(f"{what} names layer {layer}; valid residual layers are 0..{n_layers}")
+            raise ConfigError(f"{what} names layer {layer}; valid residual layers are 0..{n_layers}: pass layers in that range")
     return tuple(sorted(set(int(x) for x in layers)))
 
 
@@ -165,27 +167,62 @@ def trace(
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
                    top_k_neurons, truncate, prepend_bos, progress) -> TraceOptions:
     """Check every option against the model before any work is done; ``ConfigError`` names the fix."""
-    capture = tuple(capture)
+    if isinstance(capture, str):
+        capture = (capture,)
+    try:
+        capture = tuple(capture)
+    except TypeError:
+        raise ConfigError(
+            f"capture must be a list of names from {CAPTURES + OPTIONAL_CAPTURES}; got {capture!r}. Pass e.g. "
+            "capture=('attention', 'residual')"
+        ) from None
     unknown = set(capture) - set(CAPTURES) - set(OPTIONAL_CAPTURES)
     if unknown or not capture:
-        raise ConfigError(f"capture must be a non-empty subset of {CAPTURES + OPTIONAL_CAPTURES}; got {capture}")
+        raise ConfigError(
+            f"capture must be a non-empty subset of {CAPTURES + OPTIONAL_CAPTURES}; got {capture}. Pass e.g. "
+            "capture=('attention', 'residual')"
+        )
     if "logits" in capture and (not lm_has_head(lm)):
         raise ConfigError(
-            f"capture='logits' needs a language-model head; {lm.model_id} ({type(lm.model).__name__}) has none"
+            f"capture='logits' needs a language-model head; {lm.model_id} ({type(lm.model).__name__}) has none. "
+            "Trace without 'logits' (lens.compare works without it)"
         )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be ≥ 1; got {batch_size}")
-    if top_k_massive < 1 or top_k_neurons < 1:
-        raise ConfigError("top_k_massive and top_k_neurons must be ≥ 1")
+    for name, value in (("batch_size", batch_size), ("top_k_massive", top_k_massive), ("top_k_neurons", top_k_neurons)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be an integer ≥ 1; got {value!r}. Pass e.g. {name}=8")
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise ConfigError(f"truncate must be True or False; got {truncate!r}. Pass truncate=True to cut long inputs")
+    if prepend_bos not in (None, True, False):
+        raise ConfigError(
+            f"prepend_bos must be True, False or None (the tokenizer's default); got {prepend_bos!r}. Pass one of those"
+        )
     if keep_patterns and "attention" not in capture:
         raise ConfigError("keep_patterns needs capture to include 'attention'")
-    keep = _parse_keep_patterns(keep_patterns, lm.n_layers, lm.n_heads) if "attention" in capture else {}
-    hidden_layers = _parse_layers(keep_hidden, lm.n_layers, "keep_hidden")
-    tracked = [(int(layer), int(neuron)) for layer, neuron in track_neurons]
+    try:
+        keep = _parse_keep_patterns(keep_patterns, lm.n_layers, lm.n_heads) if "attention" in capture else {}
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"keep_patterns must be 'all', a layer, a list of layers, a list of (layer, head) pairs or "
+            f"{{layer: [heads]}}; got {keep_patterns!r} ({exc}). Pass e.g. keep_patterns=[(0, 3)]"
+        ) from None
+    try:
+        hidden_layers = _parse_layers(keep_hidden, lm.n_layers, "keep_hidden")
+        tracked = [(int(layer), int(neuron)) for layer, neuron in track_neurons]
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"keep_hidden must be 'all' or residual layers (ints), and track_neurons a list of (layer, neuron) pairs; "
+            f"got keep_hidden={keep_hidden!r}, track_neurons={track_neurons!r} ({exc}). Pass e.g. keep_hidden=[0, 3], "
+            "track_neurons=[(1, 42)]"
+        ) from None
     for layer, neuron in tracked:
         if not (0 <= layer < lm.n_layers and 0 <= neuron < lm.d_mlp):
             raise ConfigError(
-                f"track_neurons names ({layer}, {neuron}); layers are 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1}"
+                f"track_neurons names ({layer}, {neuron}); layers are 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1}: "
+                "pass pairs in those ranges"
             )
     return TraceOptions(capture, batch_size, keep, hidden_layers, tracked, top_k_massive, top_k_neurons,
                         truncate, prepend_bos, progress)
@@ -244,6 +281,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     device = lm.device
     was_training = lm.model.training
     lm.model.eval()
+    guard = FiniteGuard(lm)
+    guard.attach()  # first, so that it checks (and cleans padding) before any probe reads the stream
     for probe in probes.hooked:
         probe.attach()
     try:
@@ -260,39 +299,54 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                     flat_index=flat_index.to(device),
                     mask=mask.bool().to(device),
                 )
+                guard.begin(batch.sequences, batch.mask)
                 for probe in (probes.attention, *probes.hooked):
                     if probe is not None:
                         probe.begin(batch)
-                _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs)
+                fields = {k: v.to(device) for k, v in pad_fields(encoded.fields, rows, input_ids.shape[1]).items()}
+                _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs, fields)
                 if probes.attention is not None:
                     probes.attention.end()
     finally:
+        guard.detach()
         for probe in probes.hooked:
             probe.detach()
         lm.model.train(was_training)
 
 
-def _forward(lm, input_ids: torch.Tensor, mask: torch.Tensor, batch: Batch, logprobs: np.ndarray | None) -> None:
+def _forward(lm, input_ids: torch.Tensor, mask: torch.Tensor, batch: Batch, logprobs: np.ndarray | None,
+             fields: dict[str, torch.Tensor]) -> None:
     kwargs = {"use_cache": False} if lm.causal else {}
+    kwargs.update(fields)  # token_type_ids, position_ids, …: every per-token field the model takes
     if logprobs is None:
         # The backbone only: no statistic needs the LM head, whose vocabulary-sized matmul would
         # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048).
         lm.base(input_ids=input_ids, attention_mask=mask, **kwargs)
         return
     out = lm.model(input_ids=input_ids, attention_mask=mask, **kwargs)
-    logprobs[batch.flat_index.cpu().numpy()] = (
-        torch.log_softmax(out.logits.float(), dim=-1)[batch.mask].cpu().numpy()
-    )
+    values = torch.log_softmax(out.logits.float(), dim=-1)[batch.mask]
+    if not bool(torch.isfinite(values).all()):
+        rows = sorted({batch.sequences[int(r)] for r in (~torch.isfinite(out.logits.float()).all(-1) & batch.mask)
+                       .any(-1).nonzero().flatten()})
+        raise NumericalError(
+            f"the next-token log-probabilities (final norm and LM head) contain NaN or infinite values for "
+            f"input(s) {rows}, although the final hidden state is finite; load the model with dtype='float32', "
+            "or trace without capture='logits'"
+        )
+    logprobs[batch.flat_index.cpu().numpy()] = values.cpu().numpy()
 
 
 def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: TraceOptions) -> Run:
     """Gather the probes' arrays, the tokens and the provenance into a ``Run``."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n_tokens = int(offsets[-1])
+    labelled = [token_labels(lm.tokenizer, ids) for ids in encoded.ids]
+    tokens = [labels for labels, _ in labelled]
     arrays: dict[str, np.ndarray] = {
         "token_ids": np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded.ids]),
         "offsets": offsets,
         "special": np.concatenate([np.asarray(s, dtype=bool) for s in encoded.special]),
+        "continuation": np.concatenate([np.asarray(flags, dtype=bool) for _, flags in labelled]),
     }
     if probes.attention is not None:
         arrays.update(probes.attention.arrays())
@@ -303,8 +357,10 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
     if probes.logprobs is not None:
         arrays["logits.logprobs"] = probes.logprobs
 
-    tokens = [[lm.tokenizer.decode([t]) for t in ids] if ids else [] for ids in encoded.ids]
     provenance = lm.provenance()
+    bos_first = encoded.bos_first
+    # what really happened: position 0 is BOS in every sequence (True), in none (False), or per sequence
+    prepend_bos = bos_first[0] if len(set(bos_first)) == 1 else list(bos_first)
     provenance.update(
         {
             "input_sha256": _input_hash(encoded.ids),
@@ -313,7 +369,11 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
                 "capture": list(options.capture),
                 "batch_size": options.batch_size,
                 "padding": "right",
-                "prepend_bos": lm.family.prepend_bos if options.prepend_bos is None else options.prepend_bos,
+                "prepend_bos": prepend_bos,
+                "prepend_bos_requested": options.prepend_bos,
+                "input_form": encoded.form,
+                "input_padding": encoded.padding,
+                "model_inputs": ["input_ids", "attention_mask", *sorted(encoded.fields)],
                 "truncate": options.truncate,
                 "top_k_massive": options.top_k_massive,
                 "top_k_neurons": options.top_k_neurons,

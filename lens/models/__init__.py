@@ -7,7 +7,9 @@ module             what it holds
 ``lensmodel``      ``LensModel``: the Hugging Face model, tokenizer, shape and deployment
 ``load``           ``lens.load``: embedded model, hub id, folder, loaded model, TransformerLens bridge
 ``bridge``         the Hugging Face model behind a TransformerLens ``TransformerBridge`` (no copy)
-``inputs``         what users pass to ``lens.trace`` → token sequences, with clear errors
+``inputs``         what users pass to ``lens.trace`` → token sequences, with clear errors; ``prepend_bos``
+``forms``          a tokenizer's output in every form (lists, numpy, torch, dicts, encodings) → unpadded rows
+``labels``         readable token labels that keep ids exact (byte-level BPE pieces decoded together)
 ``attention``      the lens attention function registered with ``transformers.AttentionInterface``
 ``observers``      the context-local hand-off from the attention function to whoever observes it
 ``deploy``         sparse attention and low-bit weights applied to a loaded model

@@ -39,7 +39,7 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch.dtype")
+    raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch.dtype; pass one of those")
 
 
 def _resolve_attention(attention) -> lens_attention.AttentionKernel | None:

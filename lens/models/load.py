@@ -33,16 +33,33 @@ def _load_tokenizer(where: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise _explain_load_failure(where, exc, True) from exc
         raise ModelLoadError(
             f"could not load a tokenizer for {where!r} ({type(exc).__name__}: {exc}). Pass one explicitly: "
             "lens.load(model, tokenizer=AutoTokenizer.from_pretrained(...))"
         ) from exc
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if not set(tokenizer.get_vocab().values()) - specials:  # transformers builds an empty one without files
+        raise ModelLoadError(
+            f"the tokenizer found for {where!r} has an empty vocabulary: the folder has no tokenizer files "
+            "(tokenizer.json, or vocab/merges files). Save them with tokenizer.save_pretrained(folder), or pass one: "
+            "lens.load(model, tokenizer=AutoTokenizer.from_pretrained(...))"
+        )
+    return tokenizer
 
 
 def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadError:
     text = f"{type(exc).__name__}: {exc}"
+    if "trust_remote_code" in str(exc):
+        # transformers refuses to import a model's own Python files unless told to; so does lens, by default
+        return ModelLoadError(
+            f"{name!r} ships its own Python code (config.json has an auto_map), and lens does not run a model's "
+            "code unless you say so. Read that code first; if you trust it, pass lens.load(..., "
+            "trust_remote_code=True) — note lens still needs an architecture it knows (lens.models.families)"
+        )
     if local:
         return ModelLoadError(
             f"could not load the model in folder {name!r} ({text}). The folder needs config.json, the weights "

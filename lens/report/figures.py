@@ -22,7 +22,7 @@ def _title(result, what: str) -> str:
 
 
 def sink_heatmap(result):
-    """Layer × head heatmap of the sink score (mass on token 0), sink heads outlined by the ε threshold.
+    """Layer × head heatmap of the sink score (mass on token 0), sink heads outlined (score ≥ ε and ≥ 2·u[0]).
 
     Example: ``sink_heatmap(lens.sinks(run)).write_html("sinks.html")``.
     """
@@ -43,14 +43,14 @@ def sink_heatmap(result):
             colorbar={"title": "mass on<br>token 0"},
         )
     )
-    layers, heads = np.nonzero(score >= result.epsilon)
+    layers, heads = np.nonzero(result.is_sink_head)  # score ≥ ε and ≥ 2 × the uniform share of token 0
     fig.add_trace(
         go.Scatter(
             x=[f"H{h}" for h in heads],
             y=[f"L{layer}" for layer in layers],
             mode="markers",
             marker={"symbol": "square-open", "size": 18, "color": "#ff4136", "line": {"width": 2}},
-            name=f"sink head (≥ {result.epsilon})",
+            name=f"sink head (≥ {result.epsilon} and ≥ 2× uniform)",
             hoverinfo="skip",
         )
     )
