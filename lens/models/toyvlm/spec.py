@@ -158,7 +158,7 @@ def make_processor(tokenizer, spec: dict[str, Any]):
 
     Example:
         >>> from transformers import AutoTokenizer                  # doctest: +SKIP
-        >>> proc = make_processor(AutoTokenizer.from_pretrained(language_model_dir()), default_spec())  # doctest: +SKIP
+        >>> proc = make_processor(AutoTokenizer.from_pretrained(default_language_model()), default_spec())  # doctest: +SKIP
     """
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .build import WEIGHTS_NAME, assemble_model, load_trainable, trainable_state
+from .build import WEIGHTS_NAME, _gguf_sha256, assemble_model, load_trainable, trainable_state
 from .data import COLOURS, POSITIONS, SHAPES, make_scenes
 from .evaluate import EVAL_SEED, heldout_accuracy
 from .spec import SPEC_NAME, default_spec, prompt_text
@@ -43,8 +43,8 @@ from .spec import SPEC_NAME, default_spec, prompt_text
 LOG_NAME = "training_log.json"
 TRAIN_STREAM_BASE = 1000
 PRETRAIN_STREAM_BASE = 100_000
-DEFAULTS = {"steps": 160, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
-            "pretrain_steps": 300, "pretrain_batch": 64, "aux_weight": 0.1}
+DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
+            "pretrain_steps": 800, "pretrain_batch": 64, "aux_weight": 0.1}
 
 
 def _batch(processor, prompt_ids: torch.Tensor, scenes, eos: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -90,10 +90,16 @@ def caption_loss(model, ids: torch.Tensor, targets: torch.Tensor, pixels: torch.
 
 
 class AttributeHeads(torch.nn.Module):
-    """Linear colour/shape/position classifiers on the vision tower's pooled output (training aid, not saved).
+    """Colour/shape/position classifiers on the vision tower's output (a training aid, not saved).
 
-    Input: the vision tower's last hidden state [B, 1 + GRID**2, d]; the CLS token and the mean of the patch
-    tokens are concatenated ([B, 2d]) and classified into 6 colours, 4 shapes and 9 positions.
+    Input: the vision tower's last hidden state [B, 1 + GRID**2, d].
+
+    * image level: the CLS token and the mean of the patch tokens, concatenated ([B, 2d]), classified into
+      6 colours, 4 shapes and 9 positions;
+    * patch level: every patch token says whether it covers the object (``Scene.coverage`` > 0) and, if it
+      does, the object's colour and shape. This puts the whole object's identity into the very tokens the
+      language model reads (the projector sees patch tokens only; CLS is dropped), and a patch that holds
+      only an edge of a star must learn "star" from its neighbours through the encoder's attention.
     """
 
     def __init__(self, width: int):
@@ -101,21 +107,28 @@ class AttributeHeads(torch.nn.Module):
         self.colour = torch.nn.Linear(2 * width, len(COLOURS))
         self.shape = torch.nn.Linear(2 * width, len(SHAPES))
         self.position = torch.nn.Linear(2 * width, len(POSITIONS))
+        self.patch = torch.nn.Linear(width, 1 + len(COLOURS) + len(SHAPES))
 
     def loss(self, hidden: torch.Tensor, scenes) -> tuple[torch.Tensor, float]:
-        """Summed cross-entropy of the three heads and the mean accuracy over the three attributes."""
-        pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1).float()
-        truth = {
-            "colour": [list(COLOURS).index(s.colour) for s in scenes],
-            "shape": [SHAPES.index(s.shape) for s in scenes],
-            "position": [s.row * 3 + s.col for s in scenes],
-        }
+        """Summed cross-entropy of the heads and the mean image-level accuracy over the three attributes."""
+        hidden = hidden.float()
+        pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1)
+        colour = torch.tensor([list(COLOURS).index(s.colour) for s in scenes])
+        shape = torch.tensor([SHAPES.index(s.shape) for s in scenes])
+        truth = {"colour": colour, "shape": shape, "position": torch.tensor([s.row * 3 + s.col for s in scenes])}
         total, correct = 0.0, 0.0
-        for name, labels in truth.items():
+        for name, target in truth.items():
             logits = getattr(self, name)(pooled)
-            target = torch.tensor(labels)
             total = total + torch.nn.functional.cross_entropy(logits, target)
             correct += float((logits.argmax(-1) == target).float().mean()) / 3
+        patch = self.patch(hidden[:, 1:])  # [B, P, 1 + colours + shapes]
+        covered = torch.from_numpy(np.stack([s.coverage.reshape(-1) > 0 for s in scenes]))  # [B, P]
+        total = total + torch.nn.functional.binary_cross_entropy_with_logits(patch[..., 0], covered.float())
+        on = patch[covered]  # [n covered patches, ...]
+        n_colours = len(COLOURS)
+        rows = covered.nonzero()[:, 0]
+        total = total + torch.nn.functional.cross_entropy(on[:, 1 : 1 + n_colours], colour[rows])
+        total = total + torch.nn.functional.cross_entropy(on[:, 1 + n_colours :], shape[rows])
         return total, correct
 
 
@@ -151,7 +164,7 @@ def train(
         steps: optimizer steps (each on ``batch_size`` fresh images). ``steps=3`` is a smoke run (~1 min).
         seed: seeds the vision/projector init (``torch``) and the training images (numpy streams).
         batch_size, lr, warmup, weight_decay: the optimisation recipe (AdamW; cosine to 0.1 × lr).
-        language_model: saved LM folder; default ``language_model_dir()`` (SmolLM2 from its GGUF file).
+        language_model: saved LM folder; default ``default_language_model()`` (the embedded SmolLM2, dequantized, in lens's cache).
         eval_images: held-out images captioned at the end (``0`` skips the evaluation).
         threads: ``torch.set_num_threads``.
         progress: a tqdm bar; default only when stderr is a terminal.
@@ -176,13 +189,13 @@ def train(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     import transformers
 
-    from .lm import language_model_dir
+    from .build import default_language_model
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lm_dir = Path(language_model) if language_model is not None else language_model_dir()
+    lm_dir = Path(language_model) if language_model is not None else default_language_model()
     spec = default_spec()
     model, processor = assemble_model(lm_dir, None, spec=spec, seed=seed)
     model.requires_grad_(False)
@@ -291,7 +304,7 @@ def train(
         "weights_dtype": "float16",
         "language_model": {
             "folder_name": lm_dir.name,
-            "source": (lm_dir / "lens-source.txt").read_text().strip() if (lm_dir / "lens-source.txt").is_file() else None,
+            "gguf_sha256": _gguf_sha256(lm_dir),
             "frozen": True,
         },
         "held_out": held_out,
