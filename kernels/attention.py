@@ -6,7 +6,7 @@ computes each chunk's probabilities once, uses them for the output *and* folds t
 sums, and throws them away. Memory is O(chunk · T) instead of O(heads · T²), and the statistics are
 those of exactly the probabilities that produced the output.
 
-Definitions implemented here (DESIGN.md §3, "Attention mass received"):
+Definitions implemented here (docs/definitions.md#attention-mass-received):
 
 * ``key_mass[b, h, k] = Σ_{q ∈ Q_k} A[b, h, q, k]`` — the unnormalized column sum over *valid* queries;
 * ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``;

@@ -25,6 +25,9 @@ from lens.errors import (
     NumericalError,
     RunFormatError,
     UnsupportedModelError,
+    CorpusError,
+    ScanError,
+    ScanFormatError,
 )
 from lens.run import Run
 
@@ -47,6 +50,11 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+    "neurons": "lens.analysis",
+    "NeuronResult": "lens.analysis",
+    "scan": "lens.scan",
+    "Scan": "lens.scan",
+    "ScanCompareResult": "lens.scan",
 }
 
 
@@ -71,6 +79,11 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "neurons",
+    "NeuronResult",
+    "scan",
+    "Scan",
+    "ScanCompareResult",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -88,4 +101,7 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]

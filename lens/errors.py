@@ -15,6 +15,9 @@ __all__ = [
     "CaptureError",
     "MissingDependencyError",
     "LensWarning",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]
 
 
@@ -56,3 +59,15 @@ class MissingDependencyError(LensError, ImportError):
 
 class LensWarning(UserWarning):
     """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""
+
+
+class CorpusError(InputError):
+    """A corpus given to ``lens.scan`` cannot be read (missing or unreadable file, wrong field, no text)."""
+
+
+class ScanError(LensError, RuntimeError):
+    """A scan cannot continue as asked (``resume=True`` with a different model, corpus or options)."""
+
+
+class ScanFormatError(LensError, OSError):
+    """A saved scan directory is missing, incomplete, corrupted (checksum mismatch) or not a lens scan."""

@@ -152,6 +152,23 @@ def minilm_texts():
     ]
 
 
+# -- measured figures ---------------------------------------------------------------------------------------
+# Tests that measure something worth reading (payload sizes, …) report it here instead of printing into
+# pytest's progress line; the figures are listed once, in their own section, after the test summary.
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure():
+    """``report_figure("AttentionExplorer, T=2048: notebook +0.42 MB")`` — shown at the end of the session."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 # -- the embedded decoder -------------------------------------------------------------------------
 
 SMOLLM2_TEXTS = [

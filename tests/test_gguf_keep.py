@@ -40,6 +40,26 @@ def test_keep_equals_dequantized(kind, gguf_family):
     assert run.provenance["gguf"]["tensor_types"] == types
 
 
+def test_keep_reads_blocks_through_the_cached_layout(gguf_family, tmp_path, monkeypatch):
+    """With a cache entry, quant="keep" maps the file's bytes from the recorded layout instead of parsing the
+    metadata again — and gets the same layers."""
+    import gguf
+
+    monkeypatch.setenv("LENS_CACHE", str(tmp_path / "cache"))
+    path, *_ = gguf_family("qwen2")
+    parsed = lens.load(path, quant="keep")
+    lens.load(path, cache=True)
+    calls = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: calls.append(a) or real(*a, **k))
+    from_layout = lens.load(path, quant="keep")
+    assert calls == [], "the cached layout should make the metadata parse unnecessary"
+    assert from_layout.quant_report["kept_types"] == parsed.quant_report["kept_types"]
+    ids = torch.tensor([parsed.tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_layout.model(ids).logits, parsed.model(ids).logits, rtol=0, atol=0)
+
+
 def test_keep_smollm2_resident_bytes_near_file_size(smollm2):
     from lens.models.embedded import smollm2_gguf_path
 

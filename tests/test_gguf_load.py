@@ -117,6 +117,11 @@ def test_gguf_folder_with_gguf_file_and_cache(gguf_family, tmp_path, monkeypatch
     assert (entry / "model.safetensors").is_file() and (entry / "lens-gguf.json").is_file()
     again = lens.load(path)  # an existing entry is used without asking
     assert again.gguf == cached.gguf == by_folder.gguf
+    from lens.models.gguf import manifest_info
+
+    assert manifest_info(entry).tensor_layout == read_gguf_info(path).tensor_layout  # where each tensor's bytes are
+    fresh = lens.load(path, cache=False)  # dequantized from the file again, the entry ignored
+    assert fresh.gguf == again.gguf
     ids = torch.tensor([by_folder.tokenizer(TEXTS[1])["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, by_folder.model(ids).logits, rtol=0, atol=0)

