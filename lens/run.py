@@ -144,6 +144,30 @@ class Run:
         return bool(self.meta["causal"])
 
     @property
+    def modality(self) -> np.ndarray:
+        """[N] uint8 per token: 0 text, 1 image, 2 special (docs/definitions.md#vision-language-models). Runs of
+        text-only inputs have no image tokens: special where ``special`` is set, else text.
+
+        Example: ``(run.modality == 1).sum()`` — the image tokens of a run.
+        """
+        if "modality" in self.arrays:
+            return self.arrays["modality"]
+        return np.where(self.arrays["special"].astype(bool), 2, 0).astype(np.uint8)
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Per image of the run (numbered run-wide): its sequence, tiles (role, token grid, patch grid), token
+        count and first token; [] for text-only runs. Pixels as the model saw them: ``run.image_pixels(i)``."""
+        return list(self.meta.get("images", []))
+
+    def image_pixels(self, image: int, tile: int = 0) -> np.ndarray:
+        """H × W × 3 uint8: tile ``tile`` of image ``image`` as the model saw it (un-normalized, ≤ 224 px)."""
+        name = f"image.pixels.{image}.{tile}"
+        if name not in self.arrays:
+            raise RunFormatError(f"this run has no pixels for image {image}, tile {tile}; it has {len(self.images)} image(s)")
+        return self.arrays[name]
+
+    @property
     def provenance(self) -> dict[str, Any]:
         return self.meta.get("provenance", {})
 
@@ -179,7 +203,7 @@ class Run:
         return np.divide(col, count, out=np.zeros_like(col), where=count > 0)
 
     def uniform_share(self, layer: int, seq: int = 0) -> np.ndarray:
-        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer (DESIGN §3): what k
+        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer (docs/definitions.md#uniform-share): what k
         would receive if every query spread its attention evenly over the keys the model's mask lets it see.
 
         Read from the run (measured inside the attention kernel from the real mask — causal, padding,

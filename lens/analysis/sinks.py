@@ -83,7 +83,7 @@ class SinkResult:
 
     def sink_tokens(self, layer: int, head: int, seq: int = 0) -> np.ndarray:
         """Positions of the sink tokens of one head in one sequence: keys whose mass received exceeds τ × their
-        uniform share u[k] under the model's mask (DESIGN §3 "Sink tokens").
+        uniform share u[k] under the model's mask (docs/definitions.md#sink-tokens).
 
         Example: ``lens.sinks(run).sink_tokens(0, 3)`` → ``array([0])``.
         """
@@ -105,7 +105,10 @@ class SinkResult:
         * ``"sink_tokens"`` — only the rows of ``"tokens"`` flagged as sink tokens;
         * ``"massive"`` — the top-|x| entries per (layer, sequence) with position, dimension, token,
           ratio to the median, and whether they pass both massive-activation thresholds;
-        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence).
+        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence);
+        * ``"modality"`` — per (layer, modality: text / image / special): tokens, mean mass received / uniform
+          share, fraction of (token, head) pairs that are sink tokens, mean residual norm
+          (docs/definitions.md#vision-language-models).
 
         Example: ``lens.sinks(run).to_frame("layers")``.
         """
@@ -118,6 +121,7 @@ class SinkResult:
             "sink_tokens": lambda: self._tokens_frame(only_sinks=True),
             "massive": self._massive_frame,
             "norms": self._norms_frame,
+            "modality": self._modality_frame,
         }
         if kind not in builders:
             raise ConfigError(f"kind must be one of {sorted(builders)}; got {kind!r}")
@@ -218,6 +222,11 @@ class SinkResult:
             "ratio_to_median": ratio.ravel(),
             "is_massive": ((magnitude > self.massive_abs) & (ratio > self.massive_rel)).ravel(),
         }
+
+    def _modality_frame(self) -> dict[str, Any]:
+        from lens.analysis.vision import modality_table
+
+        return modality_table(self.run, self.tau)
 
     def _norms_frame(self) -> dict[str, Any]:
         n_res, n_seq = self.first_norm.shape
