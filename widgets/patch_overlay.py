@@ -121,6 +121,36 @@ class PatchOverlay(LensWidget):
         return queries[-1][0] if queries else -1
 
     # -- selection ------------------------------------------------------------------------------------------
+    def _on_selection(self, change) -> None:
+        """Changing the statistic or the image from Python keeps the rest of the selection valid (layer clamped,
+        head / query / neuron reset where the statistic does not use them), then derives once."""
+        if getattr(self, "_normalizing", False):
+            return
+        if change.name in ("stat", "image", "tile"):
+            self._normalizing = True
+            try:
+                self._normalize()
+            finally:
+                self._normalizing = False
+        self._refresh()
+
+    def _normalize(self) -> None:
+        stat = self.stat
+        if stat not in STATS or _NEEDS[stat] not in self._run.arrays:
+            return  # _refresh names the problem
+        self.layer = min(max(self.layer, 0), self._n_layers(stat) - 1)
+        if stat not in _USES_HEAD:
+            self.head = -1
+        elif stat == "encoder_mass" and self.head >= int(self._run.meta["vision"]["n_heads"]):
+            self.head = -1
+        if stat == "from_token":
+            seq = int(self._run.images[self.image]["sequence"]) if 0 <= self.image < len(self._run.images) else -1
+            if self.query not in [q for q, _ in self._queries.get(seq, [])]:
+                self.query = self._default_query(self.image)
+        else:
+            self.query = -1
+        self.neuron = max(self.neuron, 0) if stat == "neuron" else -1
+
     def _validate_selection(self, selection: dict[str, Any]) -> None:
         run = self._run
         image, tile, stat = selection["image"], selection["tile"], selection["stat"]
