@@ -185,3 +185,43 @@ def test_panel_serves_the_overlay_and_reports_the_clicked_patch_to_python(llava,
             seen, deadline = json.loads(out.read_text()), deadline + 1
         assert seen == {"patch": 15, "layer": 1, "rendered_layer": 1}
         assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.skipif(not chromium_available() and not _REQUIRED, reason="no chromium: apt-get install -y chromium")
+def test_jupyterlab_renders_the_overlay_and_round_trips_a_click(llava, tmp_path):
+    from lens.widgets._browser import jupyterlab, lab_run_all, write_notebook
+
+    _, _, _, run = llava
+    run.save(tmp_path / "vlm.lens")
+    cells = [
+        "import json\nfrom pathlib import Path\nimport lens, lens.widgets as lw\n"
+        "overlay = lw.PatchOverlay(lens.Run.load('vlm.lens'), stat='mass', layer=1)\n"
+        "overlay.observe(lambda c: Path('patch.json').write_text(json.dumps({'patch': overlay.patch, 'stat': overlay.stat})),"
+        " names=['patch', 'stat'])\noverlay",
+        "Path('done.json').write_text('1')",
+    ]
+    write_notebook(tmp_path / "vlm.ipynb", cells)
+    sel = ".lens-patch-overlay"
+    with jupyterlab(tmp_path) as url, chromium() as new_page:
+        page = new_page(url)
+        lab_run_all(page, url, "vlm.ipynb")
+        wait_for_file(tmp_path / "done.json", 180, page)
+        page.wait_dataset(sel, 60, state="ready", stat="mass", layer="1")
+        canvas = f"{sel} canvas.lens-patch-canvas"
+        assert page.canvas_ink(canvas) > 1000
+        page.page.select_option(f"{sel} select[aria-label='statistic']", "from_token")
+        page.wait_dataset(sel, 20, state="ready", stat="from_token")
+        box = page.page.locator(canvas).bounding_box()
+        page.page.mouse.click(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.9)  # row 3, col 0
+        deadline = 0
+        seen = {}
+        while seen.get("patch") != 12 and deadline < 80:
+            page.page.wait_for_timeout(250)
+            if (tmp_path / "patch.json").is_file():
+                seen = json.loads((tmp_path / "patch.json").read_text())
+            deadline += 1
+        assert seen == {"patch": 12, "stat": "from_token"}
+        assert "row 3, col 0" in page.page.inner_text(f"{sel} .lens-patch-detail")
+        assert page.errors == [] and page.blocked == []
