@@ -79,6 +79,37 @@ class VisionResult:
             raise RunFormatError("this run has no sink-dimension values (trace with capture including 'residual')")
         return np.nonzero(self.visual_sink[layer])[0]
 
+    def attention_map(self, layer: int, query: int | None = None, image: int = 0, tile: int = 0) -> np.ndarray:
+        """[rows, cols] float: the attention (mean over heads) that one text token puts on each image token of
+        ``image`` / ``tile``, laid out on its token grid (NaN where the grid has no token).
+
+        ``query``: the token's position in its sequence, a text token after the image (default: the last one,
+        e.g. the prompt's final token, from which the first caption word is predicted). Raises ``ConfigError``
+        for a position whose row the run did not keep.
+
+        Example: ``lens.vision(run).attention_map(layer=12)`` — where the last prompt token looks at layer 12.
+        """
+        run, a = self.run, self.run.arrays
+        if "attn.rows" not in a:
+            raise RunFormatError("this run kept no attention rows of text queries (trace with capture including 'attention')")
+        if not 0 <= image < len(run.images):
+            raise ConfigError(f"image must be in [0, {len(run.images)}); got {image}")
+        seq = int(run.images[image]["sequence"])
+        rows_of_seq = np.nonzero(a["attn.row_sequence"] == seq)[0]
+        queries = a["attn.row_query"][rows_of_seq]
+        if query is None:
+            query = int(queries[-1])
+        if query not in queries:
+            raise ConfigError(f"query must be a text position after the image in sequence {seq}: one of {queries.tolist()}")
+        r = int(rows_of_seq[np.nonzero(queries == query)[0][0]])
+        row = a["attn.rows"][layer, a["attn.row_offsets"][r] : a["attn.row_offsets"][r + 1]]
+        tile_meta = next(t for t in run.images[image]["tiles"] if t["tile"] == tile)
+        n_rows, n_cols = tile_meta["grid"]
+        flat = np.nonzero((a["image.index"] == image) & (a["image.tile"] == tile) & (a["image.row"] >= 0))[0]
+        out = np.full((n_rows, n_cols), np.nan)
+        out[a["image.row"][flat], a["image.col"][flat]] = row[flat - int(run.offsets[seq])]
+        return out
+
     # -- tables ----------------------------------------------------------------------------------------
     def to_frame(self, kind: str = "share"):
         """A pandas DataFrame. ``kind``:
