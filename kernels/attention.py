@@ -15,7 +15,7 @@ Definitions implemented here (docs/definitions.md#attention-mass-received):
 
 * with ``query_weights`` w [B, G, Tq] (e.g. G groups of queries: all text queries of a VLM, or one query
   each): ``group_key_mass[b, g, h, k] = Σ_q w[b, g, q] A[b, h, q, k]`` and the uniform pattern's counterpart
-  ``group_uniform[b, g, k] = Σ_q w[b, g, q] [k ∈ K_q] / |K_q|`` — what those queries put on each key, and what
+  ``group_uniform[b, g, k] = Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q|`` — what those queries put on each key, and what
   they would put on it attending evenly (text→image attention share, mass from one text token).
 
 ``key_mass / query_count`` is the mass received ``m[ℓ, h, k]``; for ``k = 0`` it is the sink score.
@@ -76,7 +76,7 @@ class AttentionStats:
 
 
 def unmasked_group_uniform(weights: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
-    """Σ_q w[b, g, q] [k ∈ K_q] / |K_q| per key, [B, G, Tk] float32, when there is no mask tensor.
+    """Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q| per key, [B, G, Tk] float32, when there is no mask tensor.
 
     Causal (bottom-right aligned): query q sees keys 0..q+offset, so key k collects w/(q+offset+1) from every
     q ≥ k − offset — a reversed cumulative sum. Bidirectional: every key gets Σ_q w / Tk.
