@@ -289,19 +289,6 @@ class SinkResult:
         lines.append("sink rate per layer: " + " ".join(f"{r:.2f}" for r in self.sink_rate))
         return "\n".join(lines)
 
-    def __repr__(self) -> str:
-        n_seq, n_layers, n_heads = self.sink_score.shape
-        score = self.mean_sink_score
-        best = np.unravel_index(np.argmax(score), score.shape)
-        return (
-            f"SinkResult(sequences={n_seq}, layers={n_layers}, heads={n_heads}, sink_heads={len(self.sink_heads)}, "
-            f"strongest=L{best[0]}H{best[1]} {score[best]:.2f}, sink_rate=[{' '.join(f'{r:.2f}' for r in self.sink_rate)}])"
-        )
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return f"<pre>{html.escape(self.summary())}</pre>" + self.to_frame("layers").to_html(index=False, float_format="%.3f")
 
 
 def sinks(

@@ -202,9 +202,10 @@ class VisionResult:
                 f"text→image share per layer=[{shares}], visual_sink_tokens={sinks}, high_norm_patches={n_high})")
 
     def _repr_html_(self) -> str:
-        import html
+        from lens._display import html_card
 
-        return f"<pre>{html.escape(repr(self))}</pre>" + self.to_frame("modality").to_html(index=False, float_format="%.3f")
+        return html_card("VisionResult", repr(self)[len("VisionResult("):-1], self.to_frame("modality"),
+                         lines=["per layer and modality: mass received / uniform share, sink-token fraction, mean norm"])
 
 
 def modality_table(run: Run, tau: float = 5.0) -> dict[str, Any]:
