@@ -120,6 +120,7 @@ def test_language_model_folder_is_a_plain_saved_llama(lm_dir):
     assert (lm_dir / "tokenizer.json").is_file() and (lm_dir / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # ~45 s: three steps through the frozen SmolLM2 in a subprocess
 def test_training_script_runs_three_steps_and_writes_weights_and_log(lm_dir, tmp_path):
     from safetensors import safe_open
 

@@ -274,3 +274,23 @@ def test_modality_aware_smoothing_is_calibrated_on_the_image_tokens(tiny_vlm_dir
     assert not torch.allclose(layer.group_smooth[0], layer.group_smooth[1])
     with pytest.raises(lens.ConfigError, match="image"):
         lens.load(folder, quant="w8a8-smooth-modality", calibration=["text only"])
+
+
+@pytest.mark.slow  # FlexAttention compiles its block masks for the text and the vision shapes (~50 s on 2 cores)
+def test_sparse_attention_reaches_the_language_model_and_the_vision_tower_on_request(tiny_vlm_dir):
+    folder = tiny_vlm_dir("llava")
+    config = lens.Sparse(mode="topk", topk=0.5, block_q=16, block_k=16, keep_sink_block=True, local_blocks=1)
+    lm = lens.load(folder, attention=config)
+    assert all(m._lens_kernel is lm.attention_kernel for m in lm.attention_modules)
+    assert all(getattr(m, "_lens_kernel", None) is None for m in lm.vision_attention_modules)
+    item = {"image": sample_image(1), "text": f"{placeholder(lm)} " + "a cat sat on the mat and looked around " * 4}
+    run = lens.trace(lm, [item], progress=False)
+    kept = run.arrays["attn.kept_fraction"]
+    assert np.isfinite(kept).all() and (kept < 1).any(), "blocks were skipped in the language model"
+    # the sparse kernel keeps no per-query-group sums: the run says so by not having them, and lens.vision
+    # still reports what it has
+    assert "attn.text_key_mass" not in run.arrays and lens.vision(run).text_image_share is None
+    both = lens.load(folder, attention=config, deploy_vision=True)
+    assert all(m._lens_kernel is both.attention_kernel for m in both.vision_attention_modules)
+    run = lens.trace(both, [item], progress=False)
+    assert np.isfinite(run.arrays["vision.key_mass"]).all()
