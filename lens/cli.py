@@ -25,6 +25,7 @@ BENCHMARKS = {
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
     "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
     "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
+    "vision": ("lens.bench.vision", "tracing the demo VLM (image + prompt) vs its plain SDPA forward"),
 }
 
 
