@@ -294,3 +294,36 @@ def test_sparse_attention_reaches_the_language_model_and_the_vision_tower_on_req
     assert all(m._lens_kernel is both.attention_kernel for m in both.vision_attention_modules)
     run = lens.trace(both, [item], progress=False)
     assert np.isfinite(run.arrays["vision.key_mass"]).all()
+
+
+def test_the_processors_own_output_traces_like_the_image_text_item(tiny_vlm_dir):
+    lm = lens.load(tiny_vlm_dir("qwen2_vl"))
+    item = _items(lm)[1]
+    processed = _processed(lm, item)
+    by_item = lens.trace(lm, [item], progress=False)
+    by_output = lens.trace(lm, processed, progress=False)
+    assert by_item.arrays["token_ids"].tolist() == by_output.arrays["token_ids"].tolist()
+    for name in ("modality", "image.index", "image.row", "image.col", "attn.key_mass", "vision.key_mass", "attn.text_key_mass"):
+        np.testing.assert_allclose(by_item.arrays[name], by_output.arrays[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert by_item.provenance["input_sha256"] == by_output.provenance["input_sha256"]
+    with pytest.raises(InputError):
+        lens.trace(lm, {**processed, "pixel_values": processed["pixel_values"][:3]}, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llava", "gemma3", "idefics3"])
+def test_processor_outputs_that_no_longer_fit_together_are_refused(kind, tiny_vlm_dir):
+    lm = lens.load(tiny_vlm_dir(kind))
+    processed = dict(_processed(lm, _items(lm)[1]))  # two images
+    ids = processed["input_ids"]
+    image = (ids[0] == lm.config.image_token_id).nonzero().flatten()
+    one_token_less = {**processed, "input_ids": torch.cat([ids[:, : image[0]], ids[:, image[0] + 1 :]], 1),
+                      "attention_mask": processed["attention_mask"][:, 1:]}
+    pixels = processed["pixel_values"]  # [images, …], or [1, tiles, …] for Idefics3
+    one_image_less = {**processed, "pixel_values": pixels[:1] if pixels.ndim == 4 else pixels[:, :-1]}
+    if "pixel_attention_mask" in processed:
+        one_image_less["pixel_attention_mask"] = processed["pixel_attention_mask"][:, :-1]
+    for broken in (one_token_less, one_image_less):
+        if "token_type_ids" in broken and broken["token_type_ids"].shape != broken["input_ids"].shape:
+            broken["token_type_ids"] = broken["token_type_ids"][:, : broken["input_ids"].shape[1]]
+        with pytest.raises(InputError):
+            lens.trace(lm, broken, progress=False)

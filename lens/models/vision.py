@@ -437,4 +437,13 @@ def layout_for(lm, ids, inputs: dict[str, Any]) -> SequenceLayout:
         _check(not image_token_mask(lm, ids, inputs).any(),
                "the text contains image tokens but no image was given; pass {'image': ..., 'text': ...}")
         return SequenceLayout(image, tile, row, col, [], None)
-    return LAYOUTS[lm.vision_family.layout](lm, ids, inputs)
+    try:
+        return LAYOUTS[lm.vision_family.layout](lm, ids, inputs)
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+        # a processor output edited by hand (pixels cut, grids or ids changed) no longer fits together
+        raise InputError(
+            f"the image inputs do not fit together for a {lm.vision_family.name} model ({type(exc).__name__}: {exc}); "
+            "pass the processor's output unchanged, or {'image': ..., 'text': ...} items and let lens run the processor"
+        ) from exc
