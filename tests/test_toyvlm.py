@@ -229,3 +229,13 @@ def test_held_out_caption_accuracy_for_colour_and_position_is_at_least_90_percen
                    "the marker is removed")
 def test_held_out_shape_accuracy_reaches_the_90_percent_target(held_out):
     assert held_out["accuracy"]["shape"] >= 0.9, held_out["accuracy"]
+
+
+@pytest.mark.slow
+def test_lens_bench_vision_measures_every_way_against_the_plain_forward(lm_dir):
+    from lens.bench.vision import format_table, run_benchmark
+
+    result = run_benchmark(repeats=1)
+    assert set(result["ratio"]) == {"plain", "lens, no trace", "trace attention", "trace all"}
+    assert result["ratio"]["plain"] == 1.0 and all(np.isfinite(v) and v > 0 for v in result["ratio"].values())
+    assert result["image_tokens"] == D.GRID * D.GRID and "× plain" in format_table(result)

@@ -327,3 +327,22 @@ def test_processor_outputs_that_no_longer_fit_together_are_refused(kind, tiny_vl
             broken["token_type_ids"] = broken["token_type_ids"][:, : broken["input_ids"].shape[1]]
         with pytest.raises(InputError):
             lens.trace(lm, broken, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_kept_hidden_states_of_image_tokens_equal_hugging_faces(kind, tiny_vlm_dir):
+    """What LatentLens reads: the residual stream at the image tokens, for the layers asked for."""
+    folder = tiny_vlm_dir(kind)
+    lm = lens.load(folder)
+    item = _items(lm)[0]
+    run = lens.trace(lm, [item], keep_hidden=[0, 1, 2], progress=False)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        hidden = ref(**_processed(lm, item), output_hidden_states=True, use_cache=False).hidden_states
+    image = run.modality == 1
+    for layer in (0, 1, 2):
+        got = torch.from_numpy(run.arrays[f"resid.hidden.{layer}"][image])
+        if layer == lm.n_layers:  # HF's last hidden state is after the final norm; lens keeps the block's output
+            with torch.no_grad():
+                got = ref.model.language_model.norm(got)
+        np.testing.assert_allclose(got.numpy(), hidden[layer][0][torch.from_numpy(image)].numpy(), rtol=1e-4, atol=1e-4)
