@@ -43,6 +43,8 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | vision.key_mass / vision.query_count / vision.uniform_share | [Lv, Hv, Nv] / [Lv, Nv] f32 | the vision tower's own attention per patch token |
 | vision.norm | [Lv+1, Nv] f32 | ‖x‖ of each vision-tower token entering layer v (Lv: the last layer's output) |
 | vision.sequence / .image / .tile / .row / .col | [Nv] int32 | where each vision-tower token sits (row = col = −1 for CLS) |
+| vision.entropy_raw / vision.entropy_normalized / vision.anisotropy | [Lv+1, tiles] f64 | the encoder's valley: matrix entropy of each tile's tokens per layer (÷ log min(T, d)), p₁ |
+| vision.tile_sequence / vision.tile_image / vision.tile_tile | [tiles] int32 | which tile each column of the encoder's valley is |
 | resid.sink_dims / resid.sink_phi_first / resid.sink_phi | [L+1, S, m] / [L+1, N, m] | the first token's m largest φ(x) = abs(x)/rms(x) dimensions, and every token's φ there |
 
 X_ℓ is the residual stream entering block ℓ; X_L is the last block's output (before any final norm).

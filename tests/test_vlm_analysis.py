@@ -346,3 +346,39 @@ def test_kept_hidden_states_of_image_tokens_equal_hugging_faces(kind, tiny_vlm_d
             with torch.no_grad():
                 got = ref.model.language_model.norm(got)
         np.testing.assert_allclose(got.numpy(), hidden[layer][0][torch.from_numpy(image)].numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3"])
+def test_encoder_norms_and_valley_equal_an_independent_svd_of_hugging_faces_hidden_states(kind, tiny_vlm_dir):
+    """The vision tower's token norms and per-tile matrix entropy (its valley) against HF's own encoder hidden
+    states and torch.linalg.svdvals."""
+    folder = tiny_vlm_dir(kind)
+    lm = lens.load(folder)
+    item = _items(lm)[0]
+    run = lens.trace(lm, [item], progress=False)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processed = _processed(lm, item)
+    pixels = processed["pixel_values"].reshape(-1, *processed["pixel_values"].shape[-3:])
+    tower = ref.model.get_submodule(lm.vision_family.vision_tower)
+    with torch.no_grad():
+        states = tower(pixels, output_hidden_states=True).hidden_states  # Lv + 1 × [tiles, T, d]
+    a = run.arrays
+    prefix = lm.vision_family.vision_prefix
+    valley = lens.vision(run).to_frame("encoder_valley")
+    assert len(valley) == lm.vision_n_layers + 1
+    for layer, hidden in enumerate(states):
+        if layer == lm.vision_n_layers and kind == "idefics3":
+            continue  # SigLIP's hidden_states[-1] is after its post-layernorm; lens records the last layer's output
+        for t in range(hidden.shape[0]):
+            x = hidden[t].double()
+            slot = int(np.nonzero(a["vision.tile_tile"] == t)[0][0]) if kind == "idefics3" else t
+            s2 = torch.linalg.svdvals(x) ** 2
+            p = s2 / s2.sum()
+            entropy = float(-(p * p.clamp_min(1e-300).log()).sum() / np.log(min(x.shape)))
+            assert a["vision.entropy_raw"][layer, slot] == pytest.approx(entropy, rel=1e-4)
+            assert a["vision.anisotropy"][layer, slot] == pytest.approx(float(p.max()), rel=1e-4)
+            tokens = np.nonzero((a["vision.image"] == a["vision.tile_image"][slot]) & (a["vision.tile"] == a["vision.tile_tile"][slot]))[0]
+            rows = a["vision.row"][tokens]
+            patches = tokens[rows >= 0]
+            order = np.lexsort((a["vision.col"][patches], a["vision.row"][patches]))
+            np.testing.assert_allclose(a["vision.norm"][layer, patches[order]], x[prefix:].norm(dim=-1).numpy(), rtol=1e-4)

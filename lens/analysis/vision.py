@@ -119,13 +119,16 @@ class VisionResult:
           fraction of (token, head) pairs that are sink tokens, mean residual norm;
         * ``"visual_sinks"`` — per (layer, visual sink token): sequence, position, image, tile, row, col, its
           largest φ in the sink dimensions;
-        * ``"high_norm"`` — per high-norm vision-tower token: layer, image, tile, row, col, norm, ratio.
+        * ``"high_norm"`` — per high-norm vision-tower token: layer, image, tile, row, col, norm, ratio;
+        * ``"encoder_valley"`` — per vision-encoder layer (input of layer v; the last row is the output): the
+          matrix entropy of each tile's tokens, raw and normalized (docs/definitions.md#matrix-entropy, divided
+          by log min(T, d)), and the anisotropy p₁, averaged over tiles.
 
         Example: ``lens.vision(run).to_frame("modality").query("layer == 3")``.
         """
         import pandas as pd
 
-        builders = {"share": self._share_frame, "modality": self._modality_frame,
+        builders = {"share": self._share_frame, "modality": self._modality_frame, "encoder_valley": self._valley_frame,
                     "visual_sinks": self._sinks_frame, "high_norm": lambda: dict(self.high_norm or {})}
         if kind not in builders:
             raise ConfigError(f"kind must be one of {sorted(builders)}; got {kind!r}")
@@ -139,6 +142,20 @@ class VisionResult:
         return {"sequence": seq.ravel(), "layer": layer.ravel(), "head": head.ravel(),
                 "text_image_share": self.text_image_share.ravel(),
                 "uniform_share": np.repeat(self.uniform_text_image_share, n_heads, axis=1).ravel()}
+
+    def _valley_frame(self) -> dict[str, Any]:
+        a = self.run.arrays
+        if "vision.entropy_raw" not in a:
+            return {}
+        import warnings
+
+        with warnings.catch_warnings():  # a layer with no tile (never for a run with images) would be all-NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {"layer": np.arange(a["vision.entropy_raw"].shape[0]),
+                    "entropy_raw": np.nanmean(a["vision.entropy_raw"], axis=1),
+                    "entropy_normalized": np.nanmean(a["vision.entropy_normalized"], axis=1),
+                    "anisotropy": np.nanmean(a["vision.anisotropy"], axis=1),
+                    "tiles": np.full(a["vision.entropy_raw"].shape[0], a["vision.entropy_raw"].shape[1])}
 
     def _modality_frame(self) -> dict[str, Any]:
         return modality_table(self.run, self.tau)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lens.capture.spectra import center_and_normalize_rows, entropy_from_spectrum, squared_singular_values
 from lens.errors import CaptureError
 
 __all__ = ["VisionProbe", "SinkDimProbe", "query_groups", "modality_arrays", "TEXT", "IMAGE", "SPECIAL",
@@ -96,7 +97,10 @@ class VisionProbe:
     (Σ_{q∈Q_k} A), ``vision.query_count`` [Lv, Nv] (|Q_k|), ``vision.uniform_share`` [Lv, Nv] (u[k] under the
     tower's own mask), ``vision.norm`` [Lv+1, Nv] (‖x‖ entering layer v; Lv: the last layer's output, before any
     final norm), ``vision.sequence``/``vision.image``/``vision.tile``/``vision.row``/``vision.col`` [Nv] int32
-    (row = col = −1 for prefix tokens such as CLIP's CLS).
+    (row = col = −1 for prefix tokens such as CLIP's CLS); the encoder's valley per tile t (all its tokens,
+    prefix included): ``vision.entropy_raw`` / ``vision.entropy_normalized`` [Lv+1, tiles] (matrix entropy of
+    the raw and of the centered, row-normalized tokens, divided by log min(T, d)), ``vision.anisotropy``
+    [Lv+1, tiles] (p₁), and ``vision.tile_sequence`` / ``vision.tile_image`` / ``vision.tile_tile`` [tiles].
     """
 
     def __init__(self, lm, layouts: list, image_offsets: list[int]):
@@ -125,6 +129,23 @@ class VisionProbe:
         self.query_count = np.zeros((self.n_layers, total), dtype=np.float32)
         self.uniform_share = np.zeros((self.n_layers, total), dtype=np.float32)
         self.norm = np.zeros((self.n_layers + 1, total), dtype=np.float32)
+        # the encoder's valley: matrix entropy of each tile's tokens per layer (docs/definitions.md#matrix-entropy)
+        self.tile_index: list[dict[int, int]] = []
+        tile_meta = {k: [] for k in ("sequence", "image", "tile")}
+        for seq, layout in enumerate(layouts):
+            plan = layout.vision if layout is not None else None
+            slots: dict[int, int] = {}
+            for t in (sorted(set(plan.tile.tolist())) if plan is not None else []):
+                slots[t] = len(tile_meta["tile"])
+                tile_meta["sequence"].append(seq)
+                tile_meta["image"].append(layout.tiles[t].image + image_offsets[seq])
+                tile_meta["tile"].append(layout.tiles[t].tile)
+            self.tile_index.append(slots)
+        self.tile_meta = {k: np.asarray(v, dtype=np.int32) for k, v in tile_meta.items()}
+        n_tiles = len(self.tile_meta["tile"])
+        self.entropy_raw = np.full((self.n_layers + 1, n_tiles), np.nan)
+        self.anisotropy = np.full((self.n_layers + 1, n_tiles), np.nan)
+        self.entropy_normalized = np.full((self.n_layers + 1, n_tiles), np.nan)
         self.handles: list = []
         self.current: int | None = None
         self.calls: dict[int, int] = {}
@@ -211,11 +232,25 @@ class VisionProbe:
             )
         flat = self.starts[self.current] + plan.hidden_index
         self.norm[layer, flat] = rows.float().norm(dim=-1).cpu().numpy()
+        tiles = torch.as_tensor(plan.tile[plan.hidden_index])
+        for t, slot in self.tile_index[self.current].items():
+            x = rows[tiles == t].float()
+            if x.shape[0] < 2:
+                continue
+            s2 = squared_singular_values(x).cpu().numpy()
+            h, p1 = entropy_from_spectrum(s2)
+            scale = np.log(min(x.shape))
+            self.entropy_raw[layer, slot], self.anisotropy[layer, slot] = h / scale, p1
+            gram = squared_singular_values(center_and_normalize_rows(x)).cpu().numpy()
+            self.entropy_normalized[layer, slot] = entropy_from_spectrum(gram)[0] / scale
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"vision.key_mass": self.key_mass, "vision.query_count": self.query_count,
                "vision.uniform_share": self.uniform_share, "vision.norm": self.norm}
         out.update({f"vision.{k}": v for k, v in self.meta.items()})
+        out.update({"vision.entropy_raw": self.entropy_raw, "vision.entropy_normalized": self.entropy_normalized,
+                    "vision.anisotropy": self.anisotropy})
+        out.update({f"vision.tile_{k}": v for k, v in self.tile_meta.items()})
         return out
 
 
