@@ -200,6 +200,23 @@ def test_planted_high_norm_encoder_patch_is_found(kind, tiny_vlm_dir):
     assert len(clean.to_frame("high_norm").query("layer == 1")) == 0
 
 
+def test_an_image_given_as_pil_numpy_path_or_grey_array_is_the_same_image(tiny_vlm_dir, tmp_path):
+    lm = lens.load(tiny_vlm_dir("llava"))
+    ph = placeholder(lm)
+    pixels = sample_image(6)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    forms = [pixels, Image.fromarray(pixels), str(tmp_path / "img.png"), tmp_path / "img.png",
+             Image.fromarray(pixels).convert("RGBA")]
+    runs = [lens.trace(lm, [{"image": f, "text": f"{ph} What is it?"}], progress=False) for f in forms]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.arrays["image.pixels.0.0"], runs[0].arrays["image.pixels.0.0"])
+        np.testing.assert_allclose(run.arrays["attn.key_mass"], runs[0].arrays["attn.key_mass"], rtol=1e-6)
+    grey = pixels.mean(-1).astype(np.uint8)
+    as_grey = lens.trace(lm, [{"image": grey, "text": ph}], progress=False)
+    as_rgb = lens.trace(lm, [{"image": np.repeat(grey[..., None], 3, -1), "text": ph}], progress=False)
+    np.testing.assert_array_equal(as_grey.arrays["image.pixels.0.0"], as_rgb.arrays["image.pixels.0.0"])
+
+
 def test_bad_images_are_refused_with_what_to_do(tiny_vlm_dir, tmp_path):
     lm = lens.load(tiny_vlm_dir("llava"))
     ph = placeholder(lm)
