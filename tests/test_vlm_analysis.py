@@ -399,3 +399,17 @@ def test_encoder_norms_and_valley_equal_an_independent_svd_of_hugging_faces_hidd
             patches = tokens[rows >= 0]
             order = np.lexsort((a["vision.col"][patches], a["vision.row"][patches]))
             np.testing.assert_allclose(a["vision.norm"][layer, patches[order]], x[prefix:].norm(dim=-1).numpy(), rtol=1e-4)
+
+
+def test_an_already_loaded_vlm_finds_its_processor_or_says_how_to_give_it(tiny_vlm_dir):
+    folder = tiny_vlm_dir("gemma3")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
+    lm = lens.load(model)
+    assert lm.is_vlm and type(lm.processor).__name__ == "Gemma3Processor"
+    run = lens.trace(lm, _items(lm)[:1], progress=False)
+    assert (run.modality == 1).sum() == lm.config.mm_tokens_per_image
+    anonymous = transformers.AutoModelForImageTextToText.from_pretrained(folder)
+    anonymous.config.name_or_path = ""
+    with pytest.raises(lens.ModelLoadError, match="processor="):
+        lens.load(anonymous)
+    assert lens.load(anonymous, processor=lm.processor).is_vlm
