@@ -225,3 +225,18 @@ def test_jupyterlab_renders_the_overlay_and_round_trips_a_click(llava, tmp_path)
         assert seen == {"patch": 12, "stat": "from_token"}
         assert "row 3, col 0" in page.page.inner_text(f"{sel} .lens-patch-detail")
         assert page.errors == [] and page.blocked == []
+
+
+def test_a_large_export_keeps_the_current_image_then_the_current_statistic(llava):
+    _, lm, item, _ = llava
+    run = lens.trace(lm, [item] * 6, progress=False)
+    w = lw.PatchOverlay(run, image=2, stat="norm")
+    key = lambda image, stat: f'"[{image},0,\\"{stat}\\",'  # a selection's key in the file's table
+    full = w.to_html()
+    assert key(0, "mass") in full and key(2, "mass") in full
+    smaller = w.to_html(max_bytes=len(full.encode()) - 1)
+    assert key(0, "mass") not in smaller and key(2, "mass") in smaller and key(2, "norm") in smaller
+    tiny = w.to_html(max_bytes=len(smaller.encode()) - 1)
+    assert key(2, "mass") not in tiny and key(2, "norm") in tiny
+    with pytest.raises(ConfigError, match="max_bytes"):
+        w.to_html(max_bytes=1000)

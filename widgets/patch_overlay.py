@@ -300,14 +300,32 @@ class PatchOverlay(LensWidget):
                                         "encoder mass received (head mean)"]
 
     # -- export -----------------------------------------------------------------------------------------------
+    def _export_hints(self, level: int):
+        """A standalone file holds every image; if that is too large, the current image only; then the current
+        image and statistic only."""
+        plan = [{}, {"scope": "image"}, {"scope": "stat"}]
+        return plan[level] if level < len(plan) else None
+
+    def _build_html(self, hints, title, precision, sequences) -> str:
+        self._export_scope = hints.get("scope")
+        try:
+            return super()._build_html(hints, title, precision, sequences)
+        finally:
+            self._export_scope = None
+
     def _export_selections(self):
-        """Every image, tile, statistic and layer; heads only as the mean (and every head of the current
-        statistic's current layer), every text query for ``from_token``, every tracked neuron."""
+        """Every image, tile, statistic and layer (fewer when the file would be too large: see
+        ``_export_hints``); heads only as the mean, every text query for ``from_token``, every tracked neuron."""
+        scope = getattr(self, "_export_scope", None)
         out = []
         for image, meta in enumerate(self._run.images):
+            if scope and image != self.image:
+                continue
             seq = int(meta["sequence"])
             for t in meta["tiles"]:
                 for stat, spec in self.info["stats"].items():
+                    if scope == "stat" and stat != self.stat:
+                        continue
                     queries = [q for q, _ in self._queries.get(seq, [])] if spec["query"] else [-1]
                     neurons = range(len(self.info["neurons"])) if spec["neuron"] else [-1]
                     for layer in range(spec["layers"]):
