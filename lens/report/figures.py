@@ -49,8 +49,9 @@ def sink_heatmap(result):
         fig.add_shape(type="rect", x0=head - 0.46, x1=head + 0.46, y0=layer - 0.46, y1=layer + 0.46,
                       line={"color": "#ff4136", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above")
     # a legend entry for the outline (shapes have none)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (≥ {result.epsilon:g} and ≥ 2× uniform)",
-                             showlegend=True, marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
+                             name=f"sink head (≥ {result.epsilon:g} and ≥ 2× uniform)", showlegend=True,
+                             marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
     fig.update_layout(
         title=_title(result, "Attention sinks"),
         yaxis={"autorange": "reversed", "title": "layer", "tickmode": "array", "tickvals": list(range(n_layers)),
@@ -228,4 +229,27 @@ def compare_figure(result):
     notes = result.notes() if hasattr(result, "notes") else []
     fig.update_layout(title=f"{b} against {a}" + "".join(f"<br><sup>⚠ {n}</sup>" for n in notes), height=720,
                       legend={"orientation": "h", "y": -0.12}, margin={"t": 100 + 24 * len(notes)})
+    return fig
+
+
+def decoding_figure(result):
+    """Per decoding step: attention on the sink tokens and on the recent window (mean over heads and layers
+    1..L−1), and the KL divergence to a baseline generation when the result has one."""
+    frame = result.to_frame()
+    has_kl = result.kl is not None
+    fig = make_subplots(rows=2 if has_kl else 1, cols=1, shared_xaxes=True,
+                        subplot_titles=("attention of each new query", "KL to the baseline (nats)")[: 2 if has_kl else 1])
+    for s, part in frame.groupby("sequence"):
+        hover = [f"{t!r}" for t in part["token"]]
+        for column, color, dash in (("sink_mass", _PALETTE[0], None), ("window_mass", _PALETTE[1], "dash"),
+                                    ("first_mass", _PALETTE[2], "dot")):
+            fig.add_trace(go.Scatter(x=part["step"], y=part[column], name=f"{column} (seq {s})", text=hover,
+                                     line={"color": color, "dash": dash}, legendgroup=column,
+                                     hovertemplate="step %{x} %{text}<br>%{y:.3f}<extra></extra>"), row=1, col=1)
+        if has_kl:
+            fig.add_trace(go.Scatter(x=part["step"], y=part["kl"], name=f"KL (seq {s})", text=hover,
+                                     line={"color": _PALETTE[3]}, hovertemplate="step %{x} %{text}<br>%{y:.2e}<extra></extra>"),
+                          row=2, col=1)
+    fig.update_xaxes(title_text="decoding step", row=2 if has_kl else 1, col=1)
+    fig.update_layout(title=_title(result, "decoding, per step"), height=560 if has_kl else 380)
     return fig
