@@ -13,6 +13,11 @@ Definitions implemented here (docs/definitions.md#attention-mass-received):
 * ``uniform_sum[b, k] = Σ_{q ∈ Q_k} 1/|K_q|`` — the same column sum for the *uniform* pattern, where
   each query spreads its attention evenly over the keys ``K_q`` the mask lets it see.
 
+* with ``query_weights`` w [B, G, Tq] (e.g. G groups of queries: all text queries of a VLM, or one query
+  each): ``group_key_mass[b, g, h, k] = Σ_q w[b, g, q] A[b, h, q, k]`` and the uniform pattern's counterpart
+  ``group_uniform[b, g, k] = Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q|`` — what those queries put on each key, and what
+  they would put on it attending evenly (text→image attention share, mass from one text token).
+
 ``key_mass / query_count`` is the mass received ``m[ℓ, h, k]``; for ``k = 0`` it is the sink score.
 ``uniform_sum / query_count`` is the uniform share ``u[k]`` ("Attention mass received"): the yardstick of
 sink tokens and sink heads, read from the model's actual mask — causal, padding, sliding window,
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks", "unmasked_counts"]
+__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks", "unmasked_counts",
+           "unmasked_group_uniform"]
 
 # Chunk shape, measured against causal SDPA (12 heads, d 64, 2 cores; our kernel / SDPA time):
 #   T = 2048:  64 rows, all heads 1.44×;  128 rows 1.54×;  256 rows 1.73×
@@ -54,6 +60,8 @@ class AttentionStats:
     computed; None for dense attention.
     ``uniform_sum``: [B, Tk] float32, Σ_{q∈Q_k} 1/|K_q| under the model's mask (valid queries only); divided
     by ``query_count`` it is the uniform share u[k]. Like ``query_count`` it ignores any sparsity pattern.
+    ``group_key_mass``: [B, G, H, Tk] float32, Σ_q w[b, g, q] A[b, h, q, k] for the ``query_weights`` asked
+    for, else None; ``group_uniform``: [B, G, Tk] float32, the same for the uniform pattern of the mask.
     """
 
     key_mass: torch.Tensor
@@ -63,6 +71,27 @@ class AttentionStats:
     pattern_heads: tuple[int, ...] = ()
     kept_fraction: torch.Tensor | None = None
     uniform_sum: torch.Tensor | None = None
+    group_key_mass: torch.Tensor | None = None
+    group_uniform: torch.Tensor | None = None
+
+
+def unmasked_group_uniform(weights: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q| per key, [B, G, Tk] float32, when there is no mask tensor.
+
+    Causal (bottom-right aligned): query q sees keys 0..q+offset, so key k collects w/(q+offset+1) from every
+    q ≥ k − offset — a reversed cumulative sum. Bidirectional: every key gets Σ_q w / Tk.
+
+    Example: ``unmasked_group_uniform(torch.ones(1, 1, 2), 2, True)`` → ``[[[1/1 + 1/2, 1/2]]]``.
+    """
+    batch, groups, q_len = weights.shape
+    w = weights.to(torch.float64)
+    if not causal:
+        return (w.sum(-1, keepdim=True) / k_len).expand(batch, groups, k_len).to(torch.float32).clone()
+    offset = k_len - q_len
+    per_query = w / (torch.arange(q_len, device=w.device, dtype=torch.float64) + offset + 1)
+    suffix = torch.cat([per_query.flip(-1).cumsum(-1).flip(-1), per_query.new_zeros(batch, groups, 1)], dim=-1)
+    first_query = (torch.arange(k_len, device=w.device) - offset).clamp(min=0)
+    return suffix[..., first_query].to(torch.float32)
 
 
 def unmasked_counts(
@@ -150,6 +179,7 @@ def attention_with_stats(
     pattern_heads: tuple[int, ...] | list[int] = (),
     chunk_size: int | None = None,
     probs_dtype: torch.dtype | None = None,
+    query_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Softmax attention computed one query chunk at a time, returning the output and AttentionStats.
 
@@ -160,7 +190,8 @@ def attention_with_stats(
     Rows with no allowed key (padding) produce zeros, not NaN. ``probs_dtype`` (e.g. ``torch.float16``)
     rounds the probabilities to that dtype before they multiply the values — as llama.cpp's CPU attention does
     with its f16 KV cache, where ``P·V`` is an f16 dot product — and the statistics are those of the rounded
-    probabilities (the ones that produced the output).
+    probabilities (the ones that produced the output). ``query_weights`` [B, G, Tq] (float) adds the per-group
+    column sums ``group_key_mass`` and ``group_uniform`` (see the module docstring).
 
     Example::
 
@@ -197,6 +228,15 @@ def attention_with_stats(
         else None
     )
     out = torch.empty(batch, heads, q_len, value.shape[-1], dtype=query.dtype, device=device)
+    group_mass = group_uniform = None
+    if query_weights is not None:
+        query_weights = query_weights.to(device=device, dtype=compute_dtype)
+        n_groups = query_weights.shape[1]
+        group_mass = torch.zeros(batch, n_groups, heads, k_len, dtype=torch.float32, device=device)
+        group_uniform = (
+            unmasked_group_uniform(query_weights, k_len, causal) if allowed is None
+            else torch.zeros(batch, n_groups, k_len, dtype=torch.float32, device=device)
+        )
 
     # Grouped-query attention: fold the query heads of a group into the row dimension so that one
     # matmul per key/value head serves the whole group, without materializing repeated K/V.
@@ -249,6 +289,9 @@ def attention_with_stats(
                     both = torch.matmul(weights_q, seen)  # [B, 2, Tk]
                     query_count += both[:, 0]
                     uniform_sum += both[:, 1]
+                    if group_uniform is not None:
+                        spread = query_weights[:, :, start:stop].float() / n_keys.clamp(min=1.0)[:, None, :]
+                        group_uniform += torch.matmul(spread, seen)  # [B, G, Tk]
             probs = torch.softmax(scores, dim=-1)
             if row_allowed is not None and not bool(row_allowed.all()):
                 probs = probs.masked_fill(~row_allowed[..., None], 0.0)
@@ -262,6 +305,9 @@ def attention_with_stats(
             key_mass[:, h0:h1, :k_stop] += torch.matmul(weights, probs).squeeze(-2).float()
             for local, j in kept_here:
                 patterns[:, j, start:stop, :k_stop] = probs[:, local].float()
+            if group_mass is not None:  # [B, G, rows] × [B, h, rows, k] → [B, G, h, k]
+                w_chunk = query_weights[:, :, start:stop]
+                group_mass[:, :, h0:h1, :k_stop] += torch.einsum("bgr,bhrk->bghk", w_chunk, probs).float()
 
     stats = AttentionStats(
         key_mass=key_mass,
@@ -270,5 +316,7 @@ def attention_with_stats(
         patterns=patterns,
         pattern_heads=pattern_heads,
         uniform_sum=uniform_sum,
+        group_key_mass=group_mass,
+        group_uniform=group_uniform,
     )
     return out, stats

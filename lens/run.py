@@ -33,6 +33,19 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | moe.experts / moe.gates | [Lm, N, k] | the experts the model selected per token and their gates |
 | pattern.<ℓ>.<h> | [Σ T_s²] f32 | full attention patterns kept on request, row-major per sequence |
 | logits.logprobs | [N, V] f32 | next-token log-probabilities (capture "logits", causal LMs) |
+| modality | [N] uint8 | image inputs: 0 text, 1 image, 2 special (``lens.capture.vision.MODALITIES``) |
+| image.index / image.tile / image.row / image.col | [N] int32 | image inputs: each image token's image (run-wide), tile, patch-grid row and column; −1 elsewhere |
+| image.pixels.<i>.<t> | [h, w, 3] uint8 | tile t of image i as the model saw it (un-normalized from the processor's pixels) |
+| attn.text_key_mass | [L, H, N] f32 | image inputs: Σ over the text queries after the first image token of A[ℓ,h,q,k] |
+| attn.text_uniform | [L, N] f32 | … the same sum for the uniform pattern of the model's mask |
+| attn.text_count | [S] int64 | … the number of those text queries per sequence |
+| attn.rows / attn.row_* | [L, Σ T] f32 | head-mean attention rows of the non-image queries after the first image |
+| vision.key_mass / vision.query_count / vision.uniform_share | [Lv, Hv, Nv] / [Lv, Nv] f32 | the vision tower's own attention per patch token |
+| vision.norm | [Lv+1, Nv] f32 | ‖x‖ of each vision-tower token entering layer v (Lv: the last layer's output) |
+| vision.sequence / .image / .tile / .row / .col | [Nv] int32 | where each vision-tower token sits (row = col = −1 for CLS) |
+| vision.entropy_raw / vision.entropy_normalized / vision.anisotropy | [Lv+1, tiles] f64 | the encoder's valley: matrix entropy of each tile's tokens per layer (÷ log min(T, d)), p₁ |
+| vision.tile_sequence / vision.tile_image / vision.tile_tile | [tiles] int32 | which tile each column of the encoder's valley is |
+| resid.sink_dims / resid.sink_phi_first / resid.sink_phi | [L+1, S, m] / [L+1, N, m] | the first token's m largest φ(x) = abs(x)/rms(x) dimensions, and every token's φ there |
 
 X_ℓ is the residual stream entering block ℓ; X_L is the last block's output (before any final norm).
 
@@ -131,6 +144,30 @@ class Run:
     @property
     def causal(self) -> bool:
         return bool(self.meta["causal"])
+
+    @property
+    def modality(self) -> np.ndarray:
+        """[N] uint8 per token: 0 text, 1 image, 2 special (docs/definitions.md#vision-language-models). Runs of
+        text-only inputs have no image tokens: special where ``special`` is set, else text.
+
+        Example: ``(run.modality == 1).sum()`` — the image tokens of a run.
+        """
+        if "modality" in self.arrays:
+            return self.arrays["modality"]
+        return np.where(self.arrays["special"].astype(bool), 2, 0).astype(np.uint8)
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Per image of the run (numbered run-wide): its sequence, tiles (role, token grid, patch grid), token
+        count and first token; [] for text-only runs. Pixels as the model saw them: ``run.image_pixels(i)``."""
+        return list(self.meta.get("images", []))
+
+    def image_pixels(self, image: int, tile: int = 0) -> np.ndarray:
+        """H × W × 3 uint8: tile ``tile`` of image ``image`` as the model saw it (un-normalized, ≤ 224 px)."""
+        name = f"image.pixels.{image}.{tile}"
+        if name not in self.arrays:
+            raise RunFormatError(f"this run has no pixels for image {image}, tile {tile}; it has {len(self.images)} image(s)")
+        return self.arrays[name]
 
     @property
     def provenance(self) -> dict[str, Any]:

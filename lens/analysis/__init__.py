@@ -5,6 +5,7 @@ from lens.analysis.decoding import DecodingResult, decoding
 from lens.analysis.neurons import NeuronResult, neurons
 from lens.analysis.sinks import SinkResult, sinks
 from lens.analysis.valley import ValleyResult, valley
+from lens.analysis.vision import VisionResult, vision
 
 __all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "NeuronResult",
-           "neurons", "DecodingResult", "decoding"]
+           "neurons", "DecodingResult", "decoding", "VisionResult", "vision"]

@@ -19,7 +19,8 @@ def uniform_share(length: int, causal: bool) -> np.ndarray:
     query attended uniformly to the keys it may see.
 
     Bidirectional: ``1/T`` for every key. Causal: key k is seen by queries q ≥ k, each spreading over
-    q + 1 keys, so ``u[k] = (1/(T−k)) Σ_{q=k}^{T−1} 1/(q+1)``. A run's own share, measured from the model's
+    q + 1 keys, so ``u[k] = (1/(T−k)) Σ_{q=k}^{T−1} 1/(q+1)``. Sink tokens are keys whose mass exceeds
+    τ times their uniform share (docs/definitions.md#sink-tokens). A run's own share, measured from the model's
     actual mask (sliding windows, bidirectional blocks, padding), is ``run.uniform_share(layer, seq)``:
     use that for a traced run.
 
@@ -104,7 +105,10 @@ class SinkResult:
         * ``"sink_tokens"`` — only the rows of ``"tokens"`` flagged as sink tokens;
         * ``"massive"`` — the top-|x| entries per (layer, sequence) with position, dimension, token,
           ratio to the median, and whether they pass both massive-activation thresholds;
-        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence).
+        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence);
+        * ``"modality"`` — per (layer, modality: text / image / special): tokens, mean mass received / uniform
+          share, fraction of (token, head) pairs that are sink tokens, mean residual norm
+          (docs/definitions.md#vision-language-models).
 
         Example: ``lens.sinks(run).to_frame("layers")``.
         """
@@ -117,6 +121,7 @@ class SinkResult:
             "sink_tokens": lambda: self._tokens_frame(only_sinks=True),
             "massive": self._massive_frame,
             "norms": self._norms_frame,
+            "modality": self._modality_frame,
         }
         if kind not in builders:
             raise ConfigError(f"kind must be one of {sorted(builders)}; got {kind!r}")
@@ -217,6 +222,11 @@ class SinkResult:
             "ratio_to_median": ratio.ravel(),
             "is_massive": ((magnitude > self.massive_abs) & (ratio > self.massive_rel)).ravel(),
         }
+
+    def _modality_frame(self) -> dict[str, Any]:
+        from lens.analysis.vision import modality_table
+
+        return modality_table(self.run, self.tau)
 
     def _norms_frame(self) -> dict[str, Any]:
         n_res, n_seq = self.first_norm.shape

@@ -15,6 +15,7 @@ from lens.capture.finite import FiniteGuard
 from lens.capture.interventions import Interventions
 from lens.capture.moe import RouterProbe, moe_layers
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
+from lens.capture.vision import SinkDimProbe, VisionProbe, modality_arrays, modality_of, query_groups
 from lens.errors import ConfigError, NumericalError
 from lens.models.inputs import encode, pad_batch, pad_fields
 from lens.models.labels import token_labels
@@ -79,10 +80,14 @@ def lm_has_head(lm) -> bool:
     return head is not None and lm.causal
 
 
-def _input_hash(ids: list[list[int]]) -> str:
+def _input_hash(ids: list[list[int]], extras: list | None = None) -> str:
+    """sha256 of the token ids and, for image inputs, of the processor's pixel tensors and grids."""
     digest = hashlib.sha256()
-    for seq in ids:
+    for i, seq in enumerate(ids):
         digest.update(np.asarray(seq, dtype=np.int64).tobytes())
+        for name, value in sorted(((extras or [None] * len(ids))[i] or {}).items()):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(torch.as_tensor(value).detach().cpu().float().numpy()).tobytes())
         digest.update(b"|")
     return digest.hexdigest()
 
@@ -106,17 +111,21 @@ class TraceOptions:
 
 @dataclass
 class Probes:
-    """The probes of one trace; ``hooked`` are the forward-hook probes (residual, MLP)."""
+    """The probes of one trace; ``hooked`` are the forward-hook probes (residual, MLP, and for image inputs
+    the sink dimensions); ``vision`` the vision tower's probe (image inputs only)."""
 
     attention: AttentionProbe | None
     residual: ResidualProbe | None
     mlp: MLPProbe | None
     logprobs: np.ndarray | None
     router: RouterProbe | None = None
+    vision: VisionProbe | None = None
+    sink_dims: SinkDimProbe | None = None
+    layouts: list | None = None
 
     @property
     def hooked(self) -> list:
-        return [p for p in (self.residual, self.mlp, self.router) if p is not None]
+        return [p for p in (self.residual, self.mlp, self.router, self.sink_dims) if p is not None]
 
 
 @torch.inference_mode()
@@ -142,6 +151,12 @@ def trace(
     ``inputs``: a string, a list of strings, or token ids (see ``lens.models.inputs.encode``). Batches are
     right-padded; padded positions never count in any statistic. ``progress``: a bar over batches — None
     (default) shows it in a terminal or notebook and not when output goes to a file (``lens.progress``).
+    For a vision-language model, images with text: ``[{"image": img, "text": "<image>\nDescribe."}, …]`` (an
+    image is a PIL image, an H × W × 3 uint8 array or a path; ``lens.image_prompt(lm)`` writes the text), or the
+    processor's output for one sequence; see ``lens.models.multimodal``. Each image sequence runs alone. The run
+    then also knows each token's modality (``run.modality``), each image token's (image, tile, row, col), the
+    images as the model saw them, the vision tower's own attention and norms (``vision.*`` arrays), the
+    text→image attention (``attn.text_key_mass``, ``attn.rows``) and the sink dimensions (``resid.sink_*``).
     ``capture``: any of ``"attention"`` (mass received per key, inside the attention kernel the model
     runs), ``"residual"`` (norms, massive activations, entropy spectra) and ``"mlp"`` (neuron statistics);
     add ``"logits"`` to keep next-token log-probabilities (fp32, N × vocabulary — heavy) for ``lens.compare``.
@@ -175,8 +190,9 @@ def trace(
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
     edits = Interventions(model, list(interventions), lengths, encoded.ids)
-    probes = _build_probes(model, options, lengths)
     executed = _executions(model)
+    layouts = _layouts(model, encoded)
+    probes = _build_probes(model, options, lengths, layouts, encoded)
     reset = getattr(model.attention_kernel, "reset_tally", None)
     if reset is not None:
         reset()
@@ -201,6 +217,23 @@ def _executions(lm) -> dict | None:
     """A copy of the deployed kernel's per-path call counts, or None for kernels that keep none."""
     counts = getattr(lm.attention_kernel, "executed", None)
     return dict(counts) if counts is not None else None
+
+
+def _layouts(lm, encoded) -> list | None:
+    """Image inputs: each sequence's image-token layout (``lens.models.vision``); None for text-only runs."""
+    if not encoded.extras or not any(x is not None for x in encoded.extras):
+        return None
+    from lens.models.vision import layout_for
+
+    layouts = []
+    for i, ids in enumerate(encoded.ids):
+        extras = encoded.extras[i]
+        if extras is None:
+            layouts.append(None)
+            continue
+        fields = {name: torch.tensor([rows[i]]) for name, rows in encoded.fields.items()}
+        layouts.append(layout_for(lm, ids, {**extras, **fields}))
+    return layouts
 
 
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
@@ -280,12 +313,16 @@ def _check_pattern_budget(options: TraceOptions, lengths: np.ndarray) -> None:
         )
 
 
-def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
+def _build_probes(lm, options: TraceOptions, lengths: np.ndarray, layouts=None, encoded=None) -> Probes:
     """One probe per captured kind, each with arrays preallocated for every real token of the run."""
     n_tokens, n_seq = int(lengths.sum()), len(lengths)
     capture = options.capture
+    groups = None
+    if layouts is not None:
+        groups = [query_groups(modality_of(encoded.special[i], layout.image)) if layout is not None
+                  else query_groups(np.zeros(int(lengths[i]), dtype=np.uint8)) for i, layout in enumerate(layouts)]
     attention = (
-        AttentionProbe(lm, n_tokens, n_seq, options.keep, lengths**2) if "attention" in capture else None
+        AttentionProbe(lm, n_tokens, n_seq, options.keep, lengths**2, groups=groups) if "attention" in capture else None
     )
     residual = (
         ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers,
@@ -305,7 +342,17 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
         vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
     router = RouterProbe(lm, n_tokens) if moe_layers(lm) and ("mlp" in capture or "router" in capture) else None
-    return Probes(attention, residual, mlp, logprobs, router)
+    vision = sink_dims = None
+    if layouts is not None:
+        image_offsets, count = [], 0
+        for layout in layouts:
+            image_offsets.append(count)
+            count += layout.n_images if layout is not None else 0
+        if "attention" in capture or "residual" in capture:
+            vision = VisionProbe(lm, layouts, image_offsets)
+        if "residual" in capture:
+            sink_dims = SinkDimProbe(lm, n_tokens, n_seq)
+    return Probes(attention, residual, mlp, logprobs, router, vision, sink_dims, layouts)
 
 
 def _pad_id(tokenizer) -> int:
@@ -320,9 +367,11 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     Interventions (``edits``) attach their hooks before the probes', so probes observe the intervened model."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     pad_id = _pad_id(lm.tokenizer)
-    # longest first, so that batches hold similar lengths and padding (wasted compute) stays small
+    # longest first, so that batches hold similar lengths and padding (wasted compute) stays small; image
+    # sequences run alone (their pixel tensors differ in shape)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches = [order[i : i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+    size = 1 if probes.layouts is not None else options.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
     device = lm.device
     was_training = lm.model.training
     lm.model.eval()
@@ -332,10 +381,13 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     guard.attach()  # before the probes, so that it checks (and cleans padding) before any probe reads the stream
     for probe in probes.hooked:
         probe.attach()
+    if probes.vision is not None:
+        probes.vision.attach()
     try:
         with contextlib.ExitStack() as stack:
-            if probes.attention is not None:
-                stack.enter_context(observing(probes.attention))
+            for observer in (probes.attention, probes.vision):
+                if observer is not None:
+                    stack.enter_context(observing(observer))
             if edits:
                 stack.enter_context(editing(edits))
             desc = f"lens.trace {lm.model_id.split('/')[-1]}"
@@ -355,28 +407,61 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                     if probe is not None:
                         probe.begin(batch)
                 fields = {k: v.to(device) for k, v in pad_fields(encoded.fields, rows, input_ids.shape[1]).items()}
-                _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs, fields)
+                extras = _extras(encoded, rows, device)
+                if probes.vision is not None:
+                    probes.vision.begin(rows[0] if extras else None)
+                groups = _token_groups(lm, probes, rows, input_ids.shape[1], device)
+                with groups:
+                    _forward(lm, input_ids.to(device), mask.to(device), batch, probes.logprobs, {**fields, **extras})
                 if probes.attention is not None:
                     probes.attention.end()
+                if probes.vision is not None:
+                    probes.vision.end()
             if probes.residual is not None:
                 probes.residual.finish()  # the last layers reduce in the background: wait, raise their errors
     finally:
         guard.detach()
         for probe in probes.hooked:
             probe.detach()
+        if probes.vision is not None:
+            probes.vision.detach()
         if edits:
             edits.detach()
         lm.model.train(was_training)
 
 
+def _extras(encoded, rows: list[int], device) -> dict:
+    """The image inputs (pixel tensors, grids) of a batch of one image sequence; {} otherwise."""
+    if not encoded.extras or encoded.extras[rows[0]] is None:
+        return {}
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in encoded.extras[rows[0]].items()}
+
+
+def _token_groups(lm, probes: Probes, rows: list[int], width: int, device):
+    """Modality-aware smoothing (quant="w8a8-smooth-modality") smooths image tokens with their own factors: mark
+    them for the forward pass (``lens.kernels.lowbit.token_groups``)."""
+    config = getattr(lm, "quant", None)
+    if probes.layouts is None or not getattr(config, "modality_aware", False):
+        return contextlib.nullcontext()
+    from lens.kernels.lowbit import token_groups
+
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, seq in enumerate(rows):
+        layout = probes.layouts[seq]
+        if layout is not None:
+            mask[r, : len(layout.image)] = torch.from_numpy(layout.image >= 0)
+    return token_groups(mask.to(device))
+
+
 def _forward(lm, input_ids: torch.Tensor, mask: torch.Tensor, batch: Batch, logprobs: np.ndarray | None,
              fields: dict[str, torch.Tensor]) -> None:
     kwargs = {"use_cache": False} if lm.causal else {}
-    kwargs.update(fields)  # token_type_ids, position_ids, …: every per-token field the model takes
+    kwargs.update(fields)  # token_type_ids, position_ids, pixel tensors, …: every input the model takes
     if logprobs is None:
         # The backbone only: no statistic needs the LM head, whose vocabulary-sized matmul would
-        # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048).
-        lm.base(input_ids=input_ids, attention_mask=mask, **kwargs)
+        # otherwise cost as much as several layers (a quarter of GPT-2's forward at T = 2048). For a VLM the
+        # backbone is the multimodal base model (vision tower, projector, language model).
+        lm.backbone(input_ids=input_ids, attention_mask=mask, **kwargs)
         return
     out = lm.model(input_ids=input_ids, attention_mask=mask, **kwargs)
     values = torch.log_softmax(out.logits.float(), dim=-1)[batch.mask]
@@ -413,6 +498,13 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
         arrays["logits.logprobs"] = probes.logprobs
     if probes.router is not None:
         arrays.update(probes.router.arrays())
+    images = None
+    if probes.layouts is not None:
+        extra, images = modality_arrays(lm, encoded, probes.layouts, offsets)
+        arrays.update(extra)
+        for probe in (probes.vision, probes.sink_dims):
+            if probe is not None:
+                arrays.update(probe.arrays())
 
     provenance = lm.provenance()
     bos_first = encoded.bos_first
@@ -420,7 +512,7 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
     prepend_bos = bos_first[0] if len(set(bos_first)) == 1 else list(bos_first)
     provenance.update(
         {
-            "input_sha256": _input_hash(encoded.ids),
+            "input_sha256": _input_hash(encoded.ids, encoded.extras),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "trace": {
                 "capture": list(options.capture),
@@ -452,4 +544,9 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
         "truncated": encoded.truncated,
         "tracked_neurons": [list(p) for p in options.tracked],
     }
+    if images is not None:
+        meta["images"] = images
+        meta["vision"] = {"family": lm.vision_family.name, "n_layers": lm.vision_n_layers,
+                          "n_heads": lm.vision_n_heads, "d_model": lm.vision_d_model,
+                          "prefix_tokens": lm.vision_family.vision_prefix, "image_token_id": lm.image_token_id}
     return Run(arrays=arrays, tokens=tokens, meta=meta)

@@ -238,7 +238,8 @@ def _accepted_fields(lm) -> set[str]:
     import inspect
 
     names: set[str] | None = None
-    for module in {id(lm.base): lm.base, id(lm.model): lm.model}.values():
+    backbone = getattr(lm, "backbone", lm.base)
+    for module in {id(backbone): backbone, id(lm.model): lm.model}.values():
         params = inspect.signature(module.forward).parameters
         own = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         names = own if names is None else names & own

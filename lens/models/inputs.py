@@ -6,7 +6,9 @@ Three kinds of input, each read exactly or refused with an ``InputError`` that n
   ``tokenizer(text_a, text_b)``, so an encoder gets its ``token_type_ids``);
 * **token ids**: a tensor or array ``[T]``/``[B, T]``, a list of int lists;
 * **a tokenizer's output** in any form (lists, numpy, torch, ``BatchEncoding``, a plain dict, a list of
-  per-text encodings), left- or right-padded: see ``lens.models.forms``.
+  per-text encodings), left- or right-padded: see ``lens.models.forms``;
+* **images with text** for a vision-language model: ``{"image": …, "text": "…<image>…"}`` items (or the
+  processor's output for one sequence), mixed with plain strings: see ``lens.models.multimodal``.
 
 ``prepend_bos`` follows TransformerLens: ``True`` — position 0 is the BOS token; ``False`` — it is not,
 whatever the tokenizer adds by itself; ``None`` — the family's default (GPT-2-style families prepend BOS,
@@ -48,6 +50,10 @@ class Encoded:
     padding: str | None = None
     bos_first: list[bool] = field(default_factory=list)
     informational: list[str] = field(default_factory=list)
+    # image inputs: per sequence the processor's other model inputs (pixel tensors, grids; None for text-only
+    # sequences) and a description of its images
+    extras: list[dict[str, Any] | None] | None = None
+    images: list[list[dict[str, Any]]] | None = None
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -254,6 +260,10 @@ def encode(lm, inputs: Any, *, truncate: bool = False, prepend_bos: bool | None 
         raise ConfigError(f"prepend_bos must be True, False or None; got {prepend_bos!r}")
     if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "UO":  # an array of strings is a list of texts
         inputs = inputs.tolist() if inputs.ndim == 1 else inputs
+    from lens.models.multimodal import is_multimodal_input
+
+    if is_multimodal_input(inputs):
+        return _encode_multimodal(lm, inputs, truncate=truncate, prepend_bos=prepend_bos)
     if is_token_ids(inputs):
         rows = read_token_ids(lm, inputs)
         _apply_bos_to_ids(lm, rows, prepend_bos)
@@ -288,6 +298,57 @@ def encode(lm, inputs: Any, *, truncate: bool = False, prepend_bos: bool | None 
     bos_first = [bool(ids) and bos is not None and ids[0] == bos for ids in id_lists]
     return Encoded(ids=id_lists, special=special, texts=texts, truncated=truncated, fields=fields, form=form,
                    padding=padding, bos_first=bos_first, informational=informational)
+
+
+def _encode_multimodal(lm, inputs: Any, *, truncate: bool, prepend_bos: bool | None) -> Encoded:
+    """Image + text items (and plain strings) → ``Encoded`` with per-sequence extras (``lens.models.multimodal``)."""
+    from lens.models.forms import TokenRows
+    from lens.models.multimodal import encode_multimodal
+
+    items = encode_multimodal(lm, inputs, truncate=truncate)
+    texts_only = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+    ids: list[list[int]] = [[] for _ in items]
+    truncated = [False] * len(items)
+    t_ids: list[list[int]] = []
+    t_fields: dict[str, list[list[int]]] = {}
+    if texts_only:
+        want = prepend_bos if prepend_bos is not None else (True if lm.family.prepend_bos else None)
+        t_ids, t_fields, t_trunc = _encode_texts(lm, [check_text(x, f"input {i}") for i, x in texts_only],
+                                                 truncate=truncate, want_bos=want)
+        for k, (i, _) in enumerate(texts_only):
+            ids[i], truncated[i] = t_ids[k], t_trunc[k]
+    names = sorted({n for x in items if not isinstance(x, str) for n in x.fields} | set(t_fields))
+    fields: dict[str, list[list[int]]] = {name: [[] for _ in items] for name in names}
+    for name in names:  # a field only some sequences have: zeros for the others
+        for k, (i, _) in enumerate(texts_only):
+            fields[name][i] = list(t_fields[name][k]) if name in t_fields else [0] * len(t_ids[k])
+    extras: list[dict[str, Any] | None] = [None] * len(items)
+    images: list[list[dict[str, Any]]] = [[] for _ in items]
+    texts: list[Any] = [None] * len(items)
+    image_rows = [i for i, x in enumerate(items) if not isinstance(x, str)]
+    for i in image_rows:
+        item = items[i]
+        ids[i] = list(item.ids)
+        for name in fields:
+            fields[name][i] = list(item.fields.get(name, [0] * len(item.ids)))
+        extras[i], images[i], texts[i] = item.extras, item.images, item.text
+    for i, x in texts_only:
+        texts[i] = x
+    if prepend_bos is not None and image_rows:  # position 0 is (not) BOS, fields shifted along
+        rows = TokenRows(ids=[ids[i] for i in image_rows], fields={n: [f[i] for i in image_rows] for n, f in fields.items()})
+        _apply_bos_to_ids(lm, rows, prepend_bos)
+        for k, i in enumerate(image_rows):
+            ids[i] = rows.ids[k]
+            for name in fields:
+                fields[name][i] = rows.fields[name][k]
+    specials = _special_ids(lm.tokenizer)
+    bos = _bos_id(lm)
+    return Encoded(
+        ids=ids, special=[[t in specials for t in row] for row in ids], texts=texts, truncated=truncated,
+        fields=fields, form="images and text" if texts_only else "images", padding=None,
+        bos_first=[bool(row) and bos is not None and row[0] == bos for row in ids], informational=[],
+        extras=extras, images=images,
+    )
 
 
 def pad_batch(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
