@@ -46,6 +46,7 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+    "TextBank": "lens.analysis",
 }
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "TextBank",
     "Sparse",
     "QuantConfig",
     "Run",

@@ -1,7 +1,9 @@
 """Analyses: pure functions of a ``Run`` returning tidy results (``.to_frame()``, ``.figure()``)."""
 
 from lens.analysis.compare import CompareResult, compare
+from lens.analysis.latent import Neighbours
 from lens.analysis.sinks import SinkResult, sinks
+from lens.analysis.textbank import TextBank
 from lens.analysis.valley import ValleyResult, valley
 
-__all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare"]
+__all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "TextBank", "Neighbours"]
