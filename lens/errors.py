@@ -16,6 +16,9 @@ __all__ = [
     "MissingDependencyError",
     "BankFormatError",
     "BankMismatchError",
+    "CorpusError",
+    "ScanError",
+    "ScanFormatError",
 ]
 
 
@@ -61,3 +64,15 @@ class BankFormatError(LensError, OSError):
 
 class BankMismatchError(LensError, ValueError):
     """A text bank and a run (or queries) come from different models, or the bank lacks what was asked."""
+
+
+class CorpusError(InputError):
+    """A corpus given to ``lens.scan`` cannot be read (missing or unreadable file, wrong field, no text)."""
+
+
+class ScanError(LensError, RuntimeError):
+    """A scan cannot continue as asked (``resume=True`` with a different model, corpus or options)."""
+
+
+class ScanFormatError(LensError, OSError):
+    """A saved scan directory is missing, incomplete, corrupted (checksum mismatch) or not a lens scan."""

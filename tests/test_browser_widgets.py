@@ -266,3 +266,26 @@ def test_standalone_export_works_offline_in_both_themes(runs_dir, minilm_run):
             assert page.canvas_hash(f"{explorer} .lens-heatmap canvas") != before
             assert "Zooming needs a running kernel" not in page.page.inner_text(explorer)  # T ≤ 256: exact
             assert page.errors == [] and page.blocked == []
+
+
+def test_widgets_tour_first_view_shows_a_heatmap_after_run_all(tmp_path):
+    """Run All of notebooks/03_widgets_tour.ipynb in JupyterLab: the headline explorer ends on a head whose
+    pattern was kept (the linked SinkMap must not move it elsewhere), so it shows a heatmap."""
+    import nbformat
+
+    tour = Path(__file__).resolve().parent.parent / "notebooks" / "03_widgets_tour.ipynb"
+    nb = nbformat.read(tour, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("from pathlib import Path\nPath('tour-done.json').write_text('1')"))
+    nbformat.write(nb, tmp_path / tour.name)
+    with jupyterlab(tmp_path) as url, chromium() as new_page:
+        page = new_page(url)
+        lab_run_all(page, url, tour.name)
+        wait_for_file(tmp_path / "tour-done.json", 420, page)
+        explorer = ".lens-attention-explorer"   # the first in the page: the tour's headline explorer
+        first = page.page.locator(explorer).first
+        first.scroll_into_view_if_needed()
+        data = page.wait_dataset(explorer, 60, state="ready", kept="true")
+        assert (data["layer"], data["head"]) == ("0", "0")   # where the tour's own cell put it
+        assert page.canvas_ink(f"{explorer} .lens-heatmap canvas") > 1000
+        assert "was not kept" not in first.inner_text()
+        assert page.errors == [] and page.blocked == []

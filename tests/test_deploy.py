@@ -9,6 +9,7 @@ import torch
 import lens
 from lens.errors import ConfigError, LensError
 from lens.kernels.lowbit import QuantLinear
+from lens.models.deploy import EveryBlockKeptWarning
 
 TEXTS = [
     "Attention sinks appear on the first token.",
@@ -29,7 +30,7 @@ def test_quantized_minilm_is_what_gets_traced(scheme, bits, dense_minilm_run):
     assert len(replaced) == 6 * 6 + 1  # q, k, v, attention out, intermediate, output per layer + pooler
     prov = lm.provenance()
     assert prov["quant"]["scheme"] == scheme
-    # resident weight bytes match the format's bits/weight within 5% (DESIGN §4)
+    # resident weight bytes match the format's bits/weight within 5% (docs/benchmarks.md)
     assert prov["quant_report"]["bits_per_weight"] == pytest.approx(bits, rel=0.05)
     assert prov["quant_report"]["weight_bytes_after"] < prov["quant_report"]["weight_bytes_before"] * bits / 32 * 1.05
 
@@ -59,7 +60,9 @@ def test_sparse_keeping_every_block_equals_dense(tiny_model_dir):
     dense = lens.trace(lens.load(folder), TEXTS, batch_size=3, keep_patterns=[(1, 2)], progress=False)
     config = lens.Sparse(mode="topk", topk=1.0, block_q=16, block_k=16, keep_sink_block=True, local_blocks=1)
     sparse_lm = lens.load(folder, attention=config)
-    sparse = lens.trace(sparse_lm, TEXTS, batch_size=3, keep_patterns=[(1, 2)], progress=False)
+    with pytest.warns(EveryBlockKeptWarning, match="computed dense attention"):  # and the user is told
+        sparse = lens.trace(sparse_lm, TEXTS, batch_size=3, keep_patterns=[(1, 2)], progress=False)
+    assert sparse.meta["sparse_every_block_kept"] is True
     for name in ("attn.key_mass", "attn.query_count", "resid.norm", "mlp.sum"):
         np.testing.assert_allclose(sparse.arrays[name], dense.arrays[name], rtol=1e-4, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(sparse.pattern(1, 2, 1), dense.pattern(1, 2, 1), atol=1e-5)

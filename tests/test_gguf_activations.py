@@ -1,5 +1,5 @@
 """llama.cpp's activation quantization and CPU matmul, emulated by ``QuantConfig(..., activations="llama.cpp")``
-(DESIGN.md §3 "GGUF / llama.cpp weight formats").
+(docs/definitions.md#gguf-formats).
 
 Independent references: ``gguf_reference`` (a numpy re-implementation of ggml's ``quantize_row_q8_0_ref`` /
 ``q8_1_ref`` / ``q8_K_ref`` and the ``ggml_vec_dot_*_generic`` formulas, sharing no code with lens), and

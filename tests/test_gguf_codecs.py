@@ -1,4 +1,4 @@
-"""GGUF / llama.cpp weight formats in lens.kernels.lowbit (DESIGN.md §3 "GGUF / llama.cpp weight formats",
+"""GGUF / llama.cpp weight formats in lens.kernels.lowbit (docs/definitions.md#gguf-formats,
 §4 "GGUF" resident-bytes target). The activation side is in test_gguf_activations.py.
 
 Independent references:

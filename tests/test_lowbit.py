@@ -1,4 +1,4 @@
-"""Low-bit weight formats (DESIGN.md §3 "Low-bit formats", §4 resident-bytes target).
+"""Low-bit weight formats (docs/definitions.md#low-bit-formats, docs/benchmarks.md resident-bytes target).
 
 Cross-checks: MXFP4/NVFP4 codes and scales against torchao's reference quantizers bit for bit, int8
 weight-only against torchao's CPU path; everything else against hand-computed examples and error bounds.

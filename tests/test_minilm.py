@@ -75,7 +75,7 @@ def test_entropies_match_svdvals(run_and_reference):
             q = q / q.sum()
             h_norm = float(-(q[q > 0] * q[q > 0].log()).sum())
             assert valley.values["entropy_normalized"][layer, s] == pytest.approx(h_norm, rel=1e-4)
-            # the bound of DESIGN §3 holds on real data
+            # the bound of docs/definitions.md holds on real data
             assert valley.values["entropy_raw"][layer, s] <= valley.values["entropy_upper_bound"][layer, s] + 1e-9
             assert valley.values["anisotropy"][layer, s] >= valley.values["anisotropy_lower_bound"][layer, s] - 1e-9
 

@@ -20,7 +20,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CI", "1")  # notebooks choose their small configuration (the kernel inherits it)
     work = tmp_path / path.name
     shutil.copy(path, work)
     nb = nbformat.read(work, as_version=4)

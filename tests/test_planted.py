@@ -5,7 +5,7 @@
   (query 0 can only see itself). ``lens.sinks`` must report that head — and no other — with sink score
   (1 + 0.8 (T − 1)) / T.
 * A massive activation: position 0's embedding is 500·e₇ while the other positions are orthonormal
-  vectors orthogonal to e₇ (α = 0 in DESIGN §3's bound, flat remaining spectrum), so the raw entropy
+  vectors orthogonal to e₇ (α = 0 in the bound of docs/definitions.md#massive-activation-bound, flat remaining spectrum), so the raw entropy
   must equal the Queipo-de-Llano bound exactly, and drop far below the same model without the spike.
 """
 

@@ -387,7 +387,7 @@ def test_stats_equal_reference_renormalized_probabilities():
                                              chunk_size=128)
     ref, probs = sparse_attention_reference(q, k, v, sel, attention_mask=mask, return_probs=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    # rows sum to one over the kept blocks (or are empty), as DESIGN §3 defines them under sparsity
+    # rows sum to one over the kept blocks (or are empty), as docs/definitions.md defines them under sparsity
     sums = probs.sum(-1)
     assert torch.allclose(sums[sums > 0], torch.ones(()), atol=1e-5)
     valid = (torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None])

@@ -6,7 +6,7 @@
   tile open, the largest state the widget can reach.
 * Its standalone HTML export is ≤ 3 MB, at full overview resolution (no extra pooling needed).
 
-For scale (DESIGN §4): CircuitsVis writes 1.17 GB of HTML for 12 heads at T = 2048.
+For scale (docs/benchmarks.md): CircuitsVis writes 1.17 GB of HTML for 12 heads at T = 2048.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run_2048(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_explorer_on_2048_tokens_adds_at_most_2_mb_to_the_notebook(run_2048, capsys):
+def test_explorer_on_2048_tokens_adds_at_most_2_mb_to_the_notebook(run_2048, report_figure):
     explorer = lw.AttentionExplorer(run_2048, layer=5, head=7)
     meta = explorer.view_meta
     assert meta["kept"] and meta["block"] == 8 and (meta["nq"], meta["nk"]) == (256, 256)
@@ -63,9 +63,8 @@ def test_explorer_on_2048_tokens_adds_at_most_2_mb_to_the_notebook(run_2048, cap
     explorer.tile_request = {"q0": 1024, "k0": 960, "rev": 1}
     assert f32(explorer.tile).size == 48 * 48
     growth_tile, state_tile = notebook_growth(explorer)
-    with capsys.disabled():
-        print(f"\nAttentionExplorer, T=2048, 12×12 heads: notebook +{growth:,} B (widget state {state:,} B); "
-              f"with a tile open +{growth_tile:,} B")
+    report_figure(f"AttentionExplorer, T=2048, 12×12 heads: notebook +{growth:,} B (widget state {state:,} B); "
+                  f"with a tile open +{growth_tile:,} B")
     assert max(growth, growth_tile) <= NOTEBOOK_BUDGET
     # the budget is met by pooling, not by dropping data: the overview is the block max of the real pattern
     block_max = view_of(explorer)[0]
@@ -75,14 +74,13 @@ def test_explorer_on_2048_tokens_adds_at_most_2_mb_to_the_notebook(run_2048, cap
 
 
 @pytest.mark.slow
-def test_explorer_on_2048_tokens_exports_to_at_most_3_mb(run_2048, tmp_path, capsys):
+def test_explorer_on_2048_tokens_exports_to_at_most_3_mb(run_2048, tmp_path, report_figure):
     explorer = lw.AttentionExplorer(run_2048)
     path = explorer.to_html(tmp_path / "explorer.html", max_bytes=HTML_BUDGET)
     size = path.stat().st_size
     export = read_export(path.read_text())
-    with capsys.disabled():
-        print(f"\nAttentionExplorer, T=2048, 12×12 heads: standalone HTML {size:,} B "
-              f"({len(export['table'])} selections)")
+    report_figure(f"AttentionExplorer, T=2048, 12×12 heads: standalone HTML {size:,} B "
+                  f"({len(export['table'])} selections)")
     assert size <= HTML_BUDGET
     assert len(export["table"]) == 144
     # every kept head at the live widget's resolution, every head's mass at full resolution

@@ -5,6 +5,7 @@ as JupyterLab would."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def test_widgets_tour_runs_and_shows_every_component(tmp_path):
         assert model.get("buffers"), f"{model_id} has no binary buffers"
     long_views = [state[m] for m in lens_views if state[m]["state"].get("view_meta", {}).get("block") == 2]
     assert long_views, "the 512-token explorer should show 2-token blocks"
-    export = tmp_path / "attention_explorer.html"
-    assert export.exists() and export.stat().st_size < 3_000_000
+    # the export goes to a temporary folder, and the tour leaves nothing in its working folder
+    printed = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    size = re.search(r"attention_explorer\.html (\d+) kB", printed)
+    assert size and int(size.group(1)) < 3_000, printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TOUR.name]
     assert len(json.dumps(nb.metadata["widgets"])) < 4_000_000  # nine widgets, one of them 512 tokens
+    # what the cells print or show as text is short and readable: never a widget's raw buffers
+    texts = [o.text for o in outputs if o.output_type == "stream"]
+    texts += [o.data["text/plain"] for o in outputs if "text/plain" in o.get("data", {})]
+    for text in texts:
+        assert "b'" not in text and "\\x" not in text, text[:300]
+        assert len(text) < 2_000, text[:300]
+    # the headline explorer (the first view) shows a kept head: its heatmap, not "not kept"
+    first = state[next(o.data[VIEW]["model_id"] for o in outputs if VIEW in o.get("data", {})
+                       and state[o.data[VIEW]["model_id"]]["model_module"] == "anywidget")]
+    assert first["state"]["view_meta"]["kept"], first["state"]["view_meta"]

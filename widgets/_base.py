@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import anywidget
 import traitlets
 
+from lens.atomic import atomic_write_text
 from lens.errors import ConfigError
 from ._data import f16_bits
 
@@ -166,6 +167,12 @@ class LensWidget(anywidget.AnyWidget):
                 out[name] = len(json.dumps(_jsonable(value)))
         return out
 
+    # -- display ----------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        """What the component shows and its selection — never the binary buffers it sends (ipywidgets'
+        default repr lists every changed trait, raw bytes included)."""
+        return _short_repr(type(self).__name__, self._state(), self._selection)
+
     # -- standalone export --------------------------------------------------------------------------
     def _export_selections(self) -> Iterable[dict[str, Any]]:
         """Every selection a static export answers (override; default: only the current one)."""
@@ -220,10 +227,7 @@ class LensWidget(anywidget.AnyWidget):
             level += 1
         if path is None:
             return text
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        return path
+        return atomic_write_text(path, text)  # temp file + rename, the umask's permissions
 
     def _build_html(self, hints: dict[str, Any], title: str | None, precision: str, sequences) -> str:
         blobs: list[bytes] = []
@@ -337,6 +341,21 @@ class LensWidget(anywidget.AnyWidget):
         return component
 
 
+def _short_repr(name: str, state: dict[str, Any], selection: Iterable[str]) -> str:
+    """``SinkMap(seq=0, layer=2, head=5; 14.2 kB to the browser)`` — selection traits and payload size only."""
+    shown = [f"{k}={state[k]!r}" for k in selection if k in state]
+    for extra in ("token", "metric"):
+        if extra in state and extra not in selection:
+            shown.append(f"{extra}={state[extra]!r}")
+    labels = (state.get("info") or {}).get("labels") if isinstance(state.get("info"), dict) else None
+    if labels:
+        shown.insert(0, f"runs={list(labels)!r}")
+    size = 0
+    for value in state.values():
+        size += len(value) if isinstance(value, (bytes, bytearray, memoryview)) else len(json.dumps(_jsonable(value), default=str))
+    return f"{name}({', '.join(shown)}; {size / 1e3:.1f} kB to the browser)"
+
+
 def _differs(a: Any, b: Any) -> bool:
     try:
         return bool(a != b)
@@ -378,7 +397,13 @@ def _panel_class(widget_cls: type) -> type:
             params[name] = param.List(default=list(default or []))
         else:
             raise ConfigError(f"trait {name!r} of {base.__name__} has no Panel equivalent ({type(trait).__name__})")
-    namespace = {"_esm": base._esm, "_stylesheets": [base._css], "__module__": __name__, **params}
+    selection = base._selection
+
+    def __repr__(self, *args, **kwargs) -> str:  # Panel: every parameter, raw buffers included, by default
+        return _short_repr(type(self).__name__, {n: getattr(self, n) for n in params}, selection)
+
+    namespace = {"_esm": base._esm, "_stylesheets": [base._css], "__module__": __name__, "__repr__": __repr__,
+                 **params}
     cls = type(f"{base.__name__}Panel", (pn.custom.AnyWidgetComponent,), namespace)
     _PANEL_CLASSES[base] = cls
     return cls

@@ -20,12 +20,12 @@ __all__ = ["AttentionExplorer"]
 class AttentionExplorer(LensWidget):
     """A layer × head grid of thumbnails coloured by sink score; click a head to see its attention.
 
-    * Grid: one cell per head, coloured by its sink score s[ℓ,h] (mean over queries of A[ℓ,h,q,0], DESIGN §3,
+    * Grid: one cell per head, coloured by its sink score s[ℓ,h] (mean over queries of A[ℓ,h,q,0], docs/definitions.md,
       for the selected sequence); the thumbnail inside is the mass each key receives, max-pooled into
       ``thumb_bins`` bins; a corner triangle marks heads whose full pattern the run kept.
     * Detail: for a kept head, the token × token heatmap (queries down, keys across) with token labels when
       they fit; hover shows the query and key tokens and the probability; sink keys (mass received above
-      τ × the uniform share, DESIGN §3) are marked above their column. For a head the run did not keep,
+      τ × the uniform share, docs/definitions.md) are marked above their column. For a head the run did not keep,
       the mass each key receives (``run.mass_received``) with instructions to keep it
       (``keep_patterns=[(layer, head)]``).
     * Under both, the mass received by every key, sink keys highlighted.

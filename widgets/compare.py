@@ -45,7 +45,8 @@ class CompareView(LensWidget):
 
     ``result`` is what ``lens.compare(run_a, run_b)`` returns; any object with the attributes ``labels``,
     ``sink_delta`` [L, H], ``entropy_delta``, ``anisotropy_delta``, ``hidden_cosine``,
-    ``hidden_rel_error`` [L+1], ``kl``, ``top1_agreement``, ``run_a`` and ``run_b`` works. Anything else
+    ``hidden_rel_error`` [L+1], ``kl``, ``top1_agreement``, ``run_a`` and ``run_b`` works; its ``notes()``
+    (a sparse run that kept every block, i.e. computed dense attention) are shown as warnings. Anything else
     raises ``ConfigError``. Traits Python can read back: ``seq``, ``layer``, ``head``, ``token``.
 
     Example::
@@ -124,6 +125,8 @@ class CompareView(LensWidget):
             "texts": [t[:80] if isinstance(t, str) else None for t in run_a.texts[: self._n_seq]],
             "tau": self._tau,
             "delta_max": float(np.nanmax(np.abs(sink_delta))) if np.isfinite(sink_delta).any() else 0.0,
+            # e.g. a sparse run that kept every block: it computed dense attention, and the view says so
+            "notes": [str(n) for n in (result.notes() if callable(getattr(result, "notes", None)) else [])],
         }
         super().__init__(info=info, seq=seq, layer=int(layer), head=int(head), sink_delta=f32(sink_delta),
                          layer_series=f32(np.stack(series)))

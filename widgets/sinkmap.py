@@ -21,7 +21,7 @@ class SinkMap(LensWidget):
     """Layer × head heatmap of sink scores; selecting a head shows the mass every token receives from it.
 
     Built from a ``Run`` (``lens.sinks(run)`` is computed with its defaults) or a ``SinkResult`` (its ε and
-    τ are used). Cells are coloured by the sink score s[ℓ,h] of the selected sequence (DESIGN §3: mean over
+    τ are used). Cells are coloured by the sink score s[ℓ,h] of the selected sequence (docs/definitions.md: mean over
     queries of A[ℓ,h,q,0]) or, with ``metric="special"``, by the mass on all special tokens (encoders:
     [CLS] + [SEP]); heads with s ≥ ε are outlined. The strip below shows m[ℓ,h,k] for every key k
     (``run.mass_received``), sink tokens (mass > τ × the uniform share) outlined. Up to 512 tokens the strip
@@ -35,8 +35,10 @@ class SinkMap(LensWidget):
     Example::
 
         result = lens.sinks(run)
-        sink_map = lens.widgets.SinkMap(result)         # or result.show()
-        ipywidgets.link((sink_map, "layer"), (explorer, "layer"))
+        sink_map = lens.widgets.SinkMap(result)         # or result.show(); opens on the strongest sink head
+        # linked to an explorer: open on the explorer's head, so that the link moves neither view
+        sink_map = lens.widgets.SinkMap(result, layer=explorer.layer, head=explorer.head)
+        ipywidgets.link((explorer, "layer"), (sink_map, "layer"))
     """
 
     _component = "sink_map"

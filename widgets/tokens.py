@@ -122,7 +122,7 @@ class TokenView(LensWidget):
 
     @classmethod
     def neuron(cls, run: Run, layer: int, neuron: int, seq: int = 0, **kwargs) -> "TokenView":
-        """The activation of one tracked MLP neuron on every token (after the nonlinearity, DESIGN §3).
+        """The activation of one tracked MLP neuron on every token (after the nonlinearity, docs/definitions.md).
 
         Example: ``TokenView.neuron(lens.trace(lm, texts, track_neurons=[(2, 5)]), 2, 5)``.
         """
@@ -139,7 +139,7 @@ class TokenView(LensWidget):
 
     @classmethod
     def mass(cls, run: Run, layer: int, head: int, seq: int = 0, **kwargs) -> "TokenView":
-        """The mass each token receives from one head (``run.mass_received``, DESIGN §3), for every sequence.
+        """The mass each token receives from one head (``run.mass_received``, docs/definitions.md), for every sequence.
 
         Example: ``TokenView.mass(run, 0, 3)``.
         """

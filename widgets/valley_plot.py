@@ -28,10 +28,11 @@ VALLEY_COLUMNS = (
 class ValleyPlot(LensWidget):
     """Compression valley per residual layer ℓ = 0..L for one or more runs, overlaid.
 
-    Three panels (DESIGN §3): matrix entropy ÷ log min(T, d) — raw (solid), normalized (dotted) and the
+    Three panels (docs/definitions.md): matrix entropy ÷ log min(T, d) — raw (solid), normalized (dotted) and the
     massive-activation upper bound on the raw entropy (dashed); anisotropy p₁ with its lower bound
     (dashed); and the first-token norm ÷ the median token norm (log scale). Each run has its own colour,
-    its valley range shaded and its argmin layer marked. Values are means over sequences
+    its valley range shaded and its argmin layer marked when the valley is interior (a run whose minimum is
+    at the embeddings or the output gets no shading, and its legend says "no interior valley"). Values are means over sequences
     (``ValleyResult.mean``). Runs of different depths are compared on relative depth ℓ/L (a toggle
     switches between layer index and depth). The data is (runs × 6 × (L+1)) numbers, so nothing is
     aggregated at any sequence length.
@@ -89,6 +90,8 @@ class ValleyPlot(LensWidget):
             "n_layers": [int(r.values["entropy_raw"].shape[0] - 1) for r in results],
             "valley_layer": [int(r.valley_layer) for r in results],
             "valley_range": [[int(r.valley_range[0]), int(r.valley_range[1])] for r in results],
+            # a minimum at either end is a trend, not a valley: no shading, and the legend says so
+            "interior": [bool(getattr(r, "interior", True)) for r in results],
             "alpha": [float(r.alpha) for r in results],
             "n_sequences": [int(r.run.n_sequences) for r in results],
             "models": [str(r.run.provenance.get("model_id", "?")) for r in results],

@@ -2,25 +2,23 @@
 
 One module per concept (definitions: docs/definitions.md "Low-bit formats"):
 
-====================  ===========================================================================================
-module                what it holds
-====================  ===========================================================================================
-``packing``           ``PackedWeight`` (the bytes a deployment keeps) and nibble / bit / trit packing
-``fp4``               E2M1, MXFP4, NVFP4 (bit-exact with torchao's reference quantizers)
-``integer``           int8 per-channel, int4 group-wise, NF4
-``ternary``           BitNet b1.58 ternary
-``binary``            sub-1-bit binary low-rank (NanoQuant-style)
-``gguf``              GGUF / llama.cpp types (Q4_0 … Q8_0, Q2_K … Q6_K): codecs, ``packed_from_gguf``, the matmul
-``gguf_legacy``       the 32-weight block types (and IQ4_NL, llama-quantize's fallback), block by block
-``gguf_kquants``      the 256-weight K-quant super-blocks and llama.cpp's scale searches
-``gguf_activations``  llama.cpp's activation quantization (Q8_0/Q8_1/Q8_K) and integer dot products
-``gguf_blocks``       the ggml type table and the C reference's float32 arithmetic in torch
-``registry``          ``codec_from_meta`` and ``dequantize`` for any packed weight
-``config``            ``QuantConfig``, scheme names and presets, ``codec_for``, ``quantize``, backends
-``smoothing``         SmoothQuant (and its modality-aware variant), activation statistics, ``calibrate``
-``linear``            ``QuantLinear``, the packed drop-in for ``nn.Linear`` / GPT-2 ``Conv1D``
-``convert``           choosing a model's linear layers and replacing them (``quantize_model``)
-====================  ===========================================================================================
+| module | what it holds |
+|---|---|
+| ``packing`` | ``PackedWeight`` (the bytes a deployment keeps) and nibble / bit / trit packing |
+| ``fp4`` | E2M1, MXFP4, NVFP4 (bit-exact with torchao's reference quantizers) |
+| ``integer`` | int8 per-channel, int4 group-wise, NF4 |
+| ``ternary`` | BitNet b1.58 ternary |
+| ``binary`` | sub-1-bit binary low-rank (NanoQuant-style) |
+| ``gguf`` | GGUF / llama.cpp types (Q4_0 … Q8_0, Q2_K … Q6_K): codecs, ``packed_from_gguf``, the matmul |
+| ``gguf_legacy`` | the 32-weight block types (and IQ4_NL, llama-quantize's fallback), block by block |
+| ``gguf_kquants`` | the 256-weight K-quant super-blocks and llama.cpp's scale searches |
+| ``gguf_activations`` | llama.cpp's activation quantization (Q8_0/Q8_1/Q8_K) and integer dot products |
+| ``gguf_blocks`` | the ggml type table and the C reference's float32 arithmetic in torch |
+| ``registry`` | ``codec_from_meta`` and ``dequantize`` for any packed weight |
+| ``config`` | ``QuantConfig``, scheme names and presets, ``codec_for``, ``quantize``, backends |
+| ``smoothing`` | SmoothQuant (and its modality-aware variant), activation statistics, ``calibrate`` |
+| ``linear`` | ``QuantLinear``, the packed drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` |
+| ``convert`` | choosing a model's linear layers and replacing them (``quantize_model``) |
 
 Everything public is re-exported here, so ``from lens.kernels.lowbit import QuantLinear`` is the one import
 users need. Only ``torch`` and the standard library are imported at module level; torchao and gguf (the

@@ -22,7 +22,7 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 
 
 class BinaryLowRankCodec:
-    """Sub-1-bit binary low-rank, NanoQuant-style (DESIGN.md §3): ``W ≈ diag(s1) · (U Vᵀ) · diag(s2)``,
+    """Sub-1-bit binary low-rank, NanoQuant-style (docs/definitions.md): ``W ≈ diag(s1) · (U Vᵀ) · diag(s2)``,
     ``U ∈ {±1}^{out×r}``, ``V ∈ {±1}^{in×r}``, ``s1``, ``s2`` stored in fp16.
 
     Bits/weight = ``(ceil(out·r/8) + ceil(in·r/8)) · 8 / (out·in) + 16 (out + in) / (out·in)``; with a
@@ -42,7 +42,7 @@ class BinaryLowRankCodec:
     3. The scales are rounded to fp16 and ``s2`` is refit once against the rounded ``s1``.
 
     The ADMM initialisation and block reconstruction of the NanoQuant paper are not implemented
-    (DESIGN marks ADMM optional); this is the data-free weight-space fit.
+    (ADMM is optional in docs/definitions.md#sub-1-bit-binary-low-rank); this is the data-free weight-space fit.
 
     Example::
 
@@ -64,7 +64,7 @@ class BinaryLowRankCodec:
 
     @staticmethod
     def storage_bits(out: int, inp: int, rank: int) -> int:
-        """Stored bits of a rank-``rank`` factorization of an ``out × in`` weight (DESIGN.md §4).
+        """Stored bits of a rank-``rank`` factorization of an ``out × in`` weight (docs/benchmarks.md).
 
         Example: ``BinaryLowRankCodec.storage_bits(384, 1536, 229)`` → ``8 · (10992 + 43968) + 16 · 1920``.
         """
@@ -72,7 +72,7 @@ class BinaryLowRankCodec:
 
     @classmethod
     def rank_for_budget(cls, out: int, inp: int, bits: float) -> int:
-        """Largest rank whose storage fits ``bits`` per weight (at least 1) (DESIGN.md §3).
+        """Largest rank whose storage fits ``bits`` per weight (at least 1) (docs/definitions.md).
 
         Example: ``BinaryLowRankCodec.rank_for_budget(384, 1536, 0.8)`` → ``229``.
         """
@@ -83,7 +83,7 @@ class BinaryLowRankCodec:
         return r
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Fit and pack; see the class docstring for the algorithm (DESIGN.md §3).
+        """Fit and pack; see the class docstring for the algorithm (docs/definitions.md).
 
         Example: ``BinaryLowRankCodec(rank=8).quantize(torch.randn(64, 64)).meta["rank"]`` → ``8``.
         """
@@ -163,7 +163,7 @@ class BinaryLowRankCodec:
 
     @staticmethod
     def factors(p: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U, V, s1, s2)`` as float32 (``U``: ``[out, r]``, ``V``: ``[in, r]`` in {±1}) (DESIGN.md §3).
+        """``(U, V, s1, s2)`` as float32 (``U``: ``[out, r]``, ``V``: ``[in, r]`` in {±1}) (docs/definitions.md).
 
         Example: ``U, V, s1, s2 = BinaryLowRankCodec.factors(p)``; ``(s1[:, None] * U) @ (s2[:, None] * V).T``
         is the dequantized weight.
@@ -175,7 +175,7 @@ class BinaryLowRankCodec:
         return u, v, p.data["s1"].to(torch.float32), p.data["s2"].to(torch.float32)
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """``diag(s1) · U Vᵀ · diag(s2)``, float32 (DESIGN.md §3).
+        """``diag(s1) · U Vᵀ · diag(s2)``, float32 (docs/definitions.md).
 
         Example: ``BinaryLowRankCodec(rank=4).dequantize(p).shape`` → ``p.shape``.
         """

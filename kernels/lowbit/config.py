@@ -49,7 +49,7 @@ _LOWRANK_NAME = re.compile(r"^binary-lowrank[-@:](\d*\.?\d+)(?:bpw|bits)?$")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize the linear layers of a model (DESIGN.md §3 "Low-bit formats", "Smoothing").
+    """How to quantize the linear layers of a model (docs/definitions.md#low-bit-formats, #smoothing).
 
     Fields (``None`` means "the scheme's default" where one exists):
 
@@ -158,7 +158,7 @@ class QuantConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "QuantConfig":
-        """Config for a scheme name or preset (DESIGN.md §3), with optional field overrides.
+        """Config for a scheme name or preset (docs/definitions.md), with optional field overrides.
 
         Names: ``nvfp4``, ``mxfp4``, ``int8``, ``int4``, ``nf4``, ``ternary``, ``binary-lowrank``,
         ``ternary-channel``, ``w8a8`` (int8 + int8 activations), ``w8a8-smooth`` (+ SmoothQuant α 0.5),
@@ -195,7 +195,7 @@ class QuantConfig:
         return cls(**params)
 
     def nominal_bits_per_weight(self) -> float | None:
-        """The format's rate for an ``in`` that is a multiple of the block (DESIGN.md §3); ``None`` where
+        """The format's rate for an ``in`` that is a multiple of the block (docs/definitions.md); ``None`` where
         it depends on the layer shape (int8 adds 32/in, binary-lowrank follows the budget per layer).
 
         Example: ``QuantConfig.from_name("mxfp4").nominal_bits_per_weight()`` → ``4.25``.
@@ -208,16 +208,16 @@ class QuantConfig:
                 "binary-lowrank": self.bits_budget, "int8": None}[s]
 
     def describe(self) -> dict:
-        """JSON-able provenance: every field, the nominal rate and the definition (DESIGN.md §3) it follows.
+        """JSON-able provenance: every field, the nominal rate and the definition (docs/definitions.md) it follows.
 
         Example: ``QuantConfig.from_name("w8a8-smooth").describe()["smooth_alpha"]`` → ``0.5``.
         """
         d = asdict(self)
         d["nominal_bits_per_weight"] = self.nominal_bits_per_weight()
-        d["definition"] = "DESIGN.md §3 Low-bit formats" + (" + Smoothing" if self.smooth_alpha is not None
-                                                             else "")
+        d["definition"] = "docs/definitions.md#low-bit-formats" + (
+            ", #smoothing" if self.smooth_alpha is not None else "")
         if self.scheme in GGUF_WEIGHT_TYPES:
-            d["definition"] = ("GGUF block format (llama.cpp ggml-quants.c; bit-exact with gguf.quants)"
+            d["definition"] = ("docs/definitions.md#gguf-formats (llama.cpp ggml-quants.c; bit-exact with gguf.quants)"
                                + (" + llama.cpp activation quantization" if self.activations else ""))
         return d
 
@@ -231,7 +231,7 @@ def _as_config(config: "QuantConfig | str") -> QuantConfig:
 
 
 def codec_for(config: "QuantConfig | str"):
-    """The lens codec object implementing ``config``'s weight format (DESIGN.md §3).
+    """The lens codec object implementing ``config``'s weight format (docs/definitions.md).
 
     Example: ``codec_for("int4").quantize(torch.randn(8, 256)).bits_per_weight()`` → ``4.1875``.
     """
@@ -254,7 +254,7 @@ def codec_for(config: "QuantConfig | str"):
 
 
 def quantize(w: torch.Tensor, config: "QuantConfig | str") -> PackedWeight:
-    """Quantize a weight ``[out, in]`` with lens's codec for ``config`` (DESIGN.md §3).
+    """Quantize a weight ``[out, in]`` with lens's codec for ``config`` (docs/definitions.md).
 
     Example: ``dequantize(quantize(torch.randn(16, 64), "nf4")).shape`` → ``(16, 64)``.
     """
@@ -283,7 +283,7 @@ def _torchao_int8_works() -> bool:
 
 
 def resolve_backend(config: "QuantConfig | str") -> str:
-    """``"torchao"`` or ``"lens"``: which implementation ``config`` runs on here (DESIGN.md §3).
+    """``"torchao"`` or ``"lens"``: which implementation ``config`` runs on here (docs/definitions.md).
 
     ``auto`` → torchao for weight-only int8 when torchao is installed and runs on this CPU, else lens.
 

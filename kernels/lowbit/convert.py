@@ -32,10 +32,10 @@ from .smoothing import ActStats
 
 
 def quantize_model(model: nn.Module, config: "QuantConfig | str", *,
-                   include: Callable[[str, nn.Module], bool] | None = None, progress: bool = True,
+                   include: Callable[[str, nn.Module], bool] | None = None, progress: bool | None = None,
                    calibration: Mapping[str, ActStats] | None = None) -> dict:
     """Replace the linear layers of a (Hugging Face) model in place by :class:`QuantLinear`
-    (DESIGN.md §3 "Low-bit formats"); returns a JSON-able report.
+    (docs/definitions.md#low-bit-formats); returns a JSON-able report.
 
     ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` are converted; by default the LM head and layers
     tied to embeddings are skipped (``include(name, module)`` overrides the choice). ``calibration`` (from

@@ -35,7 +35,7 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
-    """FP4 E2M1 codes (``uint8`` in ``0..15``, unpacked) of ``x`` — DESIGN.md §3 "FP4 E2M1".
+    """FP4 E2M1 codes (``uint8`` in ``0..15``, unpacked) of ``x`` — docs/definitions.md#fp4-e2m1.
 
     Magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; round to nearest, ties to even at every midpoint (0.25→0,
     0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4, 5→4); anything ≥ 6 (and +Inf) saturates to 6; the sign bit is
@@ -53,7 +53,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    """Float32 values of unpacked E2M1 codes (DESIGN.md §3 "FP4 E2M1"); code 8 decodes to −0.0.
+    """Float32 values of unpacked E2M1 codes (docs/definitions.md#fp4-e2m1); code 8 decodes to −0.0.
 
     Example: ``e2m1_decode(torch.tensor([0, 2, 14, 7], dtype=torch.uint8))`` → ``tensor([0., 1., -4., 6.])``.
     """
@@ -61,7 +61,7 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 
 
 class E2M1Codec:
-    """Element-wise FP4 E2M1 with no scale: the building block of MXFP4/NVFP4 (DESIGN.md §3 "FP4 E2M1").
+    """Element-wise FP4 E2M1 with no scale: the building block of MXFP4/NVFP4 (docs/definitions.md#fp4-e2m1).
 
     The input is taken in FP4 units as it is (callers scale it); codes are packed two per byte.
 
@@ -74,7 +74,7 @@ class E2M1Codec:
     scheme = "fp4-e2m1"
 
     def quantize(self, x: torch.Tensor) -> PackedWeight:
-        """Encode any-shaped ``x``; an odd element count gets one padding nibble (DESIGN.md §3).
+        """Encode any-shaped ``x``; an odd element count gets one padding nibble (docs/definitions.md).
 
         Example: ``E2M1Codec().quantize(torch.ones(3)).nbytes()`` → ``2``.
         """
@@ -85,7 +85,7 @@ class E2M1Codec:
         return PackedWeight(self.scheme, tuple(x.shape), {"codes": pack_nibbles(codes)}, {})
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """Decode to float32 in the original shape (DESIGN.md §3).
+        """Decode to float32 in the original shape (docs/definitions.md).
 
         Example: ``E2M1Codec().dequantize(E2M1Codec().quantize(torch.tensor([5.0])))`` → ``tensor([4.])``.
         """
@@ -103,13 +103,13 @@ _E2M1_MAX_POW2 = 2  # 4 = largest power of two in E2M1
 
 
 class MXFP4Codec:
-    """OCP MX v1.0 MXFP4: blocks of 32 E2M1 codes sharing an E8M0 scale (DESIGN.md §3 "MXFP4").
+    """OCP MX v1.0 MXFP4: blocks of 32 E2M1 codes sharing an E8M0 scale (docs/definitions.md#mxfp4).
 
     Scale ``X = 2^(floor(log2 amax) − 2)`` per block, ``q = E2M1(x / X)`` (saturating), 4.25 bits/weight.
     ``floor(log2 amax)`` is read from the float32 exponent field of ``amax`` — exact, and identical to
     torchao's ``to_mx(..., ScaleCalculationMode.FLOOR)``; the unbiased exponent is clamped to [−127, 127].
 
-    Edge case (follows torchao, differs from a literal reading of DESIGN): for blocks whose exponent
+    Edge case (follows torchao, differs from a literal reading of docs/definitions.md#mxfp4): for blocks whose exponent
     clamps to −127 or −126 (``amax < 2^-124``, including all-zero blocks) torchao divides by 2^-126 — the
     smallest normal float — while the stored E8M0 byte 0 means 2^-127. We store the same byte and
     dequantize with the divisor actually used (``2^(max(e, 1) − 127)``), so the round trip is consistent;
@@ -130,7 +130,7 @@ class MXFP4Codec:
         self.block_size = block_size
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight; rows are zero-padded to a multiple of 32 (padding stored) (DESIGN.md §3).
+        """Quantize a 2-D weight; rows are zero-padded to a multiple of 32 (padding stored) (docs/definitions.md).
 
         Example: ``MXFP4Codec().quantize(torch.randn(4, 40)).data["codes"].shape`` → ``(4, 32)``.
         """
@@ -155,7 +155,7 @@ class MXFP4Codec:
         return (e << _F32_MANT_BITS).view(torch.float32)
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """Float32 weight ``E2M1(code) · X`` cropped to the logical shape (DESIGN.md §3).
+        """Float32 weight ``E2M1(code) · X`` cropped to the logical shape (docs/definitions.md).
 
         Example: ``MXFP4Codec().dequantize(MXFP4Codec().quantize(torch.full((1, 32), 3.0)))`` → all 3.0.
         """
@@ -175,13 +175,13 @@ _E2M1_MAX = 6.0
 
 
 class NVFP4Codec:
-    """NVFP4: 16-element E2M1 blocks, FP8 E4M3 block scale, FP32 tensor scale (DESIGN.md §3 "NVFP4").
+    """NVFP4: 16-element E2M1 blocks, FP8 E4M3 block scale, FP32 tensor scale (docs/definitions.md#nvfp4).
 
     ``s_t = amax / (448 · 6)``, ``s_b = E4M3(clamp(amax_block / 6 / s_t, 2^-6, 448))`` (round to nearest
     even by torch's float8 cast), codes ``E2M1(x · ((1 / s_t) / s_b))``; dequantized as
     ``E2M1 · (s_t · s_b)``. 4.5 bits/weight plus 32 bits per tensor.
 
-    Differences from DESIGN's formula, both taken from torchao's ``nvfp4_quantize`` so that codes agree
+    Differences from the formula of docs/definitions.md#nvfp4, both taken from torchao's ``nvfp4_quantize`` so that codes agree
     bit for bit: (1) the elements are multiplied by the reciprocal ``(1/s_t)/s_b`` instead of being divided
     by ``s_t · s_b`` — the two differ in the last float32 bit, which can flip a code at a rounding tie;
     (2) an all-zero tensor (``amax = 0``) makes torchao divide 0 by 0 and emit NaN codes; lens stores
@@ -202,7 +202,7 @@ class NVFP4Codec:
         self.block_size = block_size
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight; rows are zero-padded to a multiple of 16 (padding stored) (DESIGN.md §3).
+        """Quantize a 2-D weight; rows are zero-padded to a multiple of 16 (padding stored) (docs/definitions.md).
 
         Example: ``NVFP4Codec().quantize(torch.randn(2, 20)).data["codes"].shape`` → ``(2, 16)``.
         """
@@ -225,7 +225,7 @@ class NVFP4Codec:
 
     @staticmethod
     def block_scales_fp32(p: PackedWeight) -> torch.Tensor:
-        """The combined per-block scale ``s_t · s_b`` in float32, ``[rows, n_blocks]`` (DESIGN.md §3).
+        """The combined per-block scale ``s_t · s_b`` in float32, ``[rows, n_blocks]`` (docs/definitions.md).
 
         Example: ``NVFP4Codec.block_scales_fp32(NVFP4Codec().quantize(w)).shape`` → ``(rows, in/16)``.
         """
@@ -233,7 +233,7 @@ class NVFP4Codec:
         return p.data["tensor_scale"] * sb
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """Float32 weight ``E2M1(code) · (s_t · s_b)`` cropped to the logical shape (DESIGN.md §3).
+        """Float32 weight ``E2M1(code) · (s_t · s_b)`` cropped to the logical shape (docs/definitions.md).
 
         Example: ``NVFP4Codec().dequantize(NVFP4Codec().quantize(torch.zeros(2, 16)))`` → zeros.
         """

@@ -21,7 +21,7 @@ from .packing import (
 
 
 class Int8Codec:
-    """int8 per-channel symmetric (DESIGN.md §3): ``scale_o = max_i |W[o, i]| / 127``,
+    """int8 per-channel symmetric (docs/definitions.md): ``scale_o = max_i |W[o, i]| / 127``,
     ``q = clamp(round(W / scale), −127, 127)`` (round half to even), ``Ŵ = q · scale``; 8 + 32/in bits.
 
     The range is symmetric [−127, 127] so that −W quantizes to −q. torchao's int8 weight-only tensor uses
@@ -38,7 +38,7 @@ class Int8Codec:
     scheme = "int8"
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight row by row; an all-zero row stores scale 0 and zero codes (DESIGN.md §3).
+        """Quantize a 2-D weight row by row; an all-zero row stores scale 0 and zero codes (docs/definitions.md).
 
         Example: ``Int8Codec().quantize(torch.randn(384, 1536)).bits_per_weight()`` → ``8.0208…``.
         """
@@ -49,7 +49,7 @@ class Int8Codec:
         return PackedWeight(self.scheme, tuple(w.shape), {"codes": codes, "scales": scale}, {})
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """``q · scale`` per row, float32 (DESIGN.md §3).
+        """``q · scale`` per row, float32 (docs/definitions.md).
 
         Example: ``Int8Codec().dequantize(Int8Codec().quantize(torch.tensor([[1.27]])))`` → ``[[1.27]]``.
         """
@@ -66,7 +66,7 @@ def _fp16_round_up(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Codec:
-    """int4 group-wise asymmetric (DESIGN.md §3): groups of ``group_size`` (128) along ``in`` per row.
+    """int4 group-wise asymmetric (docs/definitions.md): groups of ``group_size`` (128) along ``in`` per row.
 
     Per group: ``lo = min(min W, 0)``, ``hi = max(max W, 0)`` (zero is kept in range so that padding and
     exact zeros stay exact), ``scale = (hi − lo) / 15`` stored in fp16 rounded up, integer zero point
@@ -89,7 +89,7 @@ class Int4Codec:
         self.group_size = group_size
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight group by group (DESIGN.md §3).
+        """Quantize a 2-D weight group by group (docs/definitions.md).
 
         Example: ``Int4Codec().quantize(torch.randn(384, 1536)).bits_per_weight()`` → ``4.1875``.
         """
@@ -112,7 +112,7 @@ class Int4Codec:
                             {"block_size": self.group_size, "pad": pad})
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """``(q − z) · scale`` per group, float32, cropped to the logical shape (DESIGN.md §3).
+        """``(q − z) · scale`` per group, float32, cropped to the logical shape (docs/definitions.md).
 
         Example: ``Int4Codec().dequantize(Int4Codec().quantize(torch.zeros(2, 3)))`` → zeros.
         """
@@ -134,7 +134,7 @@ _NF4_MIDPOINTS = (NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2
 
 
 class NF4Codec:
-    """NF4 (DESIGN.md §3): the bitsandbytes 16-level table, absmax blocks of 64 over the flattened weight.
+    """NF4 (docs/definitions.md): the bitsandbytes 16-level table, absmax blocks of 64 over the flattened weight.
 
     Per block ``a = max |W|`` (fp32, as bitsandbytes stores it without double quantization), index =
     nearest table level to ``W / a`` (a value exactly on a midpoint takes the lower level, as bitsandbytes'
@@ -156,7 +156,7 @@ class NF4Codec:
         self.block_size = block_size
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight over its flattened blocks (DESIGN.md §3).
+        """Quantize a 2-D weight over its flattened blocks (docs/definitions.md).
 
         Example: ``NF4Codec().quantize(torch.randn(384, 1536)).bits_per_weight()`` → ``4.5``.
         """
@@ -171,7 +171,7 @@ class NF4Codec:
                             {"block_size": self.block_size, "pad": pad})
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """``table[index] · absmax``, float32, in the logical shape (DESIGN.md §3).
+        """``table[index] · absmax``, float32, in the logical shape (docs/definitions.md).
 
         Example: ``NF4Codec().dequantize(NF4Codec().quantize(torch.ones(1, 64)))`` → all ones.
         """

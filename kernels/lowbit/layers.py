@@ -14,7 +14,7 @@ from torch import nn
 
 
 def default_include(model: nn.Module) -> Callable[[str, nn.Module], bool]:
-    """The default layer filter of :func:`quantize_model` (which layers get DESIGN.md §3 low-bit weights):
+    """The default layer filter of :func:`quantize_model` (which layers get docs/definitions.md low-bit weights):
     every linear layer except the LM head (the model's ``get_output_embeddings()``, or a module named
     ``lm_head``) and any layer whose weight is tied to an ``nn.Embedding`` (embeddings themselves are never
     linear layers, so they stay as they are).
@@ -43,7 +43,7 @@ def default_include(model: nn.Module) -> Callable[[str, nn.Module], bool]:
 def select_linear_modules(model: nn.Module, include: Callable[[str, nn.Module], bool] | None = None
                           ) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` layers that pass ``include`` (default:
-    :func:`default_include`) — the layers DESIGN.md §3 formats apply to. Already-quantized layers are
+    :func:`default_include`) — the layers docs/definitions.md formats apply to. Already-quantized layers are
     never selected.
 
     Example: ``select_linear_modules(bert)[0][0]`` → ``'encoder.layer.0.attention.self.query'``.
@@ -55,8 +55,11 @@ def select_linear_modules(model: nn.Module, include: Callable[[str, nn.Module], 
             if n and isinstance(m, kinds) and include(n, m)]  # a QuantLinear is neither kind
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
+def _progress(items, enabled: bool | None, desc: str):
+    """A tqdm bar over ``items``: ``enabled=None`` is tqdm's own rule (a bar in a terminal or a notebook,
+    none when the output is a file or a pipe), True always, False never — the rule of ``lens.progress``,
+    restated here because kernels import nothing from lens."""
+    if enabled is False:
         return items
     try:
         from tqdm.auto import (
@@ -64,7 +67,7 @@ def _progress(items, enabled: bool, desc: str):
         )
     except ImportError:
         return items
-    return tqdm(items, desc=desc, leave=False)
+    return tqdm(items, desc=desc, leave=False, disable=None if enabled is None else False)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -53,7 +53,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def resident_bytes(module: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer of ``module`` as stored (packed codes count at their
     packed size, torchao tensors at their inner int8 data + scales) — the number lens reports as
-    "resident bytes" (DESIGN.md §4: must match the format's bits/weight within 5%).
+    "resident bytes" (docs/benchmarks.md: must match the format's bits/weight within 5%).
 
     Example: ``resident_bytes(nn.Linear(4, 2))`` → ``40`` (8 + 2 float32).
     """
@@ -68,7 +68,7 @@ def resident_bytes(module: nn.Module) -> int:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is kept only in packed low-bit form (DESIGN.md §3 "Low-bit formats").
+    """A linear layer whose weight is kept only in packed low-bit form (docs/definitions.md#low-bit-formats).
 
     ``forward(x) = F.linear(act(x), dequantize(packed), bias)``: the weight is dequantized on every call
     and dropped afterwards (nothing weight-sized is cached); the bias stays in full precision. With
@@ -134,7 +134,7 @@ class QuantLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, config: "QuantConfig | str", *,
                     stats: ActStats | None = None, source: str = "Linear") -> "QuantLinear":
         """Build from a weight ``[out, in]`` (and bias); ``stats`` from :func:`calibrate` is required
-        when ``config.smooth_alpha`` is set (DESIGN.md §3 "Smoothing").
+        when ``config.smooth_alpha`` is set (docs/definitions.md#smoothing).
 
         Example: ``QuantLinear.from_weight(torch.randn(8, 32), None, "int4")``.
         """
@@ -209,7 +209,7 @@ class QuantLinear(nn.Module):
     def from_module(cls, module: nn.Module, config: "QuantConfig | str", *,
                     stats: ActStats | None = None) -> "QuantLinear":
         """Build from an ``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (weight stored ``[in, out]``);
-        the format is DESIGN.md §3's for ``config``.
+        the format is the one docs/definitions.md gives for ``config``.
 
         Example: ``QuantLinear.from_module(model.transformer.h[0].attn.c_attn, "nvfp4")``.
         """
@@ -220,7 +220,7 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight | None:
-        """The stored :class:`PackedWeight` (DESIGN.md §3; views of this module's buffers), None on torchao.
+        """The stored :class:`PackedWeight` (docs/definitions.md; views of this module's buffers), None on torchao.
 
         Example: ``dequantize(q.packed)`` is the weight the forward uses (with smoothing folded in).
         """
@@ -231,14 +231,14 @@ class QuantLinear(nn.Module):
 
     @property
     def backend(self) -> str:
-        """``"lens"`` or ``"torchao"`` (DESIGN.md §3).
+        """``"lens"`` or ``"torchao"`` (docs/definitions.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(4, 4), "nvfp4").backend`` → ``"lens"``.
         """
         return "torchao" if self.ao_linear is not None else "lens"
 
     def weight_bytes(self) -> int:
-        """Stored bytes of the weight alone — codes, scales, zero points; no bias or smoothing (DESIGN.md §4).
+        """Stored bytes of the weight alone — codes, scales, zero points; no bias or smoothing (docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").weight_bytes()`` → ``4352``.
         """
@@ -247,21 +247,21 @@ class QuantLinear(nn.Module):
         return self.packed.nbytes()
 
     def resident_bytes(self) -> int:
-        """Every byte this layer keeps: packed weight + full-precision bias + smoothing factors (DESIGN.md §4).
+        """Every byte this layer keeps: packed weight + full-precision bias + smoothing factors (docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").resident_bytes()`` → ``4352 + 256``.
         """
         return resident_bytes(self)
 
     def bits_per_weight(self) -> float:
-        """Measured weight storage rate ``8 · weight_bytes / (out · in)`` (DESIGN.md §3, §4).
+        """Measured weight storage rate ``8 · weight_bytes / (out · in)`` (docs/definitions.md, docs/benchmarks.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(128, 64), "mxfp4").bits_per_weight()`` → ``4.25``.
         """
         return 8.0 * self.weight_bytes() / (self.in_features * self.out_features)
 
     def dequantized_weight(self, *, unsmoothed: bool = True) -> torch.Tensor:
-        """The weight ``Ŵ`` (DESIGN.md §3) this layer represents, float32 ``[out, in]``, built on demand.
+        """The weight ``Ŵ`` (docs/definitions.md) this layer represents, float32 ``[out, in]``, built on demand.
 
         With ``unsmoothed=True`` (default) SmoothQuant's folded factors are divided out, so ``Ŵ`` is
         comparable with the original weight.
@@ -296,7 +296,7 @@ class QuantLinear(nn.Module):
         return (xq * (s_tok / self.smooth)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(act(x), Ŵ_stored, bias)`` — see the class docstring for ``act`` (DESIGN.md §3).
+        """``F.linear(act(x), Ŵ_stored, bias)`` — see the class docstring for ``act`` (docs/definitions.md).
 
         Example: ``QuantLinear.from_module(nn.Linear(8, 4), "int8")(torch.ones(3, 8)).shape`` → ``(3, 4)``.
         """

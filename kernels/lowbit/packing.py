@@ -22,7 +22,7 @@ from ..errors import ConfigError
 
 @dataclass
 class PackedWeight:
-    """A quantized weight as stored: its tensors are the only bytes kept (DESIGN.md §3).
+    """A quantized weight as stored: its tensors are the only bytes kept (docs/definitions.md).
 
     ``scheme`` names the codec, ``shape`` is the logical shape of the weight, ``data`` maps names to the
     stored tensors (codes, scales, …) and ``meta`` holds the codec's parameters as plain Python values
@@ -41,21 +41,21 @@ class PackedWeight:
     meta: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        """Bytes of every stored tensor (codes, scales, zero points, padding included) (DESIGN.md §4).
+        """Bytes of every stored tensor (codes, scales, zero points, padding included) (docs/benchmarks.md).
 
         Example: ``Int8Codec().quantize(torch.randn(4, 8)).nbytes()`` → ``4·8 + 4·4 = 48``.
         """
         return sum(t.numel() * t.element_size() for t in self.data.values())
 
     def numel(self) -> int:
-        """Number of logical weights ``out · in``, the denominator of :meth:`bits_per_weight` (DESIGN.md §4).
+        """Number of logical weights ``out · in``, the denominator of :meth:`bits_per_weight` (docs/benchmarks.md).
 
         Example: ``NF4Codec().quantize(torch.randn(3, 5)).numel()`` → ``15``.
         """
         return math.prod(self.shape)
 
     def bits_per_weight(self) -> float:
-        """Measured rate ``8 · nbytes / numel`` — real bytes, padding and scales included (DESIGN.md §4).
+        """Measured rate ``8 · nbytes / numel`` — real bytes, padding and scales included (docs/benchmarks.md).
 
         Example: ``NVFP4Codec().quantize(torch.randn(128, 256)).bits_per_weight()`` → ``4.5009…``
         (4.5 plus the fp32 per-tensor scale).
@@ -63,7 +63,7 @@ class PackedWeight:
         return 8.0 * self.nbytes() / max(1, self.numel())
 
     def to(self, device: torch.device | str) -> "PackedWeight":
-        """The same packed weight with its tensors on ``device`` (DESIGN.md §3).
+        """The same packed weight with its tensors on ``device`` (docs/definitions.md).
 
         Example: ``p.to("cpu")``.
         """
@@ -98,7 +98,7 @@ def _pad_last(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes two per byte along the last dim, element ``2k`` in the low nibble as torchao
-    does (DESIGN.md §3: formats are stored packed).
+    does (docs/definitions.md: formats are stored packed).
 
     Example: ``pack_nibbles(torch.tensor([1, 2, 15, 0], dtype=torch.uint8))`` → ``tensor([33, 15])``.
     """
@@ -109,7 +109,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`: ``[..., n]`` bytes → ``[..., 2n]`` codes in ``0..15`` (DESIGN.md §3).
+    """Inverse of :func:`pack_nibbles`: ``[..., n]`` bytes → ``[..., 2n]`` codes in ``0..15`` (docs/definitions.md).
 
     Example: ``unpack_nibbles(torch.tensor([33, 15], dtype=torch.uint8))`` → ``tensor([1, 2, 15, 0])``.
     """
@@ -123,7 +123,7 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a flat boolean tensor eight per byte (element ``8k + j`` → bit ``j``), zero-padding the
-    tail (DESIGN.md §3: binary signs are bit-packed).
+    tail (docs/definitions.md: binary signs are bit-packed).
 
     Example: ``pack_bits(torch.tensor([True, False, True]))`` → ``tensor([5], dtype=torch.uint8)``.
     """
@@ -135,7 +135,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits as a boolean tensor (DESIGN.md §3).
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a boolean tensor (docs/definitions.md).
 
     Example: ``unpack_bits(torch.tensor([5], dtype=torch.uint8), 3)`` → ``tensor([True, False, True])``.
     """
@@ -159,7 +159,7 @@ def _trit_lut(device: torch.device) -> torch.Tensor:
 
 
 def pack_trits(t: torch.Tensor) -> torch.Tensor:
-    """Pack ternary values in {−1, 0, 1} five per byte, base 3 (3⁵ = 243 ≤ 256 → 1.6 bits; DESIGN.md §3).
+    """Pack ternary values in {−1, 0, 1} five per byte, base 3 (3⁵ = 243 ≤ 256 → 1.6 bits; docs/definitions.md).
 
     Example: ``pack_trits(torch.tensor([-1, 0, 1, 1, -1]))`` → ``tensor([75], dtype=torch.uint8)``
     (digits 0, 1, 2, 2, 0 → 0·1 + 1·3 + 2·9 + 2·27 + 0·81 = 75).
@@ -171,7 +171,7 @@ def pack_trits(t: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_trits`: the first ``n`` ternary values as int8 (DESIGN.md §3).
+    """Inverse of :func:`pack_trits`: the first ``n`` ternary values as int8 (docs/definitions.md).
 
     Example: ``unpack_trits(pack_trits(torch.tensor([1, 0, -1])), 3)`` → ``tensor([1, 0, -1])``.
     """

@@ -20,7 +20,7 @@ from .ternary import TernaryCodec
 
 
 def codec_from_meta(p: PackedWeight):
-    """The codec object that produced ``p`` (rebuilt from ``p.scheme`` and ``p.meta``) (DESIGN.md §3).
+    """The codec object that produced ``p`` (rebuilt from ``p.scheme`` and ``p.meta``) (docs/definitions.md).
 
     Example: ``codec_from_meta(MXFP4Codec().quantize(w))`` → an ``MXFP4Codec``.
     """
@@ -48,7 +48,7 @@ def codec_from_meta(p: PackedWeight):
 
 
 def dequantize(p: PackedWeight) -> torch.Tensor:
-    """Float32 weight of any :class:`PackedWeight` (DESIGN.md §3, per scheme).
+    """Float32 weight of any :class:`PackedWeight` (docs/definitions.md, per scheme).
 
     Example: ``dequantize(NF4Codec().quantize(w))`` has ``w``'s shape.
     """

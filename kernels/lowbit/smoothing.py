@@ -22,7 +22,7 @@ from .layers import _in_out, _progress, select_linear_modules
 
 
 def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 fake quantization (DESIGN.md §3 activation quantization for W8A8):
+    """Per-token symmetric int8 fake quantization (docs/definitions.md#smoothing, activation quantization for W8A8):
     ``scale_t = max_j |x[t, j]| / 127``, ``x̂ = clamp(round(x / scale_t), −127, 127) · scale_t``, in fp32.
 
     Example: ``fake_quant_per_token_int8(torch.tensor([[1.0, 0.3]]))`` → ``[[1.0, 0.2992…]]`` (38/127).
@@ -34,7 +34,7 @@ def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """SmoothQuant factors per input channel (DESIGN.md §3 "Smoothing"):
+    """SmoothQuant factors per input channel (docs/definitions.md#smoothing):
     ``s_j = max|X_j|^α / max_o |W[o, j]|^(1−α)``, with both maxima and ``s`` floored at 1e-5 (as the
     SmoothQuant reference does) so that dead channels cannot produce 0 or ∞.
 
@@ -56,7 +56,7 @@ def token_groups(mask: torch.Tensor | None):
     ``mask`` is boolean with the shape of the layer inputs without the feature dim (``[batch, seq]``).
     :func:`calibrate` records per-group activation maxima while it is set, and :class:`QuantLinear` with
     modality-aware smoothing smooths the marked tokens with group 1's factors and the others with group
-    0's (text) before quantizing them (DESIGN.md §3 "Smoothing", MASQuant-style).
+    0's (text) before quantizing them (docs/definitions.md#smoothing, MASQuant-style).
 
     Example::
 
@@ -72,7 +72,7 @@ def token_groups(mask: torch.Tensor | None):
 
 @dataclass
 class ActStats:
-    """Calibration statistics of one linear layer's input for SmoothQuant (DESIGN.md §3 "Smoothing"):
+    """Calibration statistics of one linear layer's input for SmoothQuant (docs/definitions.md#smoothing):
     per-channel ``max |X|`` over all tokens (``amax``) and, when token masks were given and matched the
     layer's input, per group (``group_amax[g]``, ``g = 0`` unmarked/text, ``1`` marked/visual) with token
     counts.
@@ -87,7 +87,7 @@ class ActStats:
     groups_matched: bool = True
 
     def to_dict(self) -> dict:
-        """JSON-able summary (channel maxima as lists) (DESIGN.md §3).
+        """JSON-able summary (channel maxima as lists) (docs/definitions.md).
 
         Example: ``json.dumps(stats[name].to_dict())``.
         """
@@ -108,7 +108,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, include: Callable[[str, nn
               token_masks: Iterable[torch.Tensor | None] | None = None, progress: bool = False
               ) -> dict[str, ActStats]:
     """Collect per-channel input maxima of the layers :func:`quantize_model` would replace, for
-    SmoothQuant (DESIGN.md §3 "Smoothing").
+    SmoothQuant (docs/definitions.md#smoothing).
 
     ``batches`` yields model inputs (a mapping → ``model(**batch)``, a tuple → ``model(*batch)``, a
     tensor → ``model(batch)``). ``token_masks``, parallel to ``batches``, marks group-1 tokens (visual

@@ -10,12 +10,12 @@ from .packing import PackedWeight, _check_weight, pack_trits, unpack_trits
 
 
 class TernaryCodec:
-    """Ternary BitNet b1.58 (DESIGN.md §3): ``γ = mean |W|``, ``W_q = clamp(round(W / γ), −1, 1)``,
+    """Ternary BitNet b1.58 (docs/definitions.md): ``γ = mean |W|``, ``W_q = clamp(round(W / γ), −1, 1)``,
     ``Ŵ = γ · W_q``; γ per tensor (default) or per output row (``per_channel=True``), stored as fp32.
 
     Codes are packed five per byte in base 3 (1.6 bits/weight) over the flattened weight. A zero γ (all
-    zero weights) stores γ = 0 and zero codes. BitNet adds ε = 1e-5 to γ before dividing; DESIGN's
-    definition (no ε) is used here.
+    zero weights) stores γ = 0 and zero codes. BitNet adds ε = 1e-5 to γ before dividing; the definition in
+    docs/definitions.md#ternary (no ε) is used here.
 
     Example::
 
@@ -29,7 +29,7 @@ class TernaryCodec:
         self.per_channel = bool(per_channel)
 
     def quantize(self, w: torch.Tensor) -> PackedWeight:
-        """Quantize a 2-D weight (about 1.6 bits/weight) (DESIGN.md §3).
+        """Quantize a 2-D weight (about 1.6 bits/weight) (docs/definitions.md).
 
         Example: ``TernaryCodec(True).quantize(torch.randn(8, 10)).data["gamma"].shape`` → ``(8,)``.
         """
@@ -42,7 +42,7 @@ class TernaryCodec:
                             {"per_channel": self.per_channel})
 
     def dequantize(self, p: PackedWeight) -> torch.Tensor:
-        """``γ · W_q``, float32 (DESIGN.md §3).
+        """``γ · W_q``, float32 (docs/definitions.md).
 
         Example: ``TernaryCodec().dequantize(TernaryCodec().quantize(torch.ones(2, 2)))`` → all ones.
         """

@@ -2,16 +2,14 @@
 
 Definitions: docs/definitions.md "Sparse attention" (SpargeAttention, Zhang et al. 2025).
 
-==============  ======================================================================================
-module          what it holds
-==============  ======================================================================================
-``config``      ``SparseConfig`` and the selection modes
-``masks``       the model's own (*base*) mask analysed once: causal, padding or general; allowed blocks
-``selection``   pooling, block scores, top-k / top-p / hybrid / streaming selection → ``BlockSelection``
-``flex``        execution with compiled FlexAttention over a ``BlockMask`` built from the kept blocks
-``linear``      the SLA-style linear branch for skipped blocks
-``execute``     the public entry points: ``sparse_attention``, its reference, ``…_with_stats``
-==============  ======================================================================================
+| module | what it holds |
+|---|---|
+| ``config`` | ``SparseConfig`` and the selection modes |
+| ``masks`` | the model's own (*base*) mask analysed once: causal, padding or general; allowed blocks |
+| ``selection`` | pooling, block scores, top-k / top-p / hybrid / streaming selection → ``BlockSelection`` |
+| ``flex`` | execution with compiled FlexAttention over a ``BlockMask`` built from the kept blocks |
+| ``linear`` | the SLA-style linear branch for skipped blocks |
+| ``execute`` | the public entry points: ``sparse_attention``, its reference, ``…_with_stats`` |
 
 Everything public is re-exported here::
 

@@ -30,7 +30,7 @@ def _is_real(value) -> bool:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """How block-sparse attention chooses its blocks (DESIGN.md §3 "Sparse attention").
+    """How block-sparse attention chooses its blocks (docs/definitions.md#sparse-attention).
 
     ``mode``: ``"topk"``, ``"topp"``, ``"hybrid"`` (union of both) or ``"streaming"`` (StreamingLLM:
     sink tokens + a recent window, no scoring; build it with :meth:`streaming`).
@@ -101,7 +101,7 @@ class SparseConfig:
         cls, sink_tokens: int = 4, window: int = 1024, *, block_q: int = 128, block_k: int = 64,
         linear_fallback: bool = False,
     ) -> SparseConfig:
-        """StreamingLLM preset (DESIGN.md §3): the first ``sink_tokens`` keys plus a window of recent keys.
+        """StreamingLLM preset (docs/definitions.md): the first ``sink_tokens`` keys plus a window of recent keys.
 
         A query at position ``q`` (bottom-right aligned, as in causal attention with a cache) keeps key
         ``k`` when ``k < sink_tokens`` or ``|q − k| < window``, intersected with the base mask — so for a

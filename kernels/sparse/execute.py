@@ -30,7 +30,7 @@ def sparse_attention(
     softcap: float | None = None,
     compiled: bool = True,
 ) -> torch.Tensor:
-    """Block-sparse attention over the kept blocks of ``selection`` (DESIGN.md §3), [B, H, Tq, Dv].
+    """Block-sparse attention over the kept blocks of ``selection`` (docs/definitions.md), [B, H, Tq, Dv].
 
     Shapes as in ``scaled_dot_product_attention``: query [B, H, Tq, D], key/value [B, Hkv, Tk, D|Dv],
     ``H % Hkv == 0`` (FlexAttention's ``enable_gqa``; K/V are not repeated). Pass the same
@@ -214,7 +214,7 @@ def sparse_attention_with_stats(
     """Sparse attention plus the same ``AttentionStats`` as ``kernels.attention.attention_with_stats``.
 
     The output is the deployed kernel's (:func:`sparse_attention`, FlexAttention). The statistics are
-    those of DESIGN.md §3 under sparsity — the softmax probabilities renormalized over the kept blocks:
+    those of docs/definitions.md under sparsity — the softmax probabilities renormalized over the kept blocks:
     ``key_mass[b, h, k]`` = Σ over valid queries of those probabilities; ``query_count[b, k]`` = |Q_k|
     under the *base* mask (so dense and sparse runs share one denominator); ``query_valid`` from the
     mask diagonal; ``patterns`` [B, len(pattern_heads), Tq, Tk] for the heads asked for (the only

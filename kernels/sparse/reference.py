@@ -94,7 +94,7 @@ def sparse_attention_reference(
 
     Returns the output [B, H, Tq, Dv] in the query's dtype, or ``(output, probs)`` with
     ``return_probs=True``, where ``probs`` [B, H, Tq, Tk] float32 are the softmax probabilities
-    renormalized over the kept blocks (zeros elsewhere) — the probabilities DESIGN.md §3 defines the
+    renormalized over the kept blocks (zeros elsewhere) — the probabilities docs/definitions.md defines the
     statistics under sparsity on. Includes the linear fallback when the config asks for it (computed
     element by element, independently of the blockwise implementation). O(T²) memory: tests only.
 

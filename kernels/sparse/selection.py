@@ -240,7 +240,7 @@ def select_blocks(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> BlockSelection:
-    """Choose the (query block, key block) tiles to compute, as DESIGN.md §3 "Sparse attention" defines.
+    """Choose the (query block, key block) tiles to compute, as docs/definitions.md#sparse-attention defines.
 
     ``query`` [B, H, Tq, D], ``key`` [B, Hkv, Tk, D] with ``H % Hkv == 0`` (K is never repeated: a group
     of query heads is scored against its kv head in one matmul). ``attention_mask`` is a Hugging Face

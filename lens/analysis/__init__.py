@@ -2,8 +2,10 @@
 
 from lens.analysis.compare import CompareResult, compare
 from lens.analysis.latent import Neighbours
+from lens.analysis.neurons import NeuronResult, neurons
 from lens.analysis.sinks import SinkResult, sinks
 from lens.analysis.textbank import TextBank
 from lens.analysis.valley import ValleyResult, valley
 
-__all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "TextBank", "Neighbours"]
+__all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "NeuronResult",
+           "neurons", "TextBank", "Neighbours"]

@@ -1,4 +1,4 @@
-"""``lens.sinks``: attention sinks, massive activations and first-token norms (DESIGN.md §3)."""
+"""``lens.sinks``: attention sinks, massive activations and first-token norms (docs/definitions.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from lens._display import html_card, short_model
 from lens.errors import ConfigError
 from lens.run import Run
 
@@ -18,7 +19,7 @@ def uniform_share(length: int, causal: bool) -> np.ndarray:
 
     Bidirectional: ``1/T`` for every key. Causal: key k is seen by queries q ≥ k, each spreading over
     q + 1 keys, so ``u[k] = (1/(T−k)) Σ_{q=k}^{T−1} 1/(q+1)``. Sink tokens are keys whose mass exceeds
-    τ times this share (DESIGN §3 "Sink tokens").
+    τ times this share (docs/definitions.md#sink-tokens).
 
     Example: ``uniform_share(4, causal=False)`` → ``[0.25, 0.25, 0.25, 0.25]``.
     """
@@ -226,6 +227,20 @@ class SinkResult:
 
         return SinkMap(self, **kwargs)
 
+    def __repr__(self) -> str:
+        score = self.mean_sink_score
+        best = np.unravel_index(np.argmax(score), score.shape)
+        return (
+            f"SinkResult({short_model(self.run.provenance.get('model_id'))}, {self.sink_score.shape[0]} sequences, "
+            f"{score.shape[0]} layers × {score.shape[1]} heads: {len(self.sink_heads)} sink heads (s ≥ {self.epsilon:g}), "
+            f"strongest L{best[0]}H{best[1]} {score[best]:.2f})"
+        )
+
+    def _repr_html_(self) -> str:
+        frame = self.to_frame("layers")
+        lines = self.summary().splitlines()
+        return html_card("SinkResult", repr(self)[len("SinkResult("):-1], frame, lines=lines[1:2])
+
     def summary(self) -> str:
         """A few lines for a terminal: sink heads, sink rate per layer, the largest activation."""
         score = self.mean_sink_score
@@ -244,7 +259,7 @@ def sinks(
     massive_abs: float = 100.0,
     massive_rel: float = 1000.0,
 ) -> SinkResult:
-    """Attention sinks, sink tokens, massive activations and first-token norms of a run (DESIGN §3).
+    """Attention sinks, sink tokens, massive activations and first-token norms of a run (docs/definitions.md).
 
     Definitions: mass received ``m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k]`` (``run.mass_received``);
     sink score ``s[ℓ,h]`` = mean over queries of ``A[ℓ,h,q,0]`` (Gu et al., ICLR 2025); sink rate of a

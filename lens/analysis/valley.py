@@ -1,4 +1,4 @@
-"""``lens.valley``: layer-wise matrix entropy, anisotropy and the massive-activation bound (DESIGN.md §3)."""
+"""``lens.valley``: layer-wise matrix entropy, anisotropy and the massive-activation bound (docs/definitions.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["ValleyResult", "valley", "massive_activation_bound"]
 
 
 def massive_activation_bound(norms: np.ndarray, cos2_first: np.ndarray, rank: int) -> dict[str, float]:
-    """Queipo-de-Llano et al., Theorem 1, for one matrix X with rows x_i (DESIGN §3).
+    """Queipo-de-Llano et al., Theorem 1, for one matrix X with rows x_i (docs/definitions.md#massive-activation-bound).
 
     With ``M = ‖x₀‖²``, ``R = Σ_{i≠0} ‖x_i‖²``, ``α = (1/R) Σ_{i≠0} ‖x_i‖² cos²θ_i`` (θ_i: angle between
     x_i and x₀), ``c = M/R`` and ``p = (c + α)/(c + 1)``: ``σ₁² ≥ M + αR``, ``p₁ ≥ p`` and
@@ -65,24 +65,89 @@ _PER_LAYER = (
 )
 
 
+#: Columns of the compact table (notebook display and the demo report): frame column → heading.
+_TABLE = {
+    "layer": "layer",
+    "entropy_raw_normalized": "raw entropy ÷ log r",
+    "entropy_upper_bound_normalized": "bound on it",
+    "entropy_normalized_normalized": "normalized entropy ÷ log r",
+    "anisotropy": "anisotropy p₁",
+    "anisotropy_lower_bound": "bound on p₁",
+    "effective_rank": "effective rank",
+    "first_norm_ratio": "first-token norm ratio",
+}
+
+
 @dataclass
 class ValleyResult:
     """Per residual layer ℓ = 0..L and per sequence: entropies, anisotropy, effective rank, the bound.
 
-    ``values[name]`` is an array [L+1, S] for every name in ``ValleyResult.columns``; ``mean(name)``
-    averages over sequences. ``valley_layer`` is the argmin of the mean normalized raw entropy,
-    ``depth_fraction = valley_layer / L``, and ``valley_range`` the contiguous layers around it whose
-    entropy stays below halfway between the minimum and the lower of the two ends (the dip).
+    ``values[name]`` is an array [L+1, S] (float64) for every name in ``ValleyResult.columns``;
+    ``mean(name)`` averages over sequences. ``valley_layer`` is the argmin of the mean normalized raw
+    entropy, ``depth_fraction = valley_layer / L``, and ``valley_range`` the contiguous layers around it
+    whose entropy stays below halfway between the minimum and the lower of the two ends (the dip).
+    ``interior`` is True only when the minimum lies strictly between the embeddings (ℓ = 0) and the
+    output (ℓ = L): a minimum at either end is a trend, not a valley, and ``summary()``, the figure and
+    the report then say "no interior valley" and describe the trend (``trend()``).
+    Definitions: docs/definitions.md#compression-valley.
+
+    Example::
+
+        v = lens.valley(run)
+        v                     # ValleyResult(all-MiniLM-L6-v2, 16 sequences, layers 0–6: no interior valley …)
+        v.interior, v.valley_layer, v.trend()
     """
 
     run: Run = field(repr=False)
     alpha: float
-    values: dict[str, np.ndarray]
+    values: dict[str, np.ndarray] = field(repr=False)
     valley_layer: int
     depth_fraction: float
     valley_range: tuple[int, int]
+    interior: bool | None = None
 
     columns = _PER_LAYER
+
+    def __post_init__(self) -> None:
+        if self.interior is None:
+            n_layers = self.values["entropy_raw"].shape[0] - 1
+            self.interior = bool(0 < self.valley_layer < n_layers)
+
+    @property
+    def n_layers(self) -> int:
+        """L: the number of blocks (residual layers are 0..L)."""
+        return int(self.values["entropy_raw"].shape[0] - 1)
+
+    def trend(self) -> str:
+        """How the mean normalized raw entropy moves from the embeddings to the output, in words.
+
+        Example: ``"falls monotonically from 0.91 at the embeddings to 0.62 at the output (layer 6), lowest at
+        the output"``.
+        """
+        h = self.mean("entropy_raw_normalized")
+        finite = h[np.isfinite(h)]
+        if finite.size < 2:
+            return "cannot be described: fewer than two layers have a finite entropy"
+        steps = np.diff(finite)
+        direction = "falls" if finite[-1] < finite[0] else "rises"
+        monotonic = bool(np.all(steps <= 0) if direction == "falls" else np.all(steps >= 0))
+        text = (
+            f"{direction}{' monotonically' if monotonic else ''} from {h[0]:.3f} at the embeddings to "
+            f"{h[-1]:.3f} at the output (layer {self.n_layers})"
+        )
+        if not self.interior:
+            text += ", lowest at the embeddings" if self.valley_layer == 0 else ", lowest at the output"
+        return text
+
+    def headline(self) -> str:
+        """One line: where the valley is, or that there is no interior valley and the trend."""
+        if not self.interior:
+            return f"no interior valley: normalized raw entropy {self.trend()}"
+        lo, hi = self.valley_range
+        return (
+            f"compression valley at layer {self.valley_layer} of {self.n_layers} (depth {self.depth_fraction:.2f}, "
+            f"layers {lo}–{hi})"
+        )
 
     def mean(self, name: str) -> np.ndarray:
         """[L+1] mean over sequences of one per-layer quantity, e.g. ``result.mean("anisotropy")``."""
@@ -130,15 +195,40 @@ class ValleyResult:
         return ValleyPlot(self, *others, labels=labels)
 
     def summary(self) -> str:
-        """Two lines for a terminal."""
+        """A few lines for a terminal: the valley (or that there is none, and the trend), the entropy at
+        its minimum against both ends, and the anisotropy there with its bound."""
         h = self.mean("entropy_raw_normalized")
-        lo, hi = self.valley_range
+        at = self.valley_layer
+        anisotropy = (f"anisotropy {self.mean('anisotropy')[at]:.3f} at layer {at} "
+                      f"(bound ≥ {self.mean('anisotropy_lower_bound')[at]:.3f})")
+        if not self.interior:
+            return f"{self.headline()}\n{anisotropy}"
         return (
-            f"compression valley at layer {self.valley_layer} of {len(h) - 1} (depth {self.depth_fraction:.2f}, "
-            f"layers {lo}–{hi}): normalized raw entropy {h[self.valley_layer]:.3f} vs {h[0]:.3f} at the embeddings "
-            f"and {h[-1]:.3f} at the output; anisotropy {self.mean('anisotropy')[self.valley_layer]:.3f} "
-            f"(bound ≥ {self.mean('anisotropy_lower_bound')[self.valley_layer]:.3f})"
+            f"{self.headline()}\n"
+            f"normalized raw entropy {h[at]:.3f} at layer {at} vs {h[0]:.3f} at the embeddings and {h[-1]:.3f} at "
+            f"the output; {anisotropy}"
         )
+
+    # -- notebook and terminal display ------------------------------------------------------------------
+    def __repr__(self) -> str:
+        model = str(self.run.provenance.get("model_id", "?")).split("/")[-1]
+        where = (
+            f"valley at layer {self.valley_layer} (depth {self.depth_fraction:.2f})"
+            if self.interior
+            else f"no interior valley (minimum at layer {self.valley_layer})"
+        )
+        h = self.mean("entropy_raw_normalized")
+        return (
+            f"ValleyResult({model}, {self.run.n_sequences} sequences, layers 0–{self.n_layers}: {where}; "
+            f"normalized raw entropy {h[0]:.3f} → {h[self.valley_layer]:.3f} → {h[-1]:.3f})"
+        )
+
+    def _repr_html_(self) -> str:
+        from lens._display import html_card
+
+        frame = self.to_frame()[list(_TABLE)].rename(columns=_TABLE)
+        return html_card(repr(self).split("(", 1)[0], self.headline(), frame,
+                         highlight_rows=[self.valley_layer] if self.interior else [])
 
 
 def _valley_range(h: np.ndarray, argmin: int) -> tuple[int, int]:
@@ -155,7 +245,7 @@ def _valley_range(h: np.ndarray, argmin: int) -> tuple[int, int]:
 
 
 def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
-    """Matrix entropy of the residual stream per layer and the compression valley (DESIGN §3).
+    """Matrix entropy of the residual stream per layer and the compression valley (docs/definitions.md).
 
     Raw entropy (Queipo-de-Llano et al.): ``p_j = σ_j²/‖X‖_F²``, ``H = −Σ p_j log p_j``, also divided
     by ``log min(T, d)``; anisotropy ``p_1``; effective rank ``exp(H)``. Normalized entropy (Skean et al.):
@@ -164,10 +254,15 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
     the upper bound on H that the first token's norm alone implies — the explanation of *why* a valley
     appears when one token's norm explodes.
 
+    The valley is the argmin layer of the mean normalized raw entropy; ``interior`` says whether it lies
+    strictly inside (docs/definitions.md#compression-valley). Raises ``ConfigError`` for ``alpha ≤ 0`` and
+    ``RunFormatError`` for a run traced without the residual probe.
+
     Example::
 
         v = lens.valley(run)
-        v.valley_layer, v.depth_fraction
+        v.interior, v.valley_layer, v.depth_fraction
+        print(v.summary())
         v.to_frame()
     """
     if not alpha > 0:
@@ -220,4 +315,5 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
         valley_layer=argmin,
         depth_fraction=argmin / max(n_layers, 1),
         valley_range=_valley_range(mean_h, argmin),
+        interior=bool(0 < argmin < n_layers),
     )

@@ -1,4 +1,4 @@
-"""Benchmark: block-sparse FlexAttention against dense causal SDPA (DESIGN.md §3 and §4).
+"""Benchmark: block-sparse FlexAttention against dense causal SDPA (docs/definitions.md, docs/benchmarks.md).
 
 For every sequence length T the dense baseline (``scaled_dot_product_attention(is_causal=True)``) is
 measured in the same run, interleaved with the sparse measurements so that both see the same machine
@@ -11,7 +11,7 @@ blocks (top-k is the natural control: its density is set, not data-dependent), a
   kernel's block lists);
 * accuracy against dense: relative L1 ``Σ|o − o_ref| / Σ|o_ref|``, cosine similarity, RMSE.
 
-DESIGN.md §4 targets at T ≥ 8192: efficiency ≥ 0.7 and overhead ≤ 5%. Quote ratios, not seconds: the
+docs/benchmarks.md targets at T ≥ 8192: efficiency ≥ 0.7 and overhead ≤ 5%. Quote ratios, not seconds: the
 machines are shared. Times are the minimum over ``repeats`` (the least disturbed run); medians are in
 the JSON too, with the load average before and after. The same ratios are also computed from process
 CPU time (``eff.cpu``, ``ovh.cpu``), which other jobs' preemption does not inflate; when the two
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lens.atomic import atomic_write_text
 from lens.kernels.sparse import SparseConfig, select_blocks, sparse_attention
 
 __all__ = ["run", "format_table", "capture_minilm_qkv", "minilm_sentences", "main", "QUICK"]
@@ -178,7 +179,7 @@ def run(
     head_dim: int = 64,
     repeats: int = 3,
     source: str = "random",
-    progress: bool = True,
+    progress: bool | None = None,
     *,
     block_q: int = 128,
     block_k: int = 64,
@@ -198,12 +199,12 @@ def run(
         print(format_table(result))
         result["rows"][0]["efficiency"]
     """
-    from tqdm.auto import tqdm
+    from lens.progress import progress_bar
 
     rows = []
     load_before = os.getloadavg()
     steps = [(length, density) for length in lengths for density in densities]
-    bar = tqdm(total=len(steps) * (repeats + 1), disable=not progress, desc="bench attention")
+    bar = progress_bar(total=len(steps) * (repeats + 1), progress=progress, desc="bench attention")
     actual_head_dim = head_dim
     for length in lengths:
         q, k, v = _inputs(source, length, heads, head_dim, seed, minilm_layer)
@@ -345,14 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = dict(
         lengths=args.lengths, densities=args.densities, heads=args.heads, head_dim=args.head_dim,
-        repeats=args.repeats, source=args.source, progress=not args.no_progress,
+        repeats=args.repeats, source=args.source, progress=False if args.no_progress else None,
         block_q=args.block_q, block_k=args.block_k,
     )
     if args.quick:
         options.update(QUICK)
     result = run(**options)
     print(format_table(result))
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
     return 0
 

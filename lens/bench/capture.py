@@ -1,5 +1,5 @@
 """``lens bench capture``: what capturing sinks, massive activations and entropy costs, against the
-plain forward and the way other toolkits get attention (DESIGN.md §4).
+plain forward and the way other toolkits get attention (docs/benchmarks.md).
 
 GPT-2-small shape (12 layers, d 768, 12 heads, random weights, fp32, one sequence, CPU). For every
 length T, four methods, **each in its own process** so that one method's allocations never count
@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lens.atomic import atomic_write_text
 
 __all__ = ["run", "format_table", "METHODS"]
 
@@ -169,18 +171,18 @@ def _available_bytes() -> int:
     return 0
 
 
-def run(lengths=(1024, 2048, 8192), methods=METHODS, repeats: int = 2, progress: bool = True,
+def run(lengths=(1024, 2048, 8192), methods=METHODS, repeats: int = 2, progress: bool | None = None,
         timeout: float = 3600.0) -> dict:
     """Measure every method at every length, each in its own process; return a JSON-able dict.
 
     Example: ``run(lengths=(1024,), repeats=1)["rows"]``.
     """
-    from tqdm.auto import tqdm
+    from lens.progress import progress_bar
 
     budget = int(_available_bytes() * 0.8)
     rows = []
     jobs = [(length, method) for length in lengths for method in methods]
-    for length, method in tqdm(jobs, desc="lens bench capture", disable=not progress):
+    for length, method in progress_bar(jobs, progress=progress, desc="lens bench capture"):
         need = _estimated_bytes(method, length)
         if need > budget:
             rows.append({"method": method, "length": length, "skipped": (
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
     lengths = list(args.lengths) + ([32768] if args.long and 32768 not in args.lengths else [])
     result = run(lengths=lengths, methods=args.methods, repeats=args.repeats)
     print(format_table(result))
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
     return 0
 

@@ -1,10 +1,9 @@
-"""Benchmark of lens's low-bit weight formats on the embedded all-MiniLM-L6-v2 (DESIGN.md §3 "Low-bit
-formats", §4 "Performance targets").
+"""Benchmark of lens's low-bit weight formats on the embedded all-MiniLM-L6-v2 (docs/definitions.md#low-bit-formats, §4 "Performance targets").
 
 Per scheme, in one run, against the fp32 model measured in the same run:
 
-* ``bits/w``: 8 · resident weight bytes / weights, over the replaced layers (the DESIGN §4 check is that
-  this matches the format's nominal rate within 5%; GGUF types within 2%). MiniLM's rows have 384 or
+* ``bits/w``: 8 · resident weight bytes / weights, over the replaced layers (the docs/benchmarks.md check is
+  that this matches the format's nominal rate within 5%; GGUF types within 2%). MiniLM's rows have 384 or
   1536 weights: the K-quants (256-weight super-blocks) hold only the 1536-wide ones, and the others are
   stored in llama-quantize's fallback type (Q4_K → Q5_0, …), which ``stored as`` lists and bits/w counts;
 * ``W relMSE``: Σ‖W − Ŵ‖² / Σ‖W‖² over the replaced layers;
@@ -31,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lens.atomic import atomic_write_text
 from lens.kernels.lowbit import (
     QuantConfig,
     calibrate,
@@ -114,10 +114,10 @@ def _time_layers(pairs, inputs, repeats: int, rows: int = 2048) -> tuple[float, 
     return tq, tf
 
 
-def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool = True, *, sentences: Sequence[str] = SENTENCES,
+def run(schemes: Sequence = DEFAULT_SCHEMES, progress: bool | None = None, *, sentences: Sequence[str] = SENTENCES,
         repeats: int = 7) -> dict:
     """Quantize the embedded MiniLM with each scheme and measure storage, error and layer time against
-    fp32 in the same run (DESIGN.md §3 "Low-bit formats", §4).
+    fp32 in the same run (docs/definitions.md#low-bit-formats, docs/benchmarks.md).
 
     ``schemes`` holds names (``QuantConfig.from_name``) or ``QuantConfig`` objects. Returns a JSON-able
     dict with ``rows`` (one per scheme) and the run's context.
@@ -237,7 +237,7 @@ def _stored_as(report: dict) -> dict:
 
 def format_table(result: dict) -> str:
     """Fixed-width table of :func:`run`'s result, one line per scheme, fp32 baseline of the same run
-    (DESIGN.md §4: quote ratios, baseline measured in the same run).
+    (docs/benchmarks.md: quote ratios, baseline measured in the same run).
 
     Example: ``print(format_table(run(("int8",), progress=False)))``.
     """
@@ -276,7 +276,7 @@ QUICK = {"schemes": ("nvfp4", "int8"), "repeats": 3}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line (also ``lens bench quant``): prints the table and writes the JSON result (DESIGN.md §4).
+    """Command line (also ``lens bench quant``): prints the table and writes the JSON result (docs/benchmarks.md).
 
     ``[--schemes a,b] [--json bench-quant.json] [--repeats 7] [--quick] [--no-progress]``.
 
@@ -293,10 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(QUICK) if a.quick else {"repeats": a.repeats}
     if a.schemes:
         kwargs["schemes"] = tuple(_scheme_arg(s) for s in a.schemes.split(","))
-    result = run(progress=not a.no_progress, **kwargs)
+    result = run(progress=False if a.no_progress else None, **kwargs)
     print(format_table(result))
-    with open(a.json, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(a.json, json.dumps(result, indent=1))
     print(f"\nJSON written to {a.json}")
     return 0
 

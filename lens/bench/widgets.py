@@ -10,7 +10,7 @@ every click needs new data. Two settings, measured in the same run:
 * **standalone** — the same component in its standalone HTML export (no kernel; the pooled views are
   precomputed in the file): click → table lookup → draw. The baseline: the cost of drawing alone.
 
-Targets (DESIGN §4 style, not timed tests): ≤ 100 ms at T = 512 and ≤ 300 ms at T = 4096 (jupyter).
+Targets (docs/benchmarks.md style, not timed tests): ≤ 100 ms at T = 512 and ≤ 300 ms at T = 4096 (jupyter).
 
 The runs come from a random GPT-2-shaped model with 12 layers × 12 heads (d = 48) whose tokenizer is the
 embedded MiniLM's, traced on random token ids with four heads' full patterns kept. Needs Debian's chromium

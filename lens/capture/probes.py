@@ -34,7 +34,7 @@ class Batch:
 class AttentionProbe:
     """Mass received per key and |Q_k| for every layer and head; optional full patterns.
 
-    Implements DESIGN §3 "Attention mass received" from the statistics the attention kernel returns.
+    Implements docs/definitions.md#attention-mass-received from the statistics the attention kernel returns.
     """
 
     def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes):
@@ -106,7 +106,7 @@ class AttentionProbe:
 class ResidualProbe:
     """Token norms, cos² to the first token, massive activations and both entropy spectra per layer.
 
-    Implements DESIGN §3 "Massive activations", "Token norms" and "Matrix entropy" (the spectra; the
+    Implements docs/definitions.md#massive-activations, #token-norms and "Matrix entropy" (the spectra; the
     entropies themselves are computed by ``lens.valley``). X_ℓ is read at the input of block ℓ, and
     X_L at the output of the last block.
     """
@@ -204,7 +204,7 @@ class ResidualProbe:
 
 
 class MLPProbe:
-    """Per-neuron mean/max/fraction-positive and streaming top-k examples (DESIGN §3 "Neuron activation").
+    """Per-neuron mean/max/fraction-positive and streaming top-k examples (docs/definitions.md#neuron-activation).
 
     The activation is read at the input of each block's MLP output projection: after the nonlinearity,
     and after act(gate)·up for gated MLPs. Top-k is merged batch by batch, so memory is
@@ -215,6 +215,7 @@ class MLPProbe:
         self.lm = lm
         self.top_k = top_k
         self.sum: np.ndarray | None = None
+        self.sumsq: np.ndarray | None = None
         self.max: np.ndarray | None = None
         self.positive: np.ndarray | None = None
         self.top_value: torch.Tensor | None = None
@@ -245,15 +246,19 @@ class MLPProbe:
     @torch.no_grad()
     def observe(self, layer: int, act: torch.Tensor) -> None:
         batch = self.batch
+        if act.dim() == 2:  # an MLP fed flattened tokens [B·T, M] (e.g. Qwen2-MoE's shared expert)
+            act = act.reshape(*batch.mask.shape, act.shape[-1])
         values = act[batch.mask].float()  # [n_real, M], row-major over the batch = flat order
         n_layers, width = self.lm.n_layers, values.shape[1]
         if self.sum is None:
             self.sum = np.zeros((n_layers, width), dtype=np.float64)
+            self.sumsq = np.zeros((n_layers, width), dtype=np.float64)
             self.max = np.full((n_layers, width), -np.inf, dtype=np.float32)
             self.positive = np.zeros((n_layers, width), dtype=np.int64)
             self.top_value = torch.full((n_layers, width, self.top_k), -torch.inf)
             self.top_token = torch.full((n_layers, width, self.top_k), -1, dtype=torch.long)
         self.sum[layer] += values.sum(0, dtype=torch.float64).cpu().numpy()
+        self.sumsq[layer] += values.double().square().sum(0).cpu().numpy()
         self.max[layer] = np.maximum(self.max[layer], values.max(0).values.cpu().numpy())
         self.positive[layer] += (values > 0).sum(0).cpu().numpy()
         kk = min(self.top_k, values.shape[0])
@@ -277,6 +282,7 @@ class MLPProbe:
         top_value[~np.isfinite(top_value)] = np.nan
         out = {
             "mlp.sum": self.sum,
+            "mlp.sumsq": self.sumsq,
             "mlp.max": self.max,
             "mlp.positive": self.positive,
             "mlp.count": np.array([n_tokens], dtype=np.int64),

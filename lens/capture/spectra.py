@@ -1,4 +1,4 @@
-"""Matrix entropy of token representations (DESIGN.md §3, "Matrix entropy").
+"""Matrix entropy of token representations (docs/definitions.md#matrix-entropy).
 
 Two variants, both reported by ``lens.valley``:
 
@@ -80,7 +80,7 @@ def renyi_entropy(p: np.ndarray, alpha: float = 1.0) -> float:
 
 
 def entropy_from_spectrum(eigenvalues: np.ndarray, alpha: float = 1.0) -> tuple[float, float]:
-    """(entropy, anisotropy p_1) of the distribution ``p_j = λ_j / Σ λ`` (DESIGN §3).
+    """(entropy, anisotropy p_1) of the distribution ``p_j = λ_j / Σ λ`` (docs/definitions.md).
 
     Example: ``entropy_from_spectrum(np.array([3., 1.]))`` → ``(0.562…, 0.75)``.
     """
@@ -99,7 +99,7 @@ def lower_median(values: torch.Tensor) -> torch.Tensor:
     ``torch.median`` selects over all n values; this brackets the median with a random sample, counts what
     lies below the bracket, and selects only inside it (usually ~1% of the values), falling back to
     ``torch.median`` whenever the bracket misses. It runs once per layer and sequence in every trace
-    (massive activations are defined relative to the median, DESIGN §3).
+    (massive activations are defined relative to the median, docs/definitions.md).
 
     Example: ``lower_median(torch.tensor([3., 1., 2., 4.]))`` → ``tensor(2.)``.
     """

@@ -10,18 +10,20 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lens.capture.moe import RouterProbe, moe_layers
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
 from lens.errors import ConfigError
 from lens.models.inputs import encode, pad_batch
 from lens.models.observers import observing
+from lens.progress import progress_bar
 from lens.run import Run
 
 __all__ = ["trace", "CAPTURES", "TraceOptions"]
 
 CAPTURES = ("attention", "residual", "mlp")
-OPTIONAL_CAPTURES = ("logits",)  # next-token log-probabilities [N, vocab]: heavy, for lens.compare on LMs
+OPTIONAL_CAPTURES = ("logits", "router")  # logits: next-token log-probabilities [N, vocab] (heavy, for lens.compare)
+# "router": MoE routing per token; on by default with "mlp" for mixture-of-experts models
 
 # Full patterns are opt-in because they are n² per head; refuse requests that would not fit comfortably.
 _MAX_PATTERN_BYTES = 4 * 1024**3
@@ -94,7 +96,7 @@ class TraceOptions:
     top_k_neurons: int
     truncate: bool
     prepend_bos: bool | None
-    progress: bool
+    progress: bool | None
 
 
 @dataclass
@@ -105,10 +107,11 @@ class Probes:
     residual: ResidualProbe | None
     mlp: MLPProbe | None
     logprobs: np.ndarray | None
+    router: RouterProbe | None = None
 
     @property
     def hooked(self) -> list:
-        return [p for p in (self.residual, self.mlp) if p is not None]
+        return [p for p in (self.residual, self.mlp, self.router) if p is not None]
 
 
 @torch.inference_mode()
@@ -125,12 +128,13 @@ def trace(
     top_k_neurons: int = 5,
     truncate: bool = False,
     prepend_bos: bool | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Run:
     """Run ``model`` (a ``LensModel``) over ``inputs`` with streaming probes and return a ``Run``.
 
     ``inputs``: a string, a list of strings, or token ids (see ``lens.models.inputs.encode``). Batches are
-    right-padded; padded positions never count in any statistic. A progress bar runs over batches.
+    right-padded; padded positions never count in any statistic. ``progress``: a bar over batches — None
+    (default) shows it in a terminal or notebook and not when output goes to a file (``lens.progress``).
     ``capture``: any of ``"attention"`` (mass received per key, inside the attention kernel the model
     runs), ``"residual"`` (norms, massive activations, entropy spectra) and ``"mlp"`` (neuron statistics);
     add ``"logits"`` to keep next-token log-probabilities (fp32, N × vocabulary — heavy) for ``lens.compare``.
@@ -158,8 +162,16 @@ def trace(
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
     probes = _build_probes(model, options, lengths)
+    reset = getattr(model.attention_kernel, "reset_tally", None)
+    if reset is not None:
+        reset()
     _run_batches(model, encoded, lengths, probes, options)
-    return _assemble_run(model, encoded, lengths, probes, options)
+    run = _assemble_run(model, encoded, lengths, probes, options)
+    if reset is not None:  # a sparse kernel: warn when it kept every block (sparsity asked for, dense computed)
+        from lens.models.deploy import check_every_block_kept
+
+        run.meta["sparse_every_block_kept"] = check_every_block_kept(model)
+    return run
 
 
 def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track_neurons, top_k_massive,
@@ -221,9 +233,12 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray) -> Probes:
     )
     logprobs = None
     if "logits" in capture:
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        head = lm.model.get_output_embeddings()
+        # a packed head (QuantLinear, e.g. quant="keep") has no float .weight, only its shape
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         logprobs = np.zeros((n_tokens, vocab), dtype=np.float32)
-    return Probes(attention, residual, mlp, logprobs)
+    router = RouterProbe(lm, n_tokens) if moe_layers(lm) and ("mlp" in capture or "router" in capture) else None
+    return Probes(attention, residual, mlp, logprobs, router)
 
 
 def _pad_id(tokenizer) -> int:
@@ -247,7 +262,7 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     try:
         with observing(probes.attention) if probes.attention is not None else contextlib.nullcontext():
             desc = f"lens.trace {lm.model_id.split('/')[-1]}"
-            for rows in tqdm(batches, desc=desc, unit="batch", disable=not options.progress):
+            for rows in progress_bar(batches, progress=options.progress, desc=desc, unit="batch"):
                 input_ids, mask = pad_batch([encoded.ids[i] for i in rows], pad_id)
                 starts = [int(offsets[i]) for i in rows]
                 flat_index = torch.cat([torch.arange(s, s + int(lengths[i])) for s, i in zip(starts, rows)])
@@ -300,6 +315,8 @@ def _assemble_run(lm, encoded, lengths: np.ndarray, probes: Probes, options: Tra
         arrays.update(probes.mlp.arrays(n_tokens))
     if probes.logprobs is not None:
         arrays["logits.logprobs"] = probes.logprobs
+    if probes.router is not None:
+        arrays.update(probes.router.arrays())
 
     tokens = [[lm.tokenizer.decode([t]) for t in ids] if ids else [] for ids in encoded.ids]
     provenance = lm.provenance()

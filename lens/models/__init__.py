@@ -1,17 +1,16 @@
 """Stage 1 — models: from a name, folder or object to a ``LensModel`` running its deployed kernels.
 
-=================  ====================================================================================
-module             what it holds
-=================  ====================================================================================
-``families``       one declarative row per architecture: where blocks, attention, MLP and norms are
-``lensmodel``      ``LensModel``: the Hugging Face model, tokenizer, shape and deployment
-``load``           ``lens.load``: embedded model, hub id, folder, loaded model, TransformerLens bridge
-``bridge``         the Hugging Face model behind a TransformerLens ``TransformerBridge`` (no copy)
-``inputs``         what users pass to ``lens.trace`` → token sequences, with clear errors
-``attention``      the lens attention function registered with ``transformers.AttentionInterface``
-``observers``      the context-local hand-off from the attention function to whoever observes it
-``deploy``         sparse attention and low-bit weights applied to a loaded model
-=================  ====================================================================================
+| module | what it holds |
+|---|---|
+| ``families`` | one declarative row per architecture: where blocks, attention, MLP and norms are |
+| ``lensmodel`` | ``LensModel``: the Hugging Face model, tokenizer, shape and deployment |
+| ``load`` | ``lens.load``: embedded model, hub id, folder, loaded model, TransformerLens bridge |
+| ``bridge`` | the Hugging Face model behind a TransformerLens ``TransformerBridge`` (no copy) |
+| ``inputs`` | what users pass to ``lens.trace`` → token sequences, with clear errors |
+| ``attention`` | the lens attention function registered with ``transformers.AttentionInterface`` |
+| ``observers`` | the context-local hand-off from the attention function to whoever observes it |
+| ``deploy`` | sparse attention and low-bit weights applied to a loaded model |
+| ``hub`` | whether the Hugging Face Hub is reachable, and the download command of the installed client |
 
 Imports only ``lens.kernels`` and the shared modules (``lens.errors``, ``lens.run``, ``lens.atomic``).
 Nothing here is imported by ``import lens`` until first used (``lens.load`` resolves lazily).

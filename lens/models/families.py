@@ -25,12 +25,19 @@ class Family:
 
     ``layers``: the ModuleList of transformer blocks. ``attention``: the submodule of a block that calls
     ``transformers.AttentionInterface``. ``mlp_out``: the MLP's output projection inside a block; its
-    *input* is the neuron activation of DESIGN §3 (after the nonlinearity; for gated MLPs after
+    *input* is the neuron activation of docs/definitions.md (after the nonlinearity; for gated MLPs after
     act(gate)·up), so one pre-hook serves plain and gated MLPs alike. ``final_norm``: the norm applied
     after the last block (None for post-LN encoders). ``prepend_bos``: prepend the tokenizer's BOS
     token when the tokenizer does not add one itself (the TransformerLens convention, so that
     position 0 is the same token for every prompt). ``auto_class``: the ``transformers`` auto class
     used to load a folder or hub id of this family.
+
+    Mixture-of-experts families also say where the MoE block keeps its parts (docs/definitions.md,
+    "MoE routing"): ``router`` is the submodule whose forward returns ``(router_logits, gates, selected
+    experts)`` — transformers' ``…TopKRouter`` — and ``experts`` the fused expert weights (``gate_up_proj``
+    [E, 2·d_expert, d], ``down_proj`` [E, d, d_expert], ``act_fn``), whose forward receives the selected
+    experts and gates. A block without them (a dense layer of a partly sparse model) is skipped. For MoE
+    families ``mlp_out`` names a dense MLP every token passes through (Qwen2-MoE's shared expert) or None.
 
     Example: ``family_for(transformers.GPT2Config()).mlp_out`` → ``"mlp.c_proj"``.
     """
@@ -40,10 +47,12 @@ class Family:
     causal: bool
     layers: str
     attention: str
-    mlp_out: str
+    mlp_out: str | None
     final_norm: str | None
     prepend_bos: bool
     auto_class: str
+    router: str | None = None
+    experts: str | None = None
 
 
 FAMILIES: list[Family] = [
@@ -79,6 +88,32 @@ FAMILIES: list[Family] = [
         final_norm="norm",
         prepend_bos=False,  # their tokenizers add BOS themselves where the model has one
         auto_class="AutoModelForCausalLM",
+    ),
+    Family(
+        name="mixtral",
+        model_types=("mixtral", "qwen3_moe", "olmoe"),
+        causal=True,
+        layers="layers",
+        attention="self_attn",
+        mlp_out=None,  # every MLP neuron is an expert neuron
+        final_norm="norm",
+        prepend_bos=False,
+        auto_class="AutoModelForCausalLM",
+        router="mlp.gate",
+        experts="mlp.experts",
+    ),
+    Family(
+        name="qwen2-moe",
+        model_types=("qwen2_moe",),
+        causal=True,
+        layers="layers",
+        attention="self_attn",
+        mlp_out="mlp.shared_expert.down_proj",  # the shared expert every token passes through
+        final_norm="norm",
+        prepend_bos=False,
+        auto_class="AutoModelForCausalLM",
+        router="mlp.gate",
+        experts="mlp.experts",
     ),
     Family(
         name="bert",

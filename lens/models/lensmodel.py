@@ -55,6 +55,24 @@ def _resolve_attention(attention) -> lens_attention.AttentionKernel | None:
     return deploy.attention_kernel(attention)
 
 
+def _llamacpp_attention(activations, attention, quant):
+    """``activations="llama.cpp"``: llama.cpp's numerics — its quantized matmuls (needs a GGUF ``quant``) and
+    its f16 KV cache (the attention kernel returned here)."""
+    from lens.models.llamacpp import LLAMA_CPP, LlamaCppAttention
+
+    if activations != LLAMA_CPP:
+        raise ConfigError(f"activations must be None or {LLAMA_CPP!r}, got {activations!r}")
+    if quant is None:
+        raise ConfigError(
+            "activations='llama.cpp' emulates llama.cpp's quantized matmuls: give quant='keep' (a GGUF file's own "
+            "blocks) or a GGUF type such as quant='q4_k'"
+        )
+    if not (attention is None or (isinstance(attention, str) and attention.lower() in ("dense", "sdpa"))):
+        raise ConfigError("activations='llama.cpp' runs llama.cpp's dense attention (f16 KV cache); it cannot be "
+                          f"combined with attention={attention!r}")
+    return LlamaCppAttention()
+
+
 @dataclass(frozen=True)
 class _Parts:
     base: nn.Module
@@ -62,6 +80,17 @@ class _Parts:
     attention: list[nn.Module]
     mlp_out: list[nn.Module]
     final_norm: nn.Module | None
+    routers: list[nn.Module | None]
+    experts: list[nn.Module | None]
+
+
+def _optional(block: nn.Module, path: str | None) -> nn.Module | None:
+    if path is None:
+        return None
+    try:
+        return block.get_submodule(path)
+    except AttributeError:  # e.g. a dense layer of a partly sparse model (Qwen3-MoE's mlp_only_layers)
+        return None
 
 
 def _find_parts(model: nn.Module, family: Family) -> _Parts:
@@ -77,14 +106,21 @@ def _find_parts(model: nn.Module, family: Family) -> _Parts:
             continue
         try:
             attention = [b.get_submodule(family.attention) for b in blocks]
-            mlp_out = [b.get_submodule(family.mlp_out) for b in blocks]
+            mlp_out = [b.get_submodule(family.mlp_out) for b in blocks] if family.mlp_out else []
             final = candidate.get_submodule(family.final_norm) if family.final_norm else None
+            routers = [_optional(b, family.router) for b in blocks]
+            experts = [_optional(b, family.experts) for b in blocks]
         except AttributeError as exc:
             raise ModelLoadError(
                 f"{type(model).__name__} does not have the layout of the {family.name!r} family ({exc}). "
                 "If this is a modified architecture, register a matching lens.models.families.Family."
             ) from exc
-        return _Parts(candidate, blocks, attention, mlp_out, final)
+        if family.router and not any(r is not None for r in routers):
+            raise ModelLoadError(
+                f"{type(model).__name__} has no MoE router at {family.router!r} in any block; register a "
+                "lens.models.families.Family whose router/experts paths match this model"
+            )
+        return _Parts(candidate, blocks, attention, mlp_out, final, routers, experts)
     raise ModelLoadError(
         f"could not find the block list {family.layers!r} of the {family.name!r} family in {type(model).__name__}"
     )
@@ -113,12 +149,19 @@ class LensModel:
         quant=None,
         calibration=None,
         source: str = "transformers",
+        progress: bool | None = None,
+        gguf: dict[str, Any] | None = None,
+        gguf_path: str | None = None,
+        activations: str | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.revision = revision
         self.source = source
+        # the GGUF file the weights came from (lens.models.gguf.GGUFInfo.describe()), recorded in provenance
+        self.gguf = gguf
+        self.gguf_path = gguf_path  # the file itself, for quant="keep"
         self.config = model.config
         self.family = family_for(getattr(self.config, "text_config", None) or self.config)
         parts = _find_parts(model, self.family)
@@ -127,6 +170,8 @@ class LensModel:
         self.attention_modules = parts.attention
         self.mlp_out_modules = parts.mlp_out
         self.final_norm = parts.final_norm
+        self.router_modules = parts.routers
+        self.expert_modules = parts.experts
         self.layer_of_attention = {id(m): i for i, m in enumerate(self.attention_modules)}
         cfg = self.text_config
         self.n_layers = len(self.blocks)
@@ -134,7 +179,13 @@ class LensModel:
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.d_model = int(cfg.hidden_size)
         self.d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * self.d_model)
+        if self.mlp_out_modules and isinstance(getattr(self.mlp_out_modules[0], "in_features", None), int):
+            self.d_mlp = int(self.mlp_out_modules[0].in_features)  # e.g. Qwen2-MoE's shared expert
+        first_experts = next((e for e in self.expert_modules if e is not None), None)
+        self.d_expert = int(first_experts.down_proj.shape[-1]) if first_experts is not None else 0
         self.causal = self.family.causal
+        self.n_experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+        self.experts_per_token = int(getattr(cfg, "num_experts_per_tok", None) or 0) if self.n_experts else 0
         self.max_positions = int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9
         )
@@ -146,9 +197,11 @@ class LensModel:
         self.quant_report: dict[str, Any] | None = None
         lens_attention.register()
         self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
+        if activations is not None:
+            attention = _llamacpp_attention(activations, attention, quant)
         self.set_attention(attention)
         if quant is not None:
-            self.set_quant(quant, calibration=calibration)
+            self.set_quant(quant, calibration=calibration, activations=activations, progress=progress)
 
     # -- deployment -------------------------------------------------------------------------------
     @property
@@ -162,19 +215,26 @@ class LensModel:
             module._lens_kernel = kernel
         self.attention_kernel = kernel
 
-    def set_quant(self, quant, *, calibration=None) -> None:
-        """Replace the model's linear layers by packed low-bit ones (a scheme name or a ``QuantConfig``).
+    def set_quant(self, quant, *, calibration=None, activations=None, progress: bool | None = None) -> None:
+        """Replace the model's linear layers by packed low-bit ones (a scheme name, a ``QuantConfig``, or
+        ``"keep"`` for a GGUF model's own blocks).
 
-        ``calibration``: texts for the schemes that smooth activations (SmoothQuant).
+        ``calibration``: texts for the schemes that smooth activations (SmoothQuant). ``activations``:
+        ``"llama.cpp"`` to quantize layer inputs as llama.cpp's CPU matmul does (GGUF types and ``"keep"``).
+        ``progress``: a bar over the layers being quantized (None: in a terminal or notebook only; see
+        ``lens.progress``). Raises ``ConfigError`` when the model is already quantized or the scheme is unknown.
         """
         from lens.models import deploy
 
         if self.quant is not None:
             raise ConfigError(f"this model is already quantized ({self.quant.scheme}); load it again to change scheme")
-        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration)
-        # the MLP output projections are new modules now: re-read where the probes attach
+        self.quant, self.quant_report = deploy.quantize(self, quant, calibration=calibration, activations=activations,
+                                                          progress=progress)
+        # the MLP output projections (and, for llama.cpp's numerics, the norms) are new modules now: re-read
+        # where the probes attach
         parts = _find_parts(self.model, self.family)
         self.mlp_out_modules = parts.mlp_out
+        self.final_norm = parts.final_norm
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -197,6 +257,7 @@ class LensModel:
             "attention": (self.attention_kernel or lens_attention._DENSE).describe(),
             "quant": self.quant.describe() if self.quant is not None else None,
             "quant_report": self.quant_report,
+            "gguf": self.gguf,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             # sign pattern of a few embedding rows: tells which weights produced a run (lens.models.signature)
@@ -206,6 +267,7 @@ class LensModel:
                 "torch": torch.__version__,
                 "transformers": _version("transformers"),
                 "torchao": _version("torchao") if self.quant is not None else None,
+                "gguf": _version("gguf") if self.gguf is not None else None,
             },
         }
 
@@ -217,4 +279,18 @@ class LensModel:
             f"d_model={self.d_model}, causal={self.causal}, attention={attn}, quant={quant})"
         )
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
 
+        from lens._display import html_card
+
+        facts = {
+            "family": self.family.name, "layers": self.n_layers, "heads": self.n_heads,
+            "key/value heads": self.n_kv_heads, "d_model": self.d_model, "d_mlp": self.d_mlp,
+            "causal": str(self.causal), "positions": self.max_positions,
+            "attention": (self.attention_kernel or lens_attention._DENSE).describe().get("kind"),
+            "quant": self.quant.describe().get("scheme") if self.quant is not None else "none",
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+        }
+        frame = pd.DataFrame([{k: str(v) for k, v in facts.items()}])
+        return html_card("LensModel", f"{self.model_id} ({self.source})", frame)

@@ -1,4 +1,5 @@
-"""``lens demo``: the main job — the embedded MiniLM, offline, from sentences to an HTML report."""
+"""``lens demo``: the main job — the embedded MiniLM and the embedded decoder SmolLM2, offline, from sentences to
+an HTML report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEMO_TEXTS", "run_demo"]
+__all__ = ["DEMO_TEXTS", "run_demo", "valley_table"]
 
 # Varied on purpose: short and long, prose, code, numbers, lists, questions, another language — sinks and
 # the valley should be robust to all of them, and the report shows the spread.
@@ -31,11 +32,16 @@ DEMO_TEXTS = [
 ]
 
 
-def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool = True, progress: bool = True) -> Path:
+def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool = True, decoder: bool = True,
+             progress: bool | None = None) -> Path:
     """Load the embedded model, trace the demo sentences, print a summary and write the HTML report.
 
+    ``decoder=True`` adds the embedded decoder SmolLM2-135M-Instruct beside MiniLM (its sinks, massive
+    activations and interior valley; fetched into lens's cache on first use — ``lens models fetch``).
     ``deploy=True`` adds the deployment section (sparse attention and low-bit weights against dense)
-    when the deployment kernels are available. Returns the report's path.
+    when the deployment kernels are available. Standard output gets only the summary lines and the report's
+    path; progress bars go to standard error and only when it is a terminal (``progress=None``; True or False
+    to force). Returns the report's path.
 
     Example: ``lens.report.demo.run_demo("report.html")`` (what ``lens demo`` runs).
     """
@@ -44,8 +50,7 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
 
     started = time.perf_counter()
     texts = list(texts or DEMO_TEXTS)
-    print("lens demo: loading the embedded all-MiniLM-L6-v2 (offline) …", flush=True)
-    lm = lens.load()
+    lm = lens.load(progress=progress)
     run = lens.trace(lm, texts, batch_size=8, keep_patterns=[(2, h) for h in range(lm.n_heads)], keep_hidden="all",
                      progress=progress)
     sink_result = lens.sinks(run)
@@ -76,7 +81,7 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     report.section("Summary", text=summary)
     report.section(
         "Attention sinks",
-        note="Mass on the first token ([CLS]) per layer and head, averaged over sentences; squares mark sink heads "
+        note="Mass on the first token ([CLS]) per layer and head, averaged over sentences; outlined cells are sink heads "
         f"(score ≥ {sink_result.epsilon}). Computed inside the attention kernel, streaming — no n×n tensor kept.",
         figures=[sink_result.figure("heads")],
         frames={"per layer": sink_result.to_frame("layers")},
@@ -84,15 +89,25 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     report.section(
         "Compression valley",
         note="Matrix entropy of the residual stream per layer (raw: Queipo-de-Llano et al.; normalized: Skean et al.) "
-        "beside the upper bound implied by the first token's norm alone (DESIGN §3).",
+        "beside the upper bound implied by the first token's norm alone (docs/definitions.md#massive-activation-bound). "
+        "r = min(T, d), the largest rank the token matrix can have.",
         figures=[valley_result.figure()],
-        frames={"per layer": valley_result.to_frame().round(4)},
+        frames={"per layer": valley_table(valley_result)},
     )
     report.section(
         "Massive activations and token norms",
         figures=[sink_result.figure("massive"), sink_result.figure("norms")],
         frames={"largest entries": massive.sort_values("ratio_to_median", ascending=False).head(12)},
     )
+    if decoder:
+        from lens.report.decoder import decoder_section
+
+        heading, text, figures, frames = decoder_section(texts, sink_result, valley_result, progress=progress)
+        print(text + "\n", flush=True)
+        report.section(heading, text=text, figures=figures, frames=frames,
+                       note="Same sentences, traced by lens on the embedded decoder (its GGUF weights dequantized by "
+                       "transformers' GGUF loader). Sinks: mass on the first token per layer and head; the valley plot "
+                       "puts the measured matrix entropy beside the bound implied by the first token's norm alone.")
     if deploy:
         section = _deployment_section(lm, texts, run, progress)
         if section is not None:
@@ -103,6 +118,21 @@ def run_demo(out: str | Path = "lens-report.html", *, texts=None, deploy: bool =
     path = report.write(out)
     print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.0f} s")
     return path
+
+
+def valley_table(result):
+    """The valley per residual layer with readable headings (the columns of ``ValleyResult``'s notebook
+    table), the valley layer marked — narrow enough for a 1400-px page.
+
+    Example: ``valley_table(lens.valley(run))``.
+    """
+    from lens.analysis.valley import _TABLE
+
+    frame = result.to_frame()[list(_TABLE)].rename(columns=_TABLE)
+    if result.interior:
+        frame["valley"] = ["◀ minimum" if layer == result.valley_layer else ("in valley" if inside else "")
+                           for layer, inside in zip(frame["layer"], result.to_frame()["in_valley"])]
+    return frame.round(4)
 
 
 def _deployment_section(lm, texts, dense_run, progress):

@@ -22,7 +22,8 @@ def _title(result, what: str) -> str:
 
 
 def sink_heatmap(result):
-    """Layer × head heatmap of the sink score (mass on token 0), sink heads outlined by the ε threshold.
+    """Layer × head heatmap of the sink score (mass on token 0); sink heads (score ≥ ε) are outlined along
+    their cell's border, so the number inside stays readable.
 
     Example: ``sink_heatmap(lens.sinks(run)).write_html("sinks.html")``.
     """
@@ -32,8 +33,8 @@ def sink_heatmap(result):
     fig = go.Figure(
         go.Heatmap(
             z=score,
-            x=[f"H{h}" for h in range(n_heads)],
-            y=[f"L{layer}" for layer in range(n_layers)],
+            x=np.arange(n_heads),
+            y=np.arange(n_layers),
             zmin=0,
             zmax=1,
             colorscale="Viridis",
@@ -44,24 +45,42 @@ def sink_heatmap(result):
         )
     )
     layers, heads = np.nonzero(score >= result.epsilon)
-    fig.add_trace(
-        go.Scatter(
-            x=[f"H{h}" for h in heads],
-            y=[f"L{layer}" for layer in layers],
-            mode="markers",
-            marker={"symbol": "square-open", "size": 18, "color": "#ff4136", "line": {"width": 2}},
-            name=f"sink head (≥ {result.epsilon})",
-            hoverinfo="skip",
-        )
-    )
+    for layer, head in zip(layers.tolist(), heads.tolist()):
+        fig.add_shape(type="rect", x0=head - 0.46, x1=head + 0.46, y0=layer - 0.46, y1=layer + 0.46,
+                      line={"color": "#ff4136", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above")
+    # a legend entry for the outline (shapes have none)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (score ≥ {result.epsilon:g})",
+                             showlegend=True, marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
     fig.update_layout(
         title=_title(result, "Attention sinks"),
-        yaxis={"autorange": "reversed", "title": "layer"},
-        xaxis={"title": "head"},
+        yaxis={"autorange": "reversed", "title": "layer", "tickmode": "array", "tickvals": list(range(n_layers)),
+               "ticktext": [f"L{layer}" for layer in range(n_layers)], "showgrid": False, "zeroline": False},
+        xaxis={"title": "head", "tickmode": "array", "tickvals": list(range(n_heads)),
+               "ticktext": [f"H{h}" for h in range(n_heads)], "showgrid": False, "zeroline": False},
         legend={"orientation": "h", "y": -0.15},
+        plot_bgcolor="rgba(0,0,0,0)",
         height=max(320, 40 * n_layers + 160),
     )
     return fig
+
+
+def _log_axis(values: np.ndarray, title: str, **extra) -> dict:
+    """A log axis labelled only at powers of ten (plotly's default labels 2 and 5 between decades too,
+    which overlap on a short axis)."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (1.0, 10.0)
+    lo, hi = int(np.floor(np.log10(low))), int(np.ceil(np.log10(high)))
+    if hi - lo < 1:
+        hi = lo + 1
+    ticks = [10.0**e for e in range(lo, hi + 1)]
+    return {"title": title, "type": "log", "tickmode": "array", "tickvals": ticks,
+            "ticktext": [_power_label(e) for e in range(lo, hi + 1)], "range": [lo - 0.05, hi + 0.05], **extra}
+
+
+def _power_label(exponent: int) -> str:
+    if -2 <= exponent <= 3:
+        return f"{10.0**exponent:g}"
+    return "10" + str(exponent).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
 def massive_curve(result):
@@ -81,12 +100,12 @@ def massive_curve(result):
     fig.add_trace(go.Scatter(x=layers, y=top.max(1), mode="lines+markers", name="max |x|", yaxis="y2",
                              line={"dash": "dot"}))
     fig.add_hline(y=result.massive_rel, line_dash="dash", line_color="#d62728",
-                  annotation_text=f"{result.massive_rel:g}× median")
+                  annotation_text=f"{result.massive_rel:g}× median", annotation_position="bottom left")
     fig.update_layout(
         title=_title(result, "Massive activations"),
         xaxis={"title": "residual layer (input of block ℓ; last = final output)"},
-        yaxis={"title": "ratio to median", "type": "log"},
-        yaxis2={"title": "max |x|", "overlaying": "y", "side": "right", "type": "log"},
+        yaxis=_log_axis(np.concatenate([ratio.mean(1), [result.massive_rel]]), "ratio to median"),
+        yaxis2=_log_axis(top.max(1), "max |x|", overlaying="y", side="right", showgrid=False),
         legend={"orientation": "h", "y": -0.2},
     )
     return fig
@@ -121,6 +140,7 @@ def valley_figure(results, labels=None):
             "first-token norm ÷ median token norm",
         ),
     )
+    notes: list[str] = []
     for i, result in enumerate(results):
         color = _PALETTE[i % len(_PALETTE)]
         label = labels[i] if labels else (
@@ -148,15 +168,22 @@ def valley_figure(results, labels=None):
         line(2, result.mean("anisotropy_lower_bound"), f"{label}: anisotropy bound", dash="dash", show=False,
              opacity=0.6)
         line(3, result.mean("first_norm_ratio"), f"{label}: first-token norm ratio", show=False)
-        lo, hi = result.valley_range
-        fig.add_vrect(x0=lo - 0.4, x1=hi + 0.4, fillcolor=color, opacity=0.08, line_width=0, row=1, col=1)
-        fig.add_vline(x=result.valley_layer, line_dash="dot", line_color=color, row=1, col=1)
+        if getattr(result, "interior", True):
+            lo, hi = result.valley_range
+            fig.add_vrect(x0=lo - 0.4, x1=hi + 0.4, fillcolor=color, opacity=0.08, line_width=0, row=1, col=1)
+            fig.add_vline(x=result.valley_layer, line_dash="dot", line_color=color, row=1, col=1)
+        else:
+            notes.append(f"{label}: no interior valley — entropy {result.trend()}")
     fig.update_yaxes(title_text="H / log r", row=1, col=1)
     fig.update_yaxes(title_text="p₁", row=2, col=1)
     fig.update_yaxes(title_text="ratio", type="log", row=3, col=1)
     fig.update_xaxes(title_text="residual layer ℓ (0 = embeddings, L = last block output)", row=3, col=1)
     title = _title(results[0], "Compression valley") if len(results) == 1 else "Compression valley"
-    fig.update_layout(title=title, height=820, legend={"orientation": "h", "y": -0.08})
+    fig.update_layout(title=title, height=820 + 18 * len(notes), legend={"orientation": "h", "y": -0.08})
+    if notes:  # an honest caption: a minimum at either end is a trend, not a valley
+        fig.add_annotation(text="<br>".join(notes), xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom",
+                           yshift=22, showarrow=False, align="left", font={"size": 12, "color": "#b03a2e"})
+        fig.update_layout(margin={"t": 110 + 18 * len(notes)})
     return fig
 
 
@@ -198,5 +225,7 @@ def compare_figure(result):
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="residual layer", row=2, col=1)
     fig.update_xaxes(title_text="residual layer", row=2, col=2)
-    fig.update_layout(title=f"{b} against {a}", height=720, legend={"orientation": "h", "y": -0.12})
+    notes = result.notes() if hasattr(result, "notes") else []
+    fig.update_layout(title=f"{b} against {a}" + "".join(f"<br><sup>⚠ {n}</sup>" for n in notes), height=720,
+                      legend={"orientation": "h", "y": -0.12}, margin={"t": 100 + 24 * len(notes)})
     return fig

@@ -35,6 +35,9 @@ function render({ model, el }) {
     ),
     badges,
   );
+  for (const note of info.notes || []) {
+    root.append(lensEl("div", { class: "lens-note lens-warning lens-compare-note", role: "note", text: `⚠ ${note}` }));
+  }
   if (info.kl === null && info.top1_agreement === null) {
     root.append(lensEl("div", { class: "lens-note", text: "KL and top-1 agreement compare next-token predictions, so they exist for language models only." }));
   }

@@ -15,14 +15,15 @@ function render({ model, el }) {
   let pending = null;
   const deepest = Math.max(...info.n_layers);
   const col = (name) => info.columns.indexOf(name);
+  const interior = (r) => !info.interior || info.interior[r];
 
   const legend = lensEl("div", { class: "lens-legend", role: "group", "aria-label": "runs" });
   info.labels.forEach((label, r) => {
     const button = lensEl(
       "button",
-      { type: "button", "aria-pressed": "true", title: `${info.models[r]} — ${info.n_sequences[r]} sequences, valley at layer ${info.valley_layer[r]}` },
+      { type: "button", "aria-pressed": "true", title: `${info.models[r]} — ${info.n_sequences[r]} sequences, ${interior(r) ? `valley at layer ${info.valley_layer[r]}` : `no interior valley (minimum at layer ${info.valley_layer[r]})`}` },
       lensEl("span", { class: "lens-swatch", style: { background: LENS_PALETTE[r % LENS_PALETTE.length] } }),
-      label,
+      interior(r) ? label : `${label} · no interior valley`,
     );
     button.addEventListener("click", () => {
       visible[r] = !visible[r];
@@ -77,7 +78,7 @@ function render({ model, el }) {
         const color = LENS_PALETTE[r % LENS_PALETTE.length];
         const xs = Array.from({ length: info.n_layers[r] + 1 }, (_, l) => xOf(r, l));
         for (const [name, dash, label] of spec.lines) series.push({ values: values(r, name), xs, color, dash, opacity: dash ? 0.75 : 1, label: `${info.labels[r]}: ${label}` });
-        if (spec.valley) {
+        if (spec.valley && interior(r)) {
           const [lo, hi] = info.valley_range[r];
           shades.push({ x0: xOf(r, lo - 0.4), x1: xOf(r, hi + 0.4), color });
           vlines.push({ x: xOf(r, info.valley_layer[r]), color });

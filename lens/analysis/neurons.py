@@ -1,0 +1,195 @@
+"""``lens.neurons``: per-neuron statistics, top-k examples and MoE routing of a Run (or a Scan).
+
+Definitions: docs/definitions.md, "Neuron activation" (the MLP hidden activation after the nonlinearity —
+after act(gate)·up for gated MLPs — per layer and neuron: mean, std, max, fraction > 0, top-k tokens with
+context) and "MoE routing" (router probabilities r[t, e] = softmax over experts; per layer and expert: load,
+gate share, mean gate, top tokens by gate; per layer the routing entropy −Σ_e r log r averaged over tokens and
+the coefficient of variation of the expert loads).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lens.errors import ConfigError
+from lens.run import Run
+
+__all__ = ["NeuronResult", "neurons", "routing_stats"]
+
+
+def routing_stats(probs: np.ndarray, experts: np.ndarray, gates: np.ndarray) -> dict[str, np.ndarray]:
+    """Routing statistics of one MoE layer from per-token router probabilities [N, E], selected experts [N, k]
+    and gates [N, k]: ``load`` [E] (fraction of the N·k routing slots), ``tokens`` [E], ``gate_share`` [E]
+    (fraction of the gate mass), ``mean_gate`` [E], ``mean_prob`` [E], ``entropy`` (mean over tokens of
+    −Σ_e r log r) and ``load_cv`` (std / mean of ``load``).
+
+    Example: ``routing_stats(run.arrays["moe.probs"][0], run.arrays["moe.experts"][0], run.arrays["moe.gates"][0])``.
+    """
+    n, e = probs.shape
+    counts = np.bincount(experts.reshape(-1), minlength=e)[:e].astype(np.int64)
+    gate_mass = np.bincount(experts.reshape(-1), weights=gates.reshape(-1).astype(np.float64), minlength=e)[:e]
+    load = counts / max(counts.sum(), 1)
+    p = probs.astype(np.float64)
+    entropy = float(-(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean()) if n else float("nan")
+    return {
+        "tokens": counts, "load": load, "gate_share": gate_mass / max(gate_mass.sum(), 1e-30),
+        "mean_gate": gate_mass / np.maximum(counts, 1), "mean_prob": p.mean(0) if n else np.zeros(e),
+        "entropy": entropy, "load_cv": float(load.std() / max(load.mean(), 1e-30)),
+    }
+
+
+@dataclass
+class NeuronResult:
+    """Per-neuron statistics (``frame``), top-k examples (``examples``) and MoE routing (``routing``).
+
+    ``frame``: one row per (layer, neuron) — count, mean, std, max, fraction_positive. ``examples``: one row per
+    (layer, neuron, rank) — value, sequence, position, token, context. ``routing``: one row per (layer, expert) —
+    tokens, load, gate_share, mean_gate, mean_prob, routing_entropy, load_cv (empty for dense models).
+    ``top_tokens``: per (layer, expert) the tokens with the highest gates.
+    """
+
+    source: Any = field(repr=False)
+    frame: Any = field(repr=False)
+    examples: Any = field(repr=False)
+    routing: Any = field(repr=False)
+    top_tokens: Any = field(repr=False)
+
+    def to_frame(self, kind: str = "neurons"):
+        """``"neurons"``, ``"examples"``, ``"routing"`` or ``"top_tokens"``.
+
+        Example: ``lens.neurons(run).to_frame().nlargest(10, "max")``.
+        """
+        frames = {"neurons": self.frame, "examples": self.examples, "routing": self.routing, "top_tokens": self.top_tokens}
+        if kind not in frames:
+            raise ConfigError(f"kind must be one of {sorted(frames)}; got {kind!r}")
+        return frames[kind].copy()
+
+    def neuron(self, layer: int, neuron: int):
+        """The top-k examples of one neuron."""
+        e = self.examples
+        return e[(e["layer"] == layer) & (e["neuron"] == neuron)].sort_values("rank").reset_index(drop=True)
+
+    def figure(self):
+        """Plotly scatter: max vs fraction > 0 of every neuron, coloured by layer (hover: its top token)."""
+        from lens.report.neuron_figures import neurons_figure
+
+        return neurons_figure(self)
+
+    def show(self, **kwargs):
+        """A ``TokenView`` of the strongest neuron's activation over the run (needs ``lens-interp[widgets]``)."""
+        from lens.widgets import TokenView
+
+        best = self.frame.loc[self.frame["max"].idxmax()]
+        if not self.source.has("mlp.tracked"):
+            raise ConfigError(
+                f"to show a neuron's activation per token, trace with track_neurons=[({int(best.layer)}, "
+                f"{int(best.neuron)})] and call lens.widgets.TokenView.neuron(run, layer, neuron)"
+            )
+        return TokenView.neuron(self.source, int(best.layer), int(best.neuron), **kwargs)
+
+    def summary(self) -> str:
+        f = self.frame
+        if not len(f):
+            text = "no dense MLP neurons"
+        else:
+            best = f.loc[f["max"].idxmax()]
+            text = (f"{f['layer'].nunique()} layers × {f['neuron'].nunique()} neurons; strongest L{int(best.layer)}"
+                    f"/N{int(best.neuron)} max {best['max']:.3g}; mean fraction > 0 {f['fraction_positive'].mean():.3f}")
+        if len(self.routing):
+            r = self.routing.groupby("layer").first()
+            text += f"; MoE layers {list(r.index)}, routing entropy {r['routing_entropy'].mean():.3f}, load CV {r['load_cv'].mean():.3f}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"NeuronResult({self.summary()})"
+
+    def _repr_html_(self) -> str:
+        top = self.frame.nlargest(8, "max") if len(self.frame) else self.frame
+        return (f"<div><b>lens.neurons</b> — {html.escape(self.summary())}"
+                f"{top.to_html(index=False, float_format=lambda v: f'{v:.4g}')}</div>")
+
+
+def _context(run: Run, flat: int, before: int, after: int) -> tuple[int, int, str, list[str]]:
+    seq = int(np.searchsorted(run.offsets, flat, side="right") - 1)
+    pos = flat - int(run.offsets[seq])
+    toks = run.tokens[seq]
+    return seq, pos, toks[pos], toks[max(0, pos - before) : pos + after + 1]
+
+
+def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
+    """Neuron statistics of a ``Run`` (``lens.trace`` with ``"mlp"`` captured) or of a ``Scan``.
+
+    For a Run: per layer and neuron the mean, std (population), max and fraction > 0 over every real token,
+    and the top-k tokens (``top_k_neurons`` of the trace) with ``context`` = (before, after) tokens around
+    them; for MoE models also the routing per (layer, expert) and the top tokens by gate. For a Scan: the same
+    tables over the whole corpus (``scan.to_frame()``, ``scan.routing_frame()``).
+
+    Raises ``RunFormatError`` when the run has no MLP statistics (trace with capture including ``"mlp"``).
+
+    Example::
+
+        run = lens.trace(lens.load(), ["The cat sat.", "Paris is in France."])
+        result = lens.neurons(run)
+        result.to_frame().nlargest(5, "max")
+        result.neuron(3, 42)
+    """
+    import pandas as pd
+
+    if getattr(source, "__lens_scan__", False):
+        return NeuronResult(source, source.to_frame(), pd.DataFrame(), source.routing_frame(), pd.DataFrame())
+    run: Run = source
+    moe = run.has("moe.probs")
+    if not moe:
+        run.require("mlp.sum", "mlp.max", "mlp.positive", "mlp.count", what="lens.neurons")
+    rows: list[dict] = []
+    frame = pd.DataFrame(columns=["layer", "neuron", "count", "mean", "std", "max", "fraction_positive"])
+    examples = pd.DataFrame(columns=["layer", "neuron", "rank", "value", "sequence", "position", "token", "context"])
+    if run.has("mlp.sum"):
+        n = float(run.arrays["mlp.count"][0])
+        s = run.arrays["mlp.sum"]
+        L, M = s.shape
+        mean = s / max(n, 1)
+        sumsq = run.arrays.get("mlp.sumsq")
+        std = np.sqrt(np.maximum(sumsq / max(n, 1) - mean**2, 0)) if sumsq is not None else np.full_like(mean, np.nan)
+        frame = pd.DataFrame({
+            "layer": np.repeat(np.arange(L), M), "neuron": np.tile(np.arange(M), L), "count": int(n),
+            "mean": mean.reshape(-1), "std": std.reshape(-1), "max": run.arrays["mlp.max"].reshape(-1),
+            "fraction_positive": (run.arrays["mlp.positive"] / max(n, 1)).reshape(-1),
+        })
+        values, flat = run.arrays["mlp.top_value"], run.arrays["mlp.top_token"]
+        layer, neuron, rank = np.nonzero(flat >= 0)
+        for l, m, r in zip(layer.tolist(), neuron.tolist(), rank.tolist()):
+            seq, pos, tok, ctx = _context(run, int(flat[l, m, r]), *context)
+            rows.append({"layer": l, "neuron": m, "rank": r, "value": float(values[l, m, r]), "sequence": seq,
+                         "position": pos, "token": tok, "context": ctx})
+        if rows:
+            examples = pd.DataFrame(rows)
+    routing = pd.DataFrame()
+    top_tokens = pd.DataFrame()
+    if moe:
+        probs, experts, gates = run.arrays["moe.probs"], run.arrays["moe.experts"], run.arrays["moe.gates"]
+        layers = run.arrays["moe.layers"]
+        parts, tops = [], []
+        for i, layer in enumerate(layers.tolist()):
+            st = routing_stats(probs[i], experts[i], gates[i])
+            E = probs.shape[2]
+            parts.append(pd.DataFrame({
+                "layer": layer, "expert": np.arange(E), "tokens": st["tokens"], "load": st["load"],
+                "gate_share": st["gate_share"], "mean_gate": st["mean_gate"], "mean_prob": st["mean_prob"],
+                "routing_entropy": st["entropy"], "load_cv": st["load_cv"],
+            }))
+            for e in range(E):
+                where = np.nonzero(experts[i] == e)
+                order = np.argsort(-gates[i][where], kind="stable")[:5]
+                for r, j in enumerate(order):
+                    flat_t = int(where[0][j])
+                    seq, pos, tok, _ = _context(run, flat_t, 0, 0)
+                    tops.append({"layer": layer, "expert": e, "rank": r, "gate": float(gates[i][where][j]),
+                                 "sequence": seq, "position": pos, "token": tok})
+        routing = pd.concat(parts, ignore_index=True)
+        top_tokens = pd.DataFrame(tops)
+    return NeuronResult(run, frame, examples, routing, top_tokens)

@@ -1,0 +1,94 @@
+"""``ScanConfig``: the validated options of one ``lens.scan`` call, recorded in its manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lens.errors import ConfigError
+
+__all__ = ["ScanConfig", "parse_config"]
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What a scan reduces and how it cuts the corpus (see :func:`lens.scan.scan` for each option)."""
+
+    layers: tuple[int, ...]
+    top_k: int = 20
+    context: tuple[int, int] = (8, 4)
+    samples: int = 3
+    batch_size: int = 8
+    max_len: int = 512
+    stride: int = 384
+    shard_size: int = 64
+    epsilon: float = 0.3
+    tau: float = 5.0
+    massive_abs: float = 100.0
+    massive_rel: float = 1000.0
+    top_k_massive: int = 10
+    moe_layers: tuple[int, ...] = ()
+    prepend_bos: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.context[0] + 1 + self.context[1]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        out["context"] = list(self.context)
+        out["moe_layers"] = list(self.moe_layers)
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """The options that change the result (a resumed scan must match them exactly)."""
+        out = self.to_json()
+        out.pop("extra", None)
+        return out
+
+
+def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, stride, shard_size, epsilon, tau,
+                 massive_abs, massive_rel, prepend_bos) -> ScanConfig:
+    """Check every option against the model before any work; ``ConfigError`` names the fix."""
+    from lens.capture.moe import moe_layers
+
+    n_mlp = len(lm.mlp_out_modules)
+    if layers is None or layers == "all":
+        chosen = tuple(range(n_mlp))
+    else:
+        chosen = (layers,) if isinstance(layers, int) else tuple(int(x) for x in layers)
+        for layer in chosen:
+            if not 0 <= layer < lm.n_layers:
+                raise ConfigError(f"layers names layer {layer}; this model has layers 0..{lm.n_layers - 1}")
+            if layer >= n_mlp:
+                raise ConfigError(f"layer {layer} has no dense MLP neurons ({lm.family.name}); leave layers= unset")
+        chosen = tuple(sorted(set(chosen)))
+    if top_k < 1:
+        raise ConfigError(f"top_k must be ≥ 1; got {top_k}")
+    if samples < 0:
+        raise ConfigError(f"samples must be ≥ 0; got {samples}")
+    try:
+        before, after = (int(context[0]), int(context[1]))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(f"context must be (tokens before, tokens after), e.g. (8, 4); got {context!r}") from exc
+    if before < 0 or after < 0:
+        raise ConfigError(f"context counts must be ≥ 0; got {context!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1; got {batch_size}")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be ≥ 1 document; got {shard_size}")
+    limit = min(int(lm.max_positions), 10**6)
+    max_len = limit if max_len is None else int(max_len)
+    if not 2 <= max_len <= limit:
+        raise ConfigError(f"max_len must be in 2..{limit} (the model's positions); got {max_len}")
+    stride = max(1, (3 * max_len) // 4) if stride is None else int(stride)
+    if not 1 <= stride <= max_len:
+        raise ConfigError(f"stride must be in 1..max_len={max_len}; got {stride}")
+    return ScanConfig(
+        layers=chosen, top_k=int(top_k), context=(before, after), samples=int(samples), batch_size=int(batch_size),
+        max_len=max_len, stride=stride, shard_size=int(shard_size), epsilon=float(epsilon), tau=float(tau),
+        massive_abs=float(massive_abs), massive_rel=float(massive_rel), moe_layers=tuple(moe_layers(lm)),
+        prepend_bos=prepend_bos,
+    )

@@ -1,0 +1,158 @@
+"""Engines that run shards: in this process (``"local"``) or on a Ray cluster (``"ray"``).
+
+Both cut the corpus into the same shards of ``shard_size`` documents, run each shard with
+:class:`lens.scan.worker.ShardWorker`, and merge the partial states *in shard order* in the driver, so the
+two engines (and a resumed scan) produce identical states. Memory stays bounded: the driver holds the merged
+state, the shards in flight and nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lens.errors import ConfigError, MissingDependencyError
+from lens.scan.reducers import merge_state
+
+__all__ = ["shards", "run_local", "run_ray", "model_spec"]
+
+
+def shards(corpus, size: int, skip: int = 0, check: Callable[[int, list], None] | None = None) -> Iterator[tuple[int, list]]:
+    """``(shard index, [(doc id, text), ...])`` in order; the first ``skip`` shards go to ``check`` only."""
+    iterator = iter(corpus)
+    for index in itertools.count():
+        docs = list(itertools.islice(iterator, size))
+        if not docs:
+            return
+        if index < skip:
+            if check is not None:
+                check(index, docs)
+            continue
+        yield index, docs
+
+
+def run_local(worker, shard_iter, state, on_shard, progress) -> dict[str, np.ndarray]:
+    """Run every shard here; ``on_shard(state, info)`` checkpoints after each."""
+    cfg = worker.cfg
+    for index, docs in shard_iter:
+        part, info = worker.run_shard(index, docs, progress=progress)
+        state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+        on_shard(state, info)
+    return state
+
+
+def model_spec(lm) -> dict[str, Any]:
+    """What a Ray actor needs to load the same model: where it came from and how it is deployed."""
+    if lm.source not in ("embedded", "folder", "hub"):
+        raise ConfigError(
+            f"engine='ray' reloads the model in every worker, but this model was given as a {lm.source} object; "
+            "pass lens.load('<folder or hub id>') (or the folder itself) so that workers can load it"
+        )
+    if lm.quant is not None and getattr(lm.quant, "smooth_alpha", None) is not None:
+        raise ConfigError("engine='ray' cannot reproduce SmoothQuant calibration in the workers; use engine='local'")
+    return {
+        "model": None if lm.source == "embedded" else lm.model_id,
+        "attention": lm.attention_kernel,
+        "quant": lm.quant,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "revision": lm.revision if lm.source == "hub" else None,
+    }
+
+
+def _load_spec(spec: dict[str, Any]):
+    from lens.models.load import load
+
+    kwargs = {"attention": spec["attention"] or "dense", "quant": spec["quant"], "dtype": spec["dtype"]}
+    if spec["model"] is None:
+        return load(**kwargs)
+    return load(spec["model"], revision=spec.get("revision"), **kwargs)
+
+
+class _ShardActor:
+    """A Ray Data actor: loads the model once, then turns one shard per call into a partial state.
+
+    States cross the process boundary as safetensors bytes (arrays and JSON only).
+    """
+
+    def __init__(self, spec: dict[str, Any], cfg_json: dict[str, Any], threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        from lens.scan.config import ScanConfig
+        from lens.scan.worker import ShardWorker
+
+        cfg_json = dict(cfg_json)
+        for key in ("layers", "context", "moe_layers"):
+            cfg_json[key] = tuple(cfg_json[key])
+        self.worker = ShardWorker(_load_spec(spec), ScanConfig(**cfg_json))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        from safetensors.numpy import save
+
+        out_state, out_info, out_shard = [], [], []
+        for index, docs_json in zip(batch["shard"], batch["docs"]):
+            docs = [(int(d), t) for d, t in json.loads(docs_json)]
+            state, info = self.worker.run_shard(int(index), docs)
+            out_state.append(save({k: np.ascontiguousarray(v) for k, v in state.items()}))
+            out_info.append(json.dumps(info))
+            out_shard.append(int(index))
+        return {"shard": np.asarray(out_shard), "state": np.asarray(out_state, dtype=object),
+                "info": np.asarray(out_info, dtype=object)}
+
+
+def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | None, workers: int,
+            threads: int, window: int | None = None) -> dict[str, np.ndarray]:
+    """Run shards on Ray Data: ``map_batches`` over an actor pool (one model per actor), one shard per batch.
+
+    Shards are submitted ``window`` at a time (default 2 × workers) so the driver never holds more than that
+    many; results are merged and checkpointed in shard order. ``address``: an existing cluster
+    (``"auto"``, ``"ray://host:10001"``); None starts or reuses a local one.
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"engine='ray' needs Ray Data ({exc}); install it with pip install 'lens-interp[scan]'"
+        ) from exc
+    import json
+
+    from safetensors.numpy import load as load_state
+
+    if not ray.is_initialized():
+        import os
+
+        # a busy machine can take > 30 s to start Ray's metrics agent; the raylet would otherwise give up first
+        os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    spec = model_spec(lm)
+    cfg_json = cfg.to_json()
+    window = window or 2 * workers
+    pending = list(itertools.islice(shard_iter, window))
+    while pending:
+        items = [{"shard": index, "docs": json.dumps(docs)} for index, docs in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = ds.map_batches(
+            _ShardActor, fn_constructor_args=(spec, cfg_json, threads), batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))), num_cpus=threads,
+            batch_format="numpy",
+        )
+        done = {}
+        for row in results.iter_rows():
+            done[int(row["shard"])] = (load_state(bytes(row["state"])), json.loads(row["info"]))
+        for index, _ in pending:  # merge in shard order, whatever order the actors finished in
+            part, info = done[index]
+            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+            if progress is not None:
+                progress(info["tokens"])
+            on_shard(state, info)
+        pending = list(itertools.islice(shard_iter, window))
+    return state

@@ -1,0 +1,269 @@
+"""lens.scan engines and durability: a real local Ray cluster gives the local engine's Scan; a scan killed
+mid-way (SIGKILL of a child process) and resumed equals the uninterrupted scan; bad input raises a LensError
+that names the fix and loses nothing already checkpointed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scan_support import SCAN_CORPUS
+
+import lens
+from lens.atomic import sha256_file
+from lens.errors import ConfigError, CorpusError, LensError, ScanError, ScanFormatError
+
+OPTIONS = dict(top_k=4, context=(3, 2), samples=2, batch_size=3, max_len=12, stride=8, shard_size=3, progress=False)
+
+
+def assert_same_scan(a, b, *, exact_floats: bool = True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for key in a.arrays:
+        x, y = a.arrays[key], b.arrays[key]
+        if exact_floats or x.dtype.kind in "iub":
+            np.testing.assert_array_equal(x, y, err_msg=key)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9, err_msg=key)
+    assert sorted(a.manifest["files"]) == sorted(b.manifest["files"])
+    for name in a.manifest["files"]:
+        if name.endswith(".parquet"):
+            ta, tb = pq.read_table(a.folder / name), pq.read_table(b.folder / name)
+            assert ta.column_names == tb.column_names, name
+            for column in ta.column_names:
+                ca, cb = ta.column(column).combine_chunks(), tb.column(column).combine_chunks()
+                if pa.types.is_fixed_size_list(ca.type) or pa.types.is_list(ca.type):
+                    ca, cb = ca.flatten(), cb.flatten()
+                if pa.types.is_floating(ca.type):  # NaN marks context outside the window: equal to itself here
+                    np.testing.assert_array_equal(ca.to_numpy(zero_copy_only=False), cb.to_numpy(zero_copy_only=False))
+                else:
+                    assert ca.equals(cb), (name, column)
+    assert a.manifest["corpus"]["sha256"] == b.manifest["corpus"]["sha256"]
+    assert a.manifest["shards"] == b.manifest["shards"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tiny_model_dir):
+    torch.set_num_threads(1)
+    return lens.load(tiny_model_dir("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def local_scan(tiny_gpt2, tmp_path_factory):
+    return lens.scan(tiny_gpt2, SCAN_CORPUS, out=tmp_path_factory.mktemp("local") / "scan", **OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with 2 CPUs, started once for the session and shut down after it."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # on a busy 2-core machine Ray's metrics agent can take > 30 s to start; the raylet would give up first
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register; a busy machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_engine_equals_local_engine(tiny_gpt2, local_scan, ray_cluster, tmp_path):
+    remote = lens.scan(tiny_gpt2, SCAN_CORPUS, out=tmp_path / "ray", engine="ray", workers=2, threads=1, **OPTIONS)
+    assert remote.manifest["engine"] == "ray" and local_scan.manifest["engine"] == "local"
+    assert_same_scan(local_scan, remote)
+
+
+def test_scan_is_readable_queryable_and_checked(local_scan, tmp_path):
+    s = lens.Scan.load(local_scan.folder)
+    assert s.tokens > 0 and s.documents == len(SCAN_CORPUS) and len(s.to_frame()) == 2 * 128
+    token = s.examples(0, 0)["token"].iloc[0]
+    hits = s.neurons_with_token(token)
+    assert ((hits.layer == 0) & (hits.neuron == 0)).any()
+    assert set(s.layers_frame().columns) >= {"sink_rate", "entropy_raw_mean", "entropy_raw_std", "massive_entries"}
+    assert len(s.logit_effects(1, 5)) == 20
+    # a changed file is caught by its checksum, and the message says what to do
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(s.folder, copy)
+    with open(copy / "examples.parquet", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(ScanFormatError, match="checksum"):
+        lens.Scan.load(copy)
+    with pytest.raises(ScanFormatError, match="no manifest.json|there is no lens scan"):
+        lens.Scan.load(tmp_path / "nothing")
+
+
+CHILD = """
+import os, sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from scan_support import SCAN_CORPUS
+import lens
+import lens.scan.worker as w
+original = w.ShardWorker.run_shard
+def slow(self, *a, **k):
+    out = original(self, *a, **k)
+    time.sleep(0.4)          # leave the test time to kill us between two shards
+    return out
+w.ShardWorker.run_shard = slow
+lm = lens.load({model!r})
+lens.scan(lm, SCAN_CORPUS * 3, out={out!r}, **{options!r})
+"""
+
+
+@pytest.mark.slow
+def test_scan_killed_mid_way_and_resumed_equals_uninterrupted(tiny_gpt2, tiny_model_dir, tmp_path):
+    out = tmp_path / "killed"
+    script = CHILD.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir("gpt2")), out=str(out),
+                          options=OPTIONS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / "checkpoint.safetensors"
+    deadline = time.time() + 240
+    from lens.scan.storage import read_checkpoint
+
+    while time.time() < deadline:
+        if child.poll() is not None:
+            pytest.fail(f"the child finished before it could be killed: {child.stderr.read().decode()[-2000:]}")
+        if checkpoint.exists():
+            done = read_checkpoint(out)[1]["shards"]
+            if len(done) >= 2:
+                break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    done = read_checkpoint(out)[1]["shards"]
+    assert 2 <= len(done) < len(SCAN_CORPUS) * 3 / OPTIONS["shard_size"]
+    with pytest.raises(ScanError, match="resume=True"):
+        lens.scan(tiny_gpt2, SCAN_CORPUS * 3, out=out, **OPTIONS)  # refuses to overwrite, says how to continue
+    resumed = lens.scan(tiny_gpt2, SCAN_CORPUS * 3, out=out, resume=True, **OPTIONS)
+    whole = lens.scan(tiny_gpt2, SCAN_CORPUS * 3, out=tmp_path / "whole", **OPTIONS)
+    assert_same_scan(resumed, whole)
+    assert not checkpoint.exists()
+
+
+def test_resume_with_a_different_model_or_corpus_is_refused_and_keeps_the_checkpoint(tiny_gpt2, tiny_model_dir, tmp_path):
+    out = tmp_path / "partial"
+    corpus = list(SCAN_CORPUS) + [42] + ["after the bad item"]
+    with pytest.raises(CorpusError, match="not text"):
+        lens.scan(tiny_gpt2, corpus, out=out, **OPTIONS)
+    checkpoint = out / "checkpoint.safetensors"
+    assert checkpoint.exists()
+    before = sha256_file(checkpoint)
+    other = lens.load(tiny_model_dir("llama"))
+    with pytest.raises(ScanError, match="different model"):
+        lens.scan(other, corpus, out=out, resume=True, **OPTIONS)
+    changed = ["changed"] + corpus[1:]
+    with pytest.raises(ScanError, match="differs from the one checkpointed"):
+        lens.scan(tiny_gpt2, changed, out=out, resume=True, **OPTIONS)
+    with pytest.raises(ScanError, match="different options"):
+        lens.scan(tiny_gpt2, corpus, out=out, resume=True, **{**OPTIONS, "top_k": 5})
+    assert sha256_file(checkpoint) == before  # nothing checkpointed was lost
+    fixed = list(SCAN_CORPUS) + ["42"] + ["after the bad item"]
+    done = lens.scan(tiny_gpt2, fixed, out=out, resume=True, **OPTIONS)
+    whole = lens.scan(tiny_gpt2, fixed, out=tmp_path / "whole", **OPTIONS)
+    assert_same_scan(done, whole)
+
+
+def test_bad_corpora_raise_errors_that_name_the_fix(tiny_gpt2, tmp_path):
+    bad_utf8 = tmp_path / "latin1.txt"
+    bad_utf8.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text")
+    (folder / "gone.txt").symlink_to(tmp_path / "does-not-exist.txt")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "one"}\n{"body": "two"}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (bad_utf8, {}, "re-encode it as UTF-8|encoding="),
+        (folder, {}, "cannot read"),
+        (tmp_path / "missing.txt", {}, "no file or folder"),
+        (tmp_path / "nofiles", {}, "no file or folder"),
+        (jsonl, {}, "field="),
+        (jsonl, {"field": "text"}, "has no field 'text'"),
+        (jsonl, {"field": "title"}, "has no field 'title'"),
+        ([], {}, "empty corpus"),
+        (empty, {}, "no documents with text"),
+        (["ok", None], {}, "not text"),
+        ([b"bytes"], {}, "not text"),
+        ({"a": "b"}, {}, "dict"),
+        (12, {}, "cannot read a corpus"),
+        ("a single string", {}, "single string"),
+    ]
+    for i, (corpus, kwargs, message) in enumerate(cases):
+        with pytest.raises(LensError, match=message):
+            lens.scan(tiny_gpt2, corpus, out=tmp_path / f"out{i}", **kwargs, **OPTIONS)
+    import pandas as pd
+
+    with pytest.raises(CorpusError, match="field="):
+        lens.scan(tiny_gpt2, pd.DataFrame({"body": ["x"]}), out=tmp_path / "df", **OPTIONS)
+    with pytest.raises(ConfigError, match="layers"):
+        lens.scan(tiny_gpt2, ["x"], layers=[7], out=tmp_path / "cfg", **OPTIONS)
+
+
+def test_every_corpus_form_reads_the_same_documents(tiny_gpt2, tmp_path):
+    import json
+
+    import pandas as pd
+
+    docs = SCAN_CORPUS[:5]
+    lines = tmp_path / "docs.txt"
+    lines.write_text("\n".join(docs) + "\n\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i:02d}.txt").write_text(d)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    forms = [(docs, {}), (lines, {}), (folder, {}), (jsonl, {"field": "text"}),
+             (pd.DataFrame({"text": docs}), {"field": "text"}), (iter(docs), {}), ((d for d in docs), {})]
+    try:
+        import datasets
+
+        forms.append((datasets.Dataset.from_dict({"text": docs}), {"field": "text"}))
+    except ImportError:
+        pass
+    fingerprints = set()
+    for i, (corpus, kwargs) in enumerate(forms):
+        s = lens.scan(tiny_gpt2, corpus, out=tmp_path / f"s{i}", **kwargs, **OPTIONS)
+        assert s.documents == 5
+        fingerprints.add(s.manifest["corpus"]["sha256"])
+    assert len(fingerprints) == 1
+
+
+def test_long_documents_are_windowed_never_cut(tiny_gpt2, tmp_path):
+    from lens.scan.corpus import windows
+
+    for n, size, stride in [(10, 4, 3), (50, 12, 8), (13, 12, 12), (40, 12, 1), (12, 12, 5)]:
+        for first in (False, True):
+            ws = windows(0, list(range(n)), size, stride, repeat_first=first)
+            counted = [w.position(i) for w in ws for i in range(w.keep, len(w.ids))]
+            assert counted == list(range(n)), (n, size, stride, first)
+            assert all(len(w.ids) <= size for w in ws)
+            if first:
+                assert all(w.ids[0] == 0 for w in ws)
+    long = " ".join(["tokens keep coming"] * 60)
+    s = lens.scan(tiny_gpt2, [long], out=tmp_path / "long", **OPTIONS)
+    n_tokens = len(tiny_gpt2.tokenizer(long)["input_ids"]) + 1  # + the BOS lens prepends for GPT-2
+    assert s.tokens == n_tokens and s.windows > 1

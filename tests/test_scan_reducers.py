@@ -1,0 +1,115 @@
+"""Streaming reducers of lens.scan equal a brute-force computation over every activation, for any sharding
+merged in any order (docs/definitions.md, "Corpus scans")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scan_support import SCAN_CORPUS, brute_force, reference_state, topk_from_state
+
+import lens
+from lens.scan.config import parse_config
+from lens.scan.reducers import BIN_TO_GROUP, HIST_EDGES, N_BINS, ZERO_BIN, bin_edges, merge_state, moments_merge
+from lens.scan.worker import ShardWorker, empty_state
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir):
+    torch.set_num_threads(1)
+    return lens.load(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    cfg = parse_config(tiny_llama, layers=None, top_k=5, context=(3, 2), samples=2, batch_size=1, max_len=12,
+                       stride=8, shard_size=1, epsilon=0.3, tau=5.0, massive_abs=100.0, massive_rel=1000.0,
+                       prepend_bos=None)
+    worker = ShardWorker(tiny_llama, cfg)
+    docs = list(enumerate(SCAN_CORPUS))
+    per_doc = [worker.run_shard(i, [d])[0] for i, d in enumerate(docs)]
+    ref = reference_state(brute_force(tiny_llama, cfg, SCAN_CORPUS), cfg)
+    return tiny_llama, cfg, per_doc, ref
+
+
+def _partition(n: int, parts: int, rng) -> list[list[int]]:
+    cuts = sorted(rng.choice(np.arange(1, n), size=parts - 1, replace=False)) if parts > 1 else []
+    bounds = [0, *cuts, n]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_any_sharding_in_any_order_equals_brute_force(setup, parts):
+    lm, cfg, per_doc, ref = setup
+    rng = np.random.default_rng(parts)
+    for trial in range(2):
+        shards = []
+        for docs in _partition(len(per_doc), parts, rng):
+            state = empty_state(lm, cfg)
+            for d in docs:
+                state = merge_state(state, per_doc[d], top_k=cfg.top_k, samples=cfg.samples)
+            shards.append(state)
+        state = empty_state(lm, cfg)
+        for i in rng.permutation(len(shards)):  # any order
+            state = merge_state(state, shards[i], top_k=cfg.top_k, samples=cfg.samples)
+        assert (state["neuron.count"] == ref["count"]).all()
+        np.testing.assert_allclose(state["neuron.mean"], ref["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(state["neuron.m2"] / ref["count"], ref["var"], rtol=1e-8, atol=1e-12)
+        np.testing.assert_array_equal(state["neuron.min"], ref["min"])
+        np.testing.assert_array_equal(state["neuron.max"], ref["max"])
+        np.testing.assert_array_equal(state["neuron.positive"], ref["positive"])
+        np.testing.assert_array_equal(state["neuron.hist"], ref["hist"])
+        L, M = state["neuron.mean"].shape
+        ties = 0
+        for l in range(L):
+            for m in range(M):
+                got = topk_from_state(state, l, m)
+                assert got == ref["topk"][(l, m)], (l, m)
+                values = [v for v, _, _ in got]
+                ties += len(values) - len(set(values))
+        assert ties > 100, "the corpus should plant many exact ties"
+        # reservoirs: per (neuron, group) the `samples` lowest priorities among its tokens
+        for l in range(L):
+            for m in range(0, M, 7):
+                groups = BIN_TO_GROUP[ref["bins"][l, :, m]]
+                for g in range(groups.max() + 1):
+                    want = np.sort(ref["priority"][groups == g])[: cfg.samples]
+                    got = state["sample.priority"][l, m, g]
+                    assert list(got[got < np.iinfo(np.int64).max]) == list(want), (l, m, g)
+
+
+def test_the_whole_scan_equals_brute_force_too(setup, tmp_path):
+    lm, cfg, per_doc, ref = setup
+    s = lens.scan(lm, SCAN_CORPUS, out=tmp_path / "s", top_k=5, context=(3, 2), samples=2, batch_size=3, max_len=12,
+                  stride=8, shard_size=4, progress=False)
+    assert s.tokens == ref["count"] and s.documents == len(SCAN_CORPUS)
+    np.testing.assert_allclose(s.arrays["neuron.mean"], ref["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.std() ** 2, ref["var"], rtol=1e-4, atol=1e-7)
+    assert (s.arrays["neuron.hist"].sum(-1) == ref["count"]).all()
+    frame = s.examples(1, 17)
+    want = ref["topk"][(1, 17)]
+    assert [int(d) for d in frame["doc"]] == [d for _, d, _ in want]  # batching changes no document choice here
+    assert (frame["context_ids"].map(len) == 6).all()
+
+
+def test_histogram_edges_are_fixed_and_cover_every_value():
+    lower, upper = bin_edges()
+    assert len(lower) == N_BINS and lower[ZERO_BIN] == upper[ZERO_BIN] == 0
+    assert np.all(np.diff(lower[np.isfinite(lower)]) >= 0) and np.all(np.diff(upper[np.isfinite(upper)]) >= 0)
+    values = torch.tensor([-2e4, -1e4, -3.0, -1e-5, 0.0, 1e-5, 1e-4, 0.5, 3.0, 1e4, 5e4])
+    from lens.scan.reducers import hist_bins
+
+    bins = hist_bins(values).numpy()
+    for v, b in zip(values.tolist(), bins):
+        assert (lower[b] <= v <= upper[b]) if v != 0 else b == ZERO_BIN
+    assert len(HIST_EDGES) == 33
+
+
+def test_chan_merge_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3, 2, size=1000)
+    parts = np.split(x, [10, 400, 401])
+    n, mean, m2 = 0, 0.0, 0.0
+    for p in parts:
+        n, mean, m2 = moments_merge(n, mean, m2, len(p), p.mean(), ((p - p.mean()) ** 2).sum())
+    assert n == 1000 and np.isclose(mean, x.mean()) and np.isclose(m2 / n, x.var())
