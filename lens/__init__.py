@@ -27,6 +27,8 @@ from lens.errors import (
     CorpusError,
     ScanError,
     ScanFormatError,
+    BankFormatError,
+    BankMismatchError,
 )
 from lens.run import Run
 
@@ -49,15 +51,12 @@ _LAZY = {
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
-<<<<<<< HEAD
-    "TextBank": "lens.analysis",
-=======
     "neurons": "lens.analysis",
     "NeuronResult": "lens.analysis",
     "scan": "lens.scan",
     "Scan": "lens.scan",
     "ScanCompareResult": "lens.scan",
->>>>>>> main
+    "TextBank": "lens.analysis",
 }
 
 
@@ -82,15 +81,12 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
-<<<<<<< HEAD
-    "TextBank",
-=======
     "neurons",
     "NeuronResult",
     "scan",
     "Scan",
     "ScanCompareResult",
->>>>>>> main
+    "TextBank",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -110,4 +106,6 @@ __all__ = [
     "CorpusError",
     "ScanError",
     "ScanFormatError",
+    "BankFormatError",
+    "BankMismatchError",
 ]
