@@ -57,6 +57,10 @@ _LAZY = {
     "Scan": "lens.scan",
     "ScanCompareResult": "lens.scan",
     "TextBank": "lens.analysis",
+    "visual_tokens": "lens.analysis",
+    "VisualTokens": "lens.analysis",
+    "interpretability": "lens.analysis",
+    "InterpretabilityResult": "lens.analysis",
 }
 
 
@@ -87,6 +91,10 @@ __all__ = [
     "Scan",
     "ScanCompareResult",
     "TextBank",
+    "visual_tokens",
+    "VisualTokens",
+    "interpretability",
+    "InterpretabilityResult",
     "Sparse",
     "QuantConfig",
     "Run",

@@ -122,7 +122,8 @@ class TypeReservoirs:
             if key in held:
                 self.duplicates += 1
                 continue
-            s = int(slot[i])
+            # no cap: every new context takes the next row (skipped duplicates leave no gap)
+            s = len(self.rows_of.get(t, ())) if self.cap is None else int(slot[i])
             row = self._row(t, s)
             old = int(self.key[row]) if self.type_of[row] >= 0 else None
             if old is not None and held.get(old) == s:

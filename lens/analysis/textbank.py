@@ -51,7 +51,7 @@ from lens.analysis.search import DTYPES, IVFIndex, VectorStore, exact_topk, norm
 from lens.errors import BankFormatError, BankMismatchError, ConfigError, InputError
 from lens.models.signature import SAME_MODEL_AGREEMENT, signature_agreement
 
-__all__ = ["TextBank", "SCHEMA", "model_identity"]
+__all__ = ["TextBank", "SCHEMA", "model_identity", "sample_corpus"]
 
 SCHEMA = "lens.textbank/1"
 _MANIFEST = "bank.json"
@@ -95,6 +95,15 @@ def check_same_model(bank_model: dict, run_meta: dict, *, what: str = "this run"
 
 
 # -- corpus ---------------------------------------------------------------------------------------------
+
+
+def sample_corpus() -> list[str]:
+    """5,000 real English sentences shipped with lens for small banks offline: a sample of the LatentLens
+    corpus (``latentlens`` 0.1.0 ``data/concepts.txt``, MIT), described in ``lens/analysis/data/README.md``
+    (it over-represents sentences with colour and shape words). Example: ``lens.TextBank.build(lm,
+    sample_corpus()[:500], layers=[8])``."""
+    path = Path(__file__).with_name("data") / "concepts_sample.txt"
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _iter_corpus(corpus) -> tuple[Iterator[str], int | None, dict[str, Any]]:
@@ -367,7 +376,9 @@ class TextBank:
         renumber = {int(s): i for i, s in enumerate(used.tolist())}
         vectors = np.concatenate([p["vectors"] for p in parts.values()])
         token_id = np.concatenate([p["token_id"] for p in parts.values()]).astype(np.int32)
-        vocab = {int(t): model.tokenizer.decode([int(t)]) for t in np.unique(token_id).tolist()}
+        # the bank's token types; with the lenses, every id (the baselines read any token of the vocabulary)
+        wanted = range(int(model.model.get_input_embeddings().num_embeddings)) if lenses else np.unique(token_id).tolist()
+        vocab = {int(t): model.tokenizer.decode([int(t)]) for t in wanted}
         meta = {
             "per_type_cap": per_type_cap, "seed": int(seed), "skip_first": bool(skip_first), "max_tokens": int(max_tokens),
             "corpus": described, "n_texts": n_texts, "n_empty": n_empty, "truncated": n_truncated,

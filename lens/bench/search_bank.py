@@ -29,12 +29,11 @@ CONCEPTS_SHA256 = "f698a2682c0a3fd97764a339a65a3ebdd0780f78a4741df34bead1b711690
 
 
 def bench_cache_dir() -> Path:
-    """lens's cache folder: ``$LENS_CACHE``, else ``$XDG_CACHE_HOME/lens``, else ``~/.cache/lens``."""
-    env = os.environ.get("LENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lens"
+    """lens's cache folder (``lens.models.cache.cache_dir``: ``$LENS_CACHE``, else ``$XDG_CACHE_HOME/lens``,
+    else ``~/.cache/lens``)."""
+    from lens.models.cache import cache_dir
+
+    return cache_dir()
 
 
 def concepts_path() -> Path:
