@@ -173,8 +173,10 @@ def test_save_load_round_trip(minilm_bank, tmp_path, dtype):
     assert back.context(5) == bank.context(5)
     q = bank.store.rows(0, 4).numpy()
     np.testing.assert_array_equal(back.search(q, k=3).ids, bank.search(q, k=3).ids)
-    if dtype == "int8":  # int8 + one float32 scale per row: about half the float16 bytes
-        assert bank.store.nbytes / minilm_bank.store.nbytes < 0.51
+    if dtype == "int8":  # int8 + one float32 scale per row (+ one per dimension): about half the float16 bytes
+        per_entry = bank.store.nbytes - bank.store.dim_scales.nbytes
+        assert per_entry / minilm_bank.store.nbytes < 0.51
+        np.testing.assert_array_equal(back.store.dim_scales, bank.store.dim_scales)
 
 
 def test_int8_bank_keeps_unit_rows_and_neighbours(minilm_bank):

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from lens.analysis.search import IVFIndex, VectorStore
+from lens.analysis.ivf import IVFIndex
+from lens.analysis.search import VectorStore
 from lens.atomic import atomic_path, atomic_write_text, sha256_file
 from lens.errors import BankFormatError, MissingDependencyError
 
@@ -67,13 +68,13 @@ def save_bank(bank, folder: str | os.PathLike) -> Path:
     }
     if bank.store.kind == "int8":
         arrays["codes"], arrays["scales"] = bank.store.data, bank.store.scales.astype(np.float32)
+        arrays["dim_scales"] = bank.store.dim_scales.astype(np.float32)
     else:
         arrays["vectors"] = bank.store.data.astype(np.float16)
     if bank.lenses is not None:
         arrays.update(bank.lenses.arrays())
     if bank.index is not None:
-        arrays.update({"ivf.centroids": bank.index.centroids, "ivf.order": bank.index.order,
-                       "ivf.list_offsets": bank.index.list_offsets})
+        arrays.update(bank.index.arrays())
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     files = {"vectors": _write(folder, "vectors", "safetensors", lambda p: save_file(arrays, p))}
     texts = pa.table({
@@ -189,13 +190,12 @@ def load_bank(folder: str | os.PathLike):
     except Exception as exc:  # checksums matched, so this is a file lens did not write
         raise BankFormatError(f"{str(path)!r} could not be read ({type(exc).__name__}: {exc}); build the bank again") from exc
     if "codes" in arrays:
-        store = VectorStore("int8", arrays["codes"], arrays["scales"])
+        store = VectorStore("int8", arrays["codes"], arrays["scales"], arrays["dim_scales"])
     else:
         store = VectorStore("float16", arrays["vectors"])
     index = None
     if "ivf.centroids" in arrays:
-        index = IVFIndex(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"],
-                         int((manifest.get("index") or {}).get("nprobe") or 16))
+        index = IVFIndex.from_arrays(arrays, int((manifest.get("index") or {}).get("nprobe") or 32))
     lenses = VocabularyLenses.from_arrays(arrays, manifest["lenses"]) if manifest.get("lenses") else None
     columns = texts.to_pydict()
     bank = TextBank(

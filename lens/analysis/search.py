@@ -1,4 +1,4 @@
-"""Nearest-neighbour search over a text bank: exact (chunked matmul + top-k) and approximate (FAISS IVF).
+"""Nearest-neighbour search over a text bank: the vector store and exact search (chunked matmul + top-k).
 
 docs/definitions.md, "Visual tokens / LatentLens": a query (a hidden state) is compared by cosine with every
 entry of every bank layer and the neighbours are **merged into one global top-k** (Krojer et al. 2026). Because
@@ -10,12 +10,7 @@ whatever the bank size; scores are float32 dot products of the L2-normalized que
 rows, or int8 codes × per-row scale, both widened to float32). **Ties**: results are ordered by score
 descending, then by bank row ascending; rows with equal float32 scores are ordered by row.
 
-Approximate search (``IVFIndex``): FAISS k-means (``faiss.Kmeans``, spherical) splits the bank into ``nlist``
-inverted lists; a query scans the ``nprobe`` lists whose centroids are closest (``faiss.IndexFlatIP``), and the
-candidates' scores are computed from the bank's own rows — so every score it returns is exact, and only
-neighbours in unscanned lists can be missed. The lists are FAISS's clustering over lens's own storage (the
-int8 rows of a quantized bank are not copied into a second FAISS-owned code book); recall against exact is
-measured by ``IVFIndex.recall`` and reported by ``lens bench search``.
+Approximate search lives in ``lens.analysis.ivf`` (an inverted-file index whose lists are contiguous int8 rows).
 
 Example::
 
@@ -31,29 +26,37 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lens.errors import ConfigError, MissingDependencyError
+from lens.errors import ConfigError
 
-__all__ = ["VectorStore", "exact_topk", "normalize_queries", "merge_topk", "IVFIndex", "recall_at_k"]
+__all__ = ["VectorStore", "exact_topk", "normalize_queries", "merge_topk", "recall_at_k"]
 
 DTYPES = ("float16", "int8")
 
 
 @dataclass
 class VectorStore:
-    """The bank's unit vectors: float16 rows, or int8 codes with a float32 scale per row.
+    """The bank's unit vectors: float16 rows, or int8 codes with a float32 scale per row and per dimension.
 
-    int8 rows come from ``lens.kernels.lowbit.Int8Codec`` (per-row symmetric, ``scale = max|x| / 127``,
-    round half to even); the stored scale is then divided by the norm of the dequantized row, so that every
-    dequantized row has unit norm again and a dot product is a cosine. 8 + 32/d bits per value.
+    int8: hidden states of language models carry **massive activations** — a few dimensions hundreds of times
+    larger than the rest (Sun et al. 2024) — so a per-row scale alone (set by the largest value) would leave the
+    other dimensions a handful of levels. Each dimension is first divided by its largest magnitude over the
+    bank (``dim_scales`` [d], smoothing in the manner of SmoothQuant), then each row is quantized by
+    ``lens.kernels.lowbit.Int8Codec`` (per-row symmetric, ``scale = max|x| / 127``, round half to even), and the
+    row scale is divided by the norm of the dequantized row so that every row has unit norm again and a dot
+    product is a cosine. Row r is ``codes[r] · scales[r] · dim_scales``; a query is multiplied by
+    ``dim_scales`` once, so scoring reads only the codes (``dot``). 8 + 32/d bits per value, + 4·d bytes.
     """
 
     kind: str
     data: np.ndarray  # [n, d] float16 or int8
     scales: np.ndarray | None = None  # [n] float32 (int8 only)
+    dim_scales: np.ndarray | None = None  # [d] float32 (int8 only)
 
     @classmethod
-    def from_float(cls, vectors: np.ndarray, kind: str = "float16", *, chunk_rows: int = 65536) -> "VectorStore":
-        """Store unit vectors ``[n, d]`` as ``kind`` ("float16" or "int8")."""
+    def from_float(cls, vectors: np.ndarray, kind: str = "float16", *, chunk_rows: int = 65536,
+                   dim_scales: np.ndarray | None = None) -> "VectorStore":
+        """Store unit vectors ``[n, d]`` as ``kind`` ("float16" or "int8"; ``dim_scales`` default: per-dimension
+        max magnitude of ``vectors``)."""
         if kind not in DTYPES:
             raise ConfigError(f"bank dtype must be one of {DTYPES}; got {kind!r}")
         vectors = np.asarray(vectors)
@@ -63,17 +66,36 @@ class VectorStore:
 
         codec = Int8Codec()
         n, d = vectors.shape
+        if dim_scales is None:
+            dim_scales = np.zeros(d, dtype=np.float32)
+            for start in range(0, n, chunk_rows):
+                part = np.abs(vectors[start : start + chunk_rows]).max(axis=0) if n else 0
+                dim_scales = np.maximum(dim_scales, np.asarray(part, dtype=np.float32))
+            dim_scales = np.where(dim_scales > 0, dim_scales, 1.0).astype(np.float32)
+        dims = torch.from_numpy(np.asarray(dim_scales, dtype=np.float32))
         codes = np.empty((n, d), dtype=np.int8)
         scales = np.empty(n, dtype=np.float32)
         for start in range(0, n, chunk_rows):
-            x = torch.from_numpy(np.ascontiguousarray(vectors[start : start + chunk_rows], dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(vectors[start : start + chunk_rows], dtype=np.float32)) / dims
             packed = codec.quantize(x)
-            deq = codec.dequantize(packed)
+            deq = codec.dequantize(packed) * dims
             norm = deq.norm(dim=1)
             scale = packed.data["scales"] / torch.where(norm > 0, norm, torch.ones_like(norm))
             codes[start : start + len(x)] = packed.data["codes"].numpy()
             scales[start : start + len(x)] = scale.numpy()
-        return cls("int8", codes, scales)
+        return cls("int8", codes, scales, dims.numpy())
+
+    def prepare(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries ``[q, d]`` (unit rows) as ``dot`` reads them: multiplied by ``dim_scales`` for int8."""
+        return queries if self.dim_scales is None else queries * torch.from_numpy(self.dim_scales)
+
+    def dot(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Cosines ``[q, stop − start]`` of prepared queries with rows ``start:stop`` (float32)."""
+        x = torch.from_numpy(self.data[start:stop]).float()
+        scores = prepared @ x.T
+        if self.scales is not None:
+            scores.mul_(torch.from_numpy(self.scales[start:stop]).unsqueeze(0))
+        return scores
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -84,13 +106,13 @@ class VectorStore:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0))
+        return int(self.data.nbytes + sum(a.nbytes for a in (self.scales, self.dim_scales) if a is not None))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as a float32 tensor ``[stop − start, d]``."""
         x = torch.from_numpy(self.data[start:stop]).float()
         if self.scales is not None:
-            x.mul_(torch.from_numpy(self.scales[start:stop]).unsqueeze(1))
+            x.mul_(torch.from_numpy(self.scales[start:stop]).unsqueeze(1)).mul_(torch.from_numpy(self.dim_scales))
         return x
 
     def take(self, ids: np.ndarray) -> torch.Tensor:
@@ -98,7 +120,7 @@ class VectorStore:
         ids = np.asarray(ids, dtype=np.int64)
         x = torch.from_numpy(self.data[ids.reshape(-1)]).float()
         if self.scales is not None:
-            x.mul_(torch.from_numpy(self.scales[ids.reshape(-1)]).unsqueeze(1))
+            x.mul_(torch.from_numpy(self.scales[ids.reshape(-1)]).unsqueeze(1)).mul_(torch.from_numpy(self.dim_scales))
         return x.reshape(*ids.shape, self.dim)
 
     def astype(self, kind: str) -> "VectorStore":
@@ -112,7 +134,7 @@ class VectorStore:
         return VectorStore.from_float(self.data, kind)
 
     def subset(self, ids: np.ndarray) -> "VectorStore":
-        return VectorStore(self.kind, self.data[ids], None if self.scales is None else self.scales[ids])
+        return VectorStore(self.kind, self.data[ids], None if self.scales is None else self.scales[ids], self.dim_scales)
 
 
 def normalize_queries(queries) -> torch.Tensor:
@@ -171,12 +193,13 @@ def exact_topk(store: VectorStore, queries, k: int, *, ranges: Sequence[tuple[in
     total = sum(b - a for a, b in ranges)
     if k < 1 or k > total:
         raise ConfigError(f"k={k} but the searched part of the bank holds {total} entries; ask for 1 ≤ k ≤ {total}")
+    prepared = store.prepare(q)
     best_s = torch.full((q.shape[0], 0), -torch.inf)
     best_i = torch.full((q.shape[0], 0), -1, dtype=torch.long)
     for start, stop in ranges:
         for a in range(start, stop, chunk_rows):
             b = min(a + chunk_rows, stop)
-            scores = q @ store.rows(a, b).T
+            scores = store.dot(prepared, a, b)
             best_s, best_i = merge_topk((best_s, best_i), _chunk_topk(scores, a, k), k)
     return best_s.numpy(), best_i.numpy()
 
@@ -186,109 +209,3 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     found, truth = np.asarray(found), np.asarray(truth)
     hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
     return float(np.sum(hits) / truth.size) if truth.size else float("nan")
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "approximate search needs FAISS: pip install 'lens-interp[latent]' (or pip install faiss-cpu); "
-            "exact search (method='exact') needs nothing more"
-        ) from exc
-    return faiss
-
-
-@dataclass
-class IVFIndex:
-    """Inverted lists over a bank's rows (see the module docstring): ``centroids`` ``[nlist, d]`` float32,
-    ``order`` ``[n]`` int64 (bank rows grouped by list) and ``list_offsets`` ``[nlist + 1]``.
-
-    Build it with ``IVFIndex.train(store)``; search with ``search(store, queries, k, nprobe=...)``.
-    """
-
-    centroids: np.ndarray
-    order: np.ndarray
-    list_offsets: np.ndarray
-    nprobe: int = 16
-
-    @property
-    def nlist(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.centroids.nbytes + self.order.nbytes + self.list_offsets.nbytes)
-
-    @classmethod
-    def train(cls, store: VectorStore, *, nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
-              sample: int = 262144, niter: int = 20, chunk_rows: int = 65536) -> "IVFIndex":
-        """Cluster the bank with FAISS's spherical k-means and assign every row to its nearest centroid.
-
-        ``nlist`` defaults to ≈ 4·√n (FAISS's guideline range is 4·√n … 16·√n); k-means trains on at most
-        ``sample`` rows drawn with ``seed``. ``nprobe`` (lists scanned per query) defaults to ``max(1, nlist // 16)``.
-        """
-        faiss = _faiss()
-        n, d = len(store), store.dim
-        if n == 0:
-            raise ConfigError("cannot index an empty bank")
-        nlist = int(nlist or max(1, min(n // 39, round(4 * np.sqrt(n)))))
-        nlist = max(1, min(nlist, n))
-        rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(n, size=min(n, max(sample, nlist * 39)), replace=False))
-        train = np.ascontiguousarray(store.take(pick).numpy(), dtype=np.float32)
-        kmeans = faiss.Kmeans(d, nlist, niter=niter, spherical=True, seed=int(seed), verbose=False,
-                              min_points_per_centroid=1, max_points_per_centroid=max(256, len(train) // nlist + 1))
-        kmeans.train(train)
-        centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
-        quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(centroids)
-        assign = np.empty(n, dtype=np.int64)
-        for a in range(0, n, chunk_rows):
-            x = np.ascontiguousarray(store.rows(a, min(a + chunk_rows, n)).numpy())
-            assign[a : a + len(x)] = quantizer.search(x, 1)[1][:, 0]
-        order = np.argsort(assign, kind="stable")
-        offsets = np.searchsorted(assign[order], np.arange(nlist + 1)).astype(np.int64)
-        return cls(centroids, order.astype(np.int64), offsets, int(nprobe or max(1, nlist // 16)))
-
-    def search(self, store: VectorStore, queries, k: int, *, nprobe: int | None = None,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate top-``k`` (scores exact for the rows returned; ids ordered like ``exact_topk``).
-
-        ``allowed``: optional boolean mask ``[n]`` of the rows that may be returned (e.g. some bank layers).
-        Rows are scanned list by list for the queries that probe that list; memory is O(queries × k × nprobe).
-        """
-        faiss = _faiss()
-        q = normalize_queries(queries)
-        nprobe = int(nprobe or self.nprobe)
-        nprobe = max(1, min(nprobe, self.nlist))
-        quantizer = faiss.IndexFlatIP(store.dim)
-        quantizer.add(self.centroids)
-        probes = quantizer.search(np.ascontiguousarray(q.numpy()), nprobe)[1]  # [nq, nprobe]
-        nq = q.shape[0]
-        cand_s = torch.full((nq, nprobe * k), -torch.inf)
-        cand_i = torch.full((nq, nprobe * k), -1, dtype=torch.long)
-        pairs_list = probes.reshape(-1)
-        pairs_query = np.repeat(np.arange(nq), nprobe)
-        pairs_slot = np.tile(np.arange(nprobe), nq)
-        by_list = np.argsort(pairs_list, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, pairs_list[by_list][1:] != pairs_list[by_list][:-1], True])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            sel = by_list[a:b]
-            lst = int(pairs_list[sel[0]])
-            rows = self.order[self.list_offsets[lst] : self.list_offsets[lst + 1]]
-            if allowed is not None:
-                rows = rows[allowed[rows]]
-            if len(rows) == 0:
-                continue
-            rows = np.sort(rows)
-            qs = torch.from_numpy(pairs_query[sel])
-            scores = q[qs] @ store.take(rows).T
-            vals, idx = _chunk_topk(scores, 0, k)
-            ids = torch.from_numpy(rows)[idx]
-            slots = torch.from_numpy(pairs_slot[sel])
-            cols = (slots * k).unsqueeze(1) + torch.arange(vals.shape[1]).unsqueeze(0)
-            cand_s[qs.unsqueeze(1), cols] = vals
-            cand_i[qs.unsqueeze(1), cols] = ids
-        s, i = _order(cand_s, cand_i, k)
-        return s.numpy(), i.numpy()

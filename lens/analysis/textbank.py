@@ -12,10 +12,10 @@ Files (a folder; every file written atomically, the manifest last, each listed w
 ===========================  =================================================================================
 ``bank.json``                schema, model identity (id, shape, embedding signature), build settings, corpus
                              description, counts, and the name, size and sha256 of every other file
-``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] float32 —
+``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] + ``dim_scales`` [d] float32 —
                              and per entry ``layer`` int16, ``token_id`` int32, ``sentence`` int32,
                              ``position`` int32; optional ``vocab.*`` tables (``lens.analysis.vocab_lens``) and
-                             ``ivf.*`` (``lens.analysis.search.IVFIndex``)
+                             ``ivf.*`` (``lens.analysis.ivf.IVFIndex``)
 ``texts-<sha>.parquet``      one row per sentence: ``sentence``, ``text``, ``token_start``/``token_end`` (character
                              offsets of every token of the sentence as the model tokenized it)
 ``tokens-<sha>.parquet``     ``token_id`` → ``token`` (the tokenizer's decoding of that one id)
@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from lens.analysis.reservoir import TypeReservoirs
-from lens.analysis.search import DTYPES, IVFIndex, VectorStore, exact_topk, normalize_queries
+from lens.analysis.ivf import IVFIndex
+from lens.analysis.search import DTYPES, VectorStore, exact_topk, normalize_queries
 from lens.errors import BankFormatError, BankMismatchError, ConfigError, InputError
 from lens.models.signature import SAME_MODEL_AGREEMENT, signature_agreement
 
@@ -463,7 +464,7 @@ class TextBank:
             allowed = None
             if set(chosen) != set(self.layers):
                 allowed = np.isin(self.layer, np.asarray(chosen))
-            scores, ids = self.index.search(self.store, q, k, nprobe=nprobe, allowed=allowed)
+            scores, ids = self.index.search(q, k, nprobe=nprobe, allowed=allowed)
             short = (ids < 0).any(axis=1)
             if short.any():  # fewer than k candidates in the probed lists: answer those queries exactly
                 s2, i2 = exact_topk(self.store, q[torch.from_numpy(short)], k, ranges=ranges)
