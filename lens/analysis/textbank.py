@@ -99,8 +99,8 @@ def check_same_model(bank_model: dict, run_meta: dict, *, what: str = "this run"
 
 
 def sample_corpus() -> list[str]:
-    """5,000 real English sentences shipped with lens for small banks offline: a sample of the LatentLens
-    corpus (``latentlens`` 0.1.0 ``data/concepts.txt``, MIT), described in ``lens/analysis/data/README.md``
+    """5,000 real English sentences shipped with lens for small banks offline: a sample of the latentlens
+    package's concepts corpus (``latentlens`` 0.1.0 ``data/concepts.txt``, MIT), described in ``lens/analysis/data/README.md``
     (it over-represents sentences with colour and shape words). Example: ``lens.TextBank.build(lm,
     sample_corpus()[:500], layers=[8])``."""
     path = Path(__file__).with_name("data") / "concepts_sample.txt"

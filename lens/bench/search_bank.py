@@ -1,7 +1,7 @@
 """The benchmark bank of ``lens bench search``: ~10⁶ real contextual states of SmolLM2, built once and cached.
 
-Corpus: ``data/concepts.txt`` of the ``latentlens`` 0.1.0 wheel (MIT) — the LatentLens paper's own corpus of
-117,125 English sentences, a few about each of ~23,000 concepts. Sentences are taken in a seeded random order
+Corpus: ``data/concepts.txt`` of the ``latentlens`` 0.1.0 wheel (MIT) — the package's own corpus of 117,125
+English sentences, a few about each of ~23,000 concepts (the paper itself used ~3M Visual Genome phrases). Sentences are taken in a seeded random order
 until their countable tokens (not special, not position 0) times the number of bank layers reach the target
 entries; the bank keeps every distinct context (``per_type_cap=None``: a cap of 20 per type would need
 millions of tokens to reach 10⁶ entries). The bank is saved under ``$LENS_CACHE/banks/`` keyed by the model's

@@ -4,7 +4,7 @@
 What it does, in one run:
 
 1. builds (or loads from lens's cache) a ``lens.TextBank`` of the embedded SmolLM2 — the demo VLM's frozen
-   language model — over ``lens.analysis.textbank.sample_corpus()`` (5,000 sentences of the LatentLens corpus),
+   language model — over ``lens.analysis.textbank.sample_corpus()`` (5,000 sentences of the latentlens package's concepts corpus),
    at most 20 contexts per token type and layer, with the logit/embedding-lens tables;
 2. captions nothing: it runs the demo VLM (``lens.models.toyvlm``, a real ``LlavaForConditionalGeneration``)
    once per held-out generated scene (seed ``EVAL_SEED``, stream 1 — never seen in training) with
