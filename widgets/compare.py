@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import traitlets
 
-from lens.analysis.sinks import uniform_share
 from lens.errors import ConfigError
 from lens.run import Run
 
@@ -144,7 +143,8 @@ class CompareView(LensWidget):
 
     def _strip(self, run: Run, selection, hints) -> tuple[np.ndarray, np.ndarray, int]:
         mass = run.mass_received(selection["layer"], selection["head"], selection["seq"])
-        sinks = np.nonzero(mass > self._tau * uniform_share(mass.shape[0], run.causal))[0]
+        # sink tokens: τ × the uniform share under the model's own mask (sliding windows, padding, …)
+        sinks = np.nonzero(mass > self._tau * run.uniform_share(selection["layer"], selection["seq"]))[0]
         pooled, block = pool_profile(mass, hints.get("mass_bins"))
         return pooled, sinks, block
 
@@ -152,8 +152,8 @@ class CompareView(LensWidget):
         mass_a, sinks_a, block_a = self._strip(self._run_a, selection, hints)
         mass_b, sinks_b, block_b = self._strip(self._run_b, selection, hints)
         seq = selection["seq"]
-        tokens_a = [str(t) for t in self._run_a.tokens[seq]]
-        tokens_b = [str(t) for t in self._run_b.tokens[seq]]
+        tokens_a = self._run_a.token_labels(seq)
+        tokens_b = self._run_b.token_labels(seq)
         return {
             "tokens_a": tokens_a,
             "tokens_b": tokens_b,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import traitlets
 
-from lens.analysis.sinks import SinkResult, sinks, uniform_share
+from lens.analysis.sinks import SinkResult, sinks
 from lens.errors import ConfigError
 from lens.run import Run
 
@@ -127,12 +127,12 @@ class SinkMap(LensWidget):
         score = result.sink_score[seq] if selection["metric"] == "first" else result.special_mass[seq]
         mass = run.mass_received(layer, head, seq)
         length = mass.shape[0]
-        sink_keys = np.nonzero(mass > result.tau * uniform_share(length, run.causal))[0]
+        sink_keys = result.sink_tokens(layer, head, seq)  # τ × the uniform share under the model's own mask
         pooled, block = pool_profile(mass, hints.get("mass_bins"))
         return {
             "scores": f32(score),
-            "outline": u8(result.sink_score[seq] >= result.epsilon),
-            "tokens": [str(t) for t in run.tokens[seq]],
+            "outline": u8(result.sink_head_mask(seq)),  # score ≥ ε and ≥ 2 × u[0] of this sequence
+            "tokens": run.token_labels(seq),
             "special": u8(run.arrays["special"][run.span(seq)]),
             "mass": f32(pooled),
             "sink_keys": i32(sink_keys),

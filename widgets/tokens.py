@@ -170,7 +170,7 @@ class TokenView(LensWidget):
         run, seq = self._run, selection["seq"]
         sl = run.span(seq)
         values = self._values[sl] if self._whole_run else self._values
-        tokens = [str(t) for t in run.tokens[seq]]
+        tokens = run.token_labels(seq)
         texts, spaces = display_tokens(tokens)
         return {
             "tokens": tokens,

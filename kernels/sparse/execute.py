@@ -76,29 +76,43 @@ def sparse_attention(
 # Statistics
 
 
-def _query_count(base: _BaseMask, device) -> torch.Tensor:
-    """|Q_k| under the base mask (valid queries only), [B, Tk] float32 — as kernels.attention counts it."""
+def _mask_counts(base: _BaseMask, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|Q_k|, Σ_{q∈Q_k} 1/|K_q|) under the base mask (valid queries only), [B, Tk] float32 each.
+
+    The same quantities kernels.attention counts: the model's mask defines them, never the sparsity
+    pattern, so a sparse run's uniform share is the dense run's. Structured masks (causal and/or one
+    contiguous range of real keys) in O(T); any other mask (sliding windows, bidirectional blocks) chunked.
+    """
     batch, q_len, k_len = base.batch, base.q_len, base.k_len
     valid = base.query_valid.float()
     if base.structured:
+        ok = base.key_ok.float() if base.key_ok is not None else torch.ones(batch, k_len, device=device)
         if base.causal:
-            # queries q with q + offset >= k: a suffix of the rows
-            suffix = torch.cat([valid.flip(-1).cumsum(-1).flip(-1), torch.zeros(batch, 1, device=device)], dim=-1)
+            # query q sees the real keys k ≤ q + offset; key k is seen by the valid queries q ≥ k - offset
+            seen_by_query = ok.cumsum(-1)[:, (torch.arange(q_len, device=device) + base.offset).clamp(max=k_len - 1)]
+            inv = torch.where(seen_by_query > 0, valid / seen_by_query.clamp(min=1.0), 0.0).double()
             first = (torch.arange(k_len, device=device) - base.offset).clamp(0, q_len)
-            count = suffix[:, first]
+            zero = torch.zeros(batch, 1, device=device)
+            count = torch.cat([valid.flip(-1).cumsum(-1).flip(-1), zero], dim=-1)[:, first]
+            uniform = torch.cat([inv.flip(-1).cumsum(-1).flip(-1), zero.double()], dim=-1)[:, first].float()
         else:
+            n_keys = ok.sum(dim=-1, keepdim=True)
             count = valid.sum(dim=-1, keepdim=True).expand(batch, k_len)
-        if base.key_ok is not None:
-            count = count * base.key_ok.float()
-        return count.contiguous()
+            uniform = (valid / n_keys.clamp(min=1.0)).sum(dim=-1, keepdim=True).expand(batch, k_len)
+        return (count * ok).contiguous(), (uniform * ok).contiguous()
     allowed = base.allowed
     count = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
+    uniform = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
     rows = max(1, (1 << 24) // max(1, batch * allowed.shape[1] * k_len))
     for start in range(0, q_len, rows):
         chunk = allowed[..., start:start + rows, :]
-        counted = (chunk & base.query_valid[:, None, start:start + rows, None]).any(dim=1)
+        counted = (chunk & base.query_valid[:, None, start:start + rows, None]).any(dim=1)  # [B, rows, Tk]
         count += counted.sum(dim=1, dtype=torch.float32)
-    return count
+        seen = counted.float()
+        n_keys = seen.sum(dim=-1, keepdim=True)
+        inv = torch.where(n_keys > 0, 1.0 / n_keys.clamp(min=1.0), 0.0)
+        uniform += torch.matmul(inv.transpose(1, 2), seen).squeeze(1)
+    return count, uniform
 
 
 def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softcap, pattern_heads, chunk_size):
@@ -187,9 +201,11 @@ def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softca
             rows_out = torch.zeros(batch, len(pattern_heads), c * bq, k_pad, device=device)
             rows_out.scatter_(-1, where, sub)  # positions within a row are distinct: kept blocks differ
             patterns[:, :, r0:r1] = rows_out[:, :, : r1 - r0, :k_len]
+    query_count, uniform_sum = _mask_counts(base, device)
     return AttentionStats(
         key_mass=key_mass[..., :k_len].contiguous(),
-        query_count=_query_count(base, device),
+        query_count=query_count,
+        uniform_sum=uniform_sum,
         query_valid=base.query_valid,
         patterns=patterns,
         pattern_heads=pattern_heads,
@@ -216,7 +232,8 @@ def sparse_attention_with_stats(
     The output is the deployed kernel's (:func:`sparse_attention`, FlexAttention). The statistics are
     those of docs/definitions.md under sparsity — the softmax probabilities renormalized over the kept blocks:
     ``key_mass[b, h, k]`` = Σ over valid queries of those probabilities; ``query_count[b, k]`` = |Q_k|
-    under the *base* mask (so dense and sparse runs share one denominator); ``query_valid`` from the
+    and ``uniform_sum[b, k]`` = Σ_{q∈Q_k} 1/|K_q| under the *base* mask (so dense and sparse runs share one
+    denominator and one uniform share); ``query_valid`` from the
     mask diagonal; ``patterns`` [B, len(pattern_heads), Tq, Tk] for the heads asked for (the only
     O(T²) tensor, and only then); ``kept_fraction`` [B, H] from the selection. They are computed in a
     second pass that visits only the kept blocks, chunked over query blocks (``chunk_size`` query rows,

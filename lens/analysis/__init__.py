@@ -7,8 +7,9 @@ from lens.analysis.neurons import NeuronResult, neurons
 from lens.analysis.sinks import SinkResult, sinks
 from lens.analysis.textbank import TextBank
 from lens.analysis.valley import ValleyResult, valley
+from lens.analysis.vision import VisionResult, vision
 from lens.analysis.visual_tokens import VisualTokens, visual_tokens
 
 __all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "NeuronResult",
-           "neurons", "TextBank", "Neighbours", "visual_tokens", "VisualTokens", "interpretability",
-           "InterpretabilityResult"]
+           "neurons", "VisionResult", "vision", "TextBank", "Neighbours", "visual_tokens", "VisualTokens",
+           "interpretability", "InterpretabilityResult"]

@@ -9,35 +9,39 @@ import numpy as np
 
 from lens._display import html_card, short_model
 from lens.errors import ConfigError
-from lens.run import Run
+from lens.run import Run, plain_uniform_share
 
 __all__ = ["SinkResult", "sinks", "uniform_share"]
 
 
 def uniform_share(length: int, causal: bool) -> np.ndarray:
-    """The mass each key would receive if every query attended uniformly to the keys it may see.
+    """The uniform share of a *plain* mask (no padding, no window): what each key would receive if every
+    query attended uniformly to the keys it may see.
 
     Bidirectional: ``1/T`` for every key. Causal: key k is seen by queries q ≥ k, each spreading over
     q + 1 keys, so ``u[k] = (1/(T−k)) Σ_{q=k}^{T−1} 1/(q+1)``. Sink tokens are keys whose mass exceeds
-    τ times this share (docs/definitions.md#sink-tokens).
+    τ times their uniform share (docs/definitions.md#sink-tokens). A run's own share, measured from the model's
+    actual mask (sliding windows, bidirectional blocks, padding), is ``run.uniform_share(layer, seq)``:
+    use that for a traced run.
 
     Example: ``uniform_share(4, causal=False)`` → ``[0.25, 0.25, 0.25, 0.25]``.
     """
-    if not causal:
-        return np.full(length, 1.0 / length)
-    inv = 1.0 / np.arange(1, length + 1)
-    tail = np.cumsum(inv[::-1])[::-1]  # Σ_{q=k}^{T-1} 1/(q+1)
-    return tail / (length - np.arange(length))
+    return plain_uniform_share(length, causal)
 
 
 @dataclass
 class SinkResult:
     """Attention sinks and massive activations of a run. Arrays are per sequence; frames aggregate.
 
-    ``sink_score[s, ℓ, h]``: mean over queries of A[ℓ,h,q,0] — the mass received by the first token
-    (Gu et al. 2025; for causal models this is also the Queipo-de-Llano et al. sink score).
+    ``sink_score[s, ℓ, h]``: mean over the queries that may see token 0 (Q_0) of A[ℓ,h,q,0] — the mass
+    received by the first token (Gu et al. 2025; for causal models this is also the Queipo-de-Llano et al.
+    sink score).
+    ``uniform_first[s, ℓ]``: u[0], the share token 0 would get if every query attended uniformly to the keys
+    the model's mask lets it see (1/T for an encoder; ≈ ln(T)/T causal; ≈ 0.52 for a window of 4).
     ``special_mass[s, ℓ, h]``: mass received by all special tokens together (encoders: [CLS] + [SEP]).
-    ``sink_rate[ℓ]``: fraction of heads whose sink score (averaged over sequences) is ≥ ε.
+    ``is_sink_head[ℓ, h]``: sink score (averaged over sequences) ≥ ε *and* ≥ 2 × u[0] (averaged likewise) —
+    a head whose queries see only a few keys is not a sink head by chance.
+    ``sink_rate[ℓ]``: fraction of the layer's heads that are sink heads.
     ``first_norm[ℓ, s]`` / ``first_norm_ratio[ℓ, s]``: ‖X_ℓ[0]‖ and its ratio to the median norm of the
     other tokens, for residual layers 0..L.
     """
@@ -50,6 +54,8 @@ class SinkResult:
     sink_score: np.ndarray
     special_mass: np.ndarray
     sink_rate: np.ndarray
+    uniform_first: np.ndarray
+    is_sink_head: np.ndarray
     first_norm: np.ndarray
     first_norm_ratio: np.ndarray
 
@@ -60,24 +66,49 @@ class SinkResult:
 
     @property
     def sink_heads(self) -> list[tuple[int, int]]:
-        """(layer, head) pairs whose mean sink score is ≥ ε."""
-        layers, heads = np.nonzero(self.mean_sink_score >= self.epsilon)
+        """(layer, head) pairs that are sink heads (``is_sink_head``)."""
+        layers, heads = np.nonzero(self.is_sink_head)
         return list(zip(layers.tolist(), heads.tolist()))
+
+    def sink_head_mask(self, seq: int | None = None) -> np.ndarray:
+        """[L, H] bool: sink heads over the whole run (``seq=None``, same as ``is_sink_head``) or of one
+        sequence (its own sink score ≥ ε and ≥ 2 × its own u[0]).
+
+        Example: ``lens.sinks(run).sink_head_mask(seq=1).sum()`` — sink heads of sequence 1.
+        """
+        if seq is None:
+            return self.is_sink_head
+        score = self.sink_score[seq]
+        return (score >= self.epsilon) & (score >= 2.0 * self.uniform_first[seq][:, None])
+
+    def sink_tokens(self, layer: int, head: int, seq: int = 0) -> np.ndarray:
+        """Positions of the sink tokens of one head in one sequence: keys whose mass received exceeds τ × their
+        uniform share u[k] under the model's mask (docs/definitions.md#sink-tokens).
+
+        Example: ``lens.sinks(run).sink_tokens(0, 3)`` → ``array([0])``.
+        """
+        run = self.run
+        mass = run.mass_received(layer, head, seq)
+        return np.nonzero(mass > self.tau * run.uniform_share(layer, seq))[0]
 
     # -- tidy tables ------------------------------------------------------------------------------
     def to_frame(self, kind: str = "heads"):
         """A pandas DataFrame. ``kind``:
 
         * ``"heads"`` — one row per (layer, head): sink score (mean, min, max over sequences), special-token
-          mass, whether it is a sink head (score ≥ ε);
+          mass, the uniform share of token 0, whether it is a sink head (score ≥ ε and ≥ 2× that share);
         * ``"layers"`` — sink rate, mean and max sink score, first-token norm ratio, largest |activation|
           and its ratio to the median;
-        * ``"tokens"`` — one row per (sequence, layer, head, key): mass received, column sum, |Q_k|, uniform
-          share, ratio, sink-token flag (large: L·H·N rows);
+        * ``"tokens"`` — one row per (sequence, layer, head, key): token label, continuation flag, mass
+          received, column sum, |Q_k|, uniform share under the model's mask, ratio, sink-token flag (large:
+          L·H·N rows);
         * ``"sink_tokens"`` — only the rows of ``"tokens"`` flagged as sink tokens;
         * ``"massive"`` — the top-|x| entries per (layer, sequence) with position, dimension, token,
           ratio to the median, and whether they pass both massive-activation thresholds;
-        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence).
+        * ``"norms"`` — first-token norm, median norm of the others and their ratio per (layer, sequence);
+        * ``"modality"`` — per (layer, modality: text / image / special): tokens, mean mass received / uniform
+          share, fraction of (token, head) pairs that are sink tokens, mean residual norm
+          (docs/definitions.md#vision-language-models).
 
         Example: ``lens.sinks(run).to_frame("layers")``.
         """
@@ -90,6 +121,7 @@ class SinkResult:
             "sink_tokens": lambda: self._tokens_frame(only_sinks=True),
             "massive": self._massive_frame,
             "norms": self._norms_frame,
+            "modality": self._modality_frame,
         }
         if kind not in builders:
             raise ConfigError(f"kind must be one of {sorted(builders)}; got {kind!r}")
@@ -106,7 +138,8 @@ class SinkResult:
             "sink_score_min": score.min(0).ravel(),
             "sink_score_max": score.max(0).ravel(),
             "special_mass": self.special_mass.mean(0).ravel(),
-            "is_sink_head": (score.mean(0) >= self.epsilon).ravel(),
+            "uniform_share_first": np.repeat(self.uniform_first.mean(0), n_heads),
+            "is_sink_head": self.is_sink_head.ravel(),
         }
 
     def _layers_frame(self) -> dict[str, Any]:
@@ -133,16 +166,16 @@ class SinkResult:
         count = run.arrays["attn.query_count"]
         n_layers, n_heads, _ = key_mass.shape
         columns: dict[str, list] = {k: [] for k in (
-            "sequence", "layer", "head", "position", "token", "special", "mass", "column_sum", "query_count",
-            "uniform_share", "ratio_to_uniform", "is_sink_token")}
+            "sequence", "layer", "head", "position", "token", "continuation", "special", "mass", "column_sum",
+            "query_count", "uniform_share", "ratio_to_uniform", "is_sink_token")}
+        continuation = run.arrays.get("continuation", np.zeros(run.arrays["token_ids"].shape, dtype=bool))
         for seq in range(run.n_sequences):
             sl = run.span(seq)
-            length = sl.stop - sl.start
-            uniform = uniform_share(length, run.causal)
+            uniform = np.stack([run.uniform_share(layer, seq) for layer in range(n_layers)])  # [L, T]
             col = key_mass[:, :, sl]
             cnt = count[:, None, sl]
             mass = np.divide(col, cnt, out=np.zeros_like(col), where=cnt > 0)
-            ratio = mass / uniform[None, None, :]
+            ratio = mass / np.maximum(uniform[:, None, :], 1e-30)
             flags = ratio > self.tau
             select = flags if only_sinks else np.ones_like(flags)
             layer, head, pos = np.nonzero(select)
@@ -152,11 +185,12 @@ class SinkResult:
             columns["position"].append(pos)
             toks = np.asarray(run.tokens[seq], dtype=object)
             columns["token"].append(toks[pos])
+            columns["continuation"].append(continuation[sl][pos])
             columns["special"].append(run.arrays["special"][sl][pos])
             columns["mass"].append(mass[layer, head, pos])
             columns["column_sum"].append(col[layer, head, pos])
             columns["query_count"].append(np.broadcast_to(cnt, col.shape)[layer, head, pos])
-            columns["uniform_share"].append(uniform[pos])
+            columns["uniform_share"].append(uniform[layer, pos])
             columns["ratio_to_uniform"].append(ratio[layer, head, pos])
             columns["is_sink_token"].append(flags[layer, head, pos])
         return {k: (np.concatenate(v) if v else np.array([])) for k, v in columns.items()}
@@ -188,6 +222,11 @@ class SinkResult:
             "ratio_to_median": ratio.ravel(),
             "is_massive": ((magnitude > self.massive_abs) & (ratio > self.massive_rel)).ravel(),
         }
+
+    def _modality_frame(self) -> dict[str, Any]:
+        from lens.analysis.vision import modality_table
+
+        return modality_table(self.run, self.tau)
 
     def _norms_frame(self) -> dict[str, Any]:
         n_res, n_seq = self.first_norm.shape
@@ -244,11 +283,12 @@ class SinkResult:
     def summary(self) -> str:
         """A few lines for a terminal: sink heads, sink rate per layer, the largest activation."""
         score = self.mean_sink_score
-        lines = [f"sink heads (score ≥ {self.epsilon}): {len(self.sink_heads)} of {score.size}"]
+        lines = [f"sink heads (score ≥ {self.epsilon} and ≥ 2× uniform): {len(self.sink_heads)} of {score.size}"]
         best = np.unravel_index(np.argmax(score), score.shape)
         lines.append(f"strongest sink: layer {best[0]} head {best[1]} puts {score[best]:.2f} of its attention on token 0")
         lines.append("sink rate per layer: " + " ".join(f"{r:.2f}" for r in self.sink_rate))
         return "\n".join(lines)
+
 
 
 def sinks(
@@ -261,10 +301,12 @@ def sinks(
 ) -> SinkResult:
     """Attention sinks, sink tokens, massive activations and first-token norms of a run (docs/definitions.md).
 
-    Definitions: mass received ``m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k]`` (``run.mass_received``);
-    sink score ``s[ℓ,h]`` = mean over queries of ``A[ℓ,h,q,0]`` (Gu et al., ICLR 2025); sink rate of a
-    layer = fraction of heads with ``s ≥ ε`` (ε = 0.3); sink tokens = keys whose mass exceeds τ× the
-    uniform share (τ = 5), per head; massive activations (Sun et al., COLM 2024) = entries of X_ℓ with
+    Definitions (docs/definitions.md): mass received ``m[ℓ,h,k] = (1/|Q_k|) Σ_{q∈Q_k} A[ℓ,h,q,k]``
+    (``run.mass_received``); uniform share ``u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q|`` under the model's actual
+    mask (``run.uniform_share``: causal, padding, sliding window, bidirectional blocks); sink score
+    ``s[ℓ,h]`` = mean over Q_0 of ``A[ℓ,h,q,0]`` (Gu et al., ICLR 2025); a sink head has ``s ≥ ε`` (ε = 0.3)
+    and ``s ≥ 2·u[0]``; sink rate of a layer = fraction of its heads that are sink heads; sink tokens =
+    keys whose mass exceeds τ× their uniform share (τ = 5), per head; massive activations (Sun et al., COLM 2024) = entries of X_ℓ with
     ``|x| > massive_abs`` and ``|x| > massive_rel × median(|X_ℓ|)`` — tiny models never reach 100, so
     the ratio to the median is always reported.
 
@@ -286,6 +328,7 @@ def sinks(
     n_seq = run.n_sequences
     sink_score = np.zeros((n_seq, n_layers, n_heads))
     special_mass = np.zeros((n_seq, n_layers, n_heads))
+    uniform_first = np.zeros((n_seq, n_layers))
     for seq in range(n_seq):
         sl = run.span(seq)
         col = key_mass[:, :, sl].astype(np.float64)
@@ -293,7 +336,10 @@ def sinks(
         mass = np.divide(col, cnt, out=np.zeros_like(col), where=cnt > 0)
         sink_score[seq] = mass[:, :, 0]
         special_mass[seq] = mass[:, :, special[sl]].sum(-1)
-    sink_rate = (sink_score.mean(0) >= epsilon).mean(1)
+        uniform_first[seq] = [run.uniform_share(layer, seq)[0] for layer in range(n_layers)]
+    mean_score = sink_score.mean(0)
+    is_sink_head = (mean_score >= epsilon) & (mean_score >= 2.0 * uniform_first.mean(0)[:, None])
+    sink_rate = is_sink_head.mean(1)
 
     if run.has("resid.norm"):
         norms = run.arrays["resid.norm"]
@@ -316,6 +362,8 @@ def sinks(
         sink_score=sink_score,
         special_mass=special_mass,
         sink_rate=sink_rate,
+        uniform_first=uniform_first,
+        is_sink_head=is_sink_head,
         first_norm=first,
         first_norm_ratio=ratio,
     )

@@ -32,15 +32,18 @@ class Batch:
 
 
 class AttentionProbe:
-    """Mass received per key and |Q_k| for every layer and head; optional full patterns.
+    """Mass received per key, |Q_k| and the uniform share u[k] for every layer and head; optional patterns.
 
-    Implements docs/definitions.md#attention-mass-received from the statistics the attention kernel returns.
+    Implements docs/definitions.md#attention-mass-received from the statistics the attention kernel returns;
+    u[k] = (Σ_{q∈Q_k} 1/|K_q|) / |Q_k| comes from the model's actual mask in the same pass.
     """
 
-    def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes):
+    def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes,
+                 groups: list[tuple[np.ndarray, np.ndarray]] | None = None):
         self.lm = lm
         self.key_mass = np.zeros((lm.n_layers, lm.n_heads, n_tokens), dtype=np.float32)
         self.query_count = np.zeros((lm.n_layers, n_tokens), dtype=np.float32)
+        self.uniform_share = np.zeros((lm.n_layers, n_tokens), dtype=np.float32)
         self.kept_fraction: np.ndarray | None = None
         self.n_sequences = n_sequences
         self.keep = keep
@@ -51,10 +54,71 @@ class AttentionProbe:
         }
         self.batch: Batch | None = None
         self.seen: list[int] = []
+        self._init_groups(groups, n_tokens, pattern_sizes)
+
+    # -- query groups (vision-language models) ------------------------------------------------------------
+    def _init_groups(self, groups, n_tokens: int, pattern_sizes) -> None:
+        """Per sequence (share queries, row queries) from ``lens.capture.vision.query_groups``: the text→image
+        share sums the first group per key and head; the row queries keep their head-mean attention rows."""
+        self.groups = groups if groups and any(len(g[1]) for g in groups) else None
+        self.group_weights: torch.Tensor | None = None
+        self.group_layers: set[int] = set()
+        self.group_batches = 0
+        if self.groups is None:
+            return
+        lengths = np.sqrt(np.asarray(pattern_sizes, dtype=np.float64)).round().astype(np.int64)
+        n_layers = self.lm.n_layers
+        self.text_key_mass = np.zeros((n_layers, self.lm.n_heads, n_tokens), dtype=np.float32)
+        self.text_uniform = np.zeros((n_layers, n_tokens), dtype=np.float32)
+        self.text_count = np.array([len(g[0]) for g in self.groups], dtype=np.int64)
+        per_row = [len(g[1]) for g in self.groups]
+        self.row_sequence = np.repeat(np.arange(len(self.groups)), per_row).astype(np.int64)
+        self.row_query = np.concatenate([g[1] for g in self.groups]).astype(np.int64) if sum(per_row) else np.zeros(0, np.int64)
+        sizes = lengths[self.row_sequence] if len(self.row_sequence) else np.zeros(0, np.int64)
+        self.row_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.first_row = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+        self.rows = np.zeros((n_layers, int(self.row_offsets[-1])), dtype=np.float32)
+
+    def _begin_groups(self, batch: Batch) -> None:
+        self.group_weights = None
+        if self.groups is None:
+            return
+        width = int(batch.mask.shape[1])
+        n_groups = 1 + max(len(self.groups[s][1]) for s in batch.sequences)
+        if n_groups == 1:
+            return
+        weights = torch.zeros(len(batch.sequences), n_groups, width)
+        for row, seq in enumerate(batch.sequences):
+            share, rows = self.groups[seq]
+            weights[row, 0, torch.as_tensor(share, dtype=torch.long)] = 1.0
+            weights[row, 1 + torch.arange(len(rows)), torch.as_tensor(rows, dtype=torch.long)] = 1.0
+        self.group_weights = weights.to(batch.mask.device)
+        self.group_batches += 1
+
+    def query_weights(self, module: torch.nn.Module) -> torch.Tensor | None:
+        if self.group_weights is None or self.lm.layer_of_attention.get(id(module)) is None:
+            return None
+        return self.group_weights
+
+    def _on_groups(self, layer: int, stats) -> None:
+        if self.group_weights is None or stats.group_key_mass is None:
+            return
+        self.group_layers.add(layer)
+        batch = self.batch
+        mass = stats.group_key_mass.float().cpu().numpy()  # [B, G, H, T]
+        uniform = stats.group_uniform.float().cpu().numpy()  # [B, G, T]
+        for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
+            self.text_key_mass[layer, :, start : start + n] = mass[row, 0, :, :n]
+            self.text_uniform[layer, start : start + n] = uniform[row, 0, :n]
+            for j in range(len(self.groups[seq][1])):
+                r = int(self.first_row[seq]) + j
+                a, b = int(self.row_offsets[r]), int(self.row_offsets[r + 1])
+                self.rows[layer, a:b] = mass[row, 1 + j, :, :n].mean(axis=0)
 
     def begin(self, batch: Batch) -> None:
         self.batch = batch
         self.seen = []
+        self._begin_groups(batch)
 
     def pattern_heads(self, module: torch.nn.Module) -> tuple[int, ...]:
         layer = self.lm.layer_of_attention.get(id(module))
@@ -62,21 +126,31 @@ class AttentionProbe:
 
     def on_attention(self, module: torch.nn.Module, stats) -> None:
         layer = self.lm.layer_of_attention.get(id(module))
-        if layer is None:  # e.g. a vision tower's attention: not a layer of the text model
+        if layer is None:  # a vision tower's attention: lens.capture.vision.VisionProbe records it
             return
         self.seen.append(layer)
         batch = self.batch
+        if stats.uniform_sum is None:
+            raise CaptureError(
+                f"the attention kernel of layer {layer} ({type(getattr(module, '_lens_kernel', None)).__name__}) "
+                "returned no uniform_sum, so lens cannot tell which keys the model's mask lets each query see; "
+                "a kernel's AttentionStats must fill it (see lens.kernels.attention.AttentionStats)"
+            )
         key_mass = stats.key_mass.float().cpu().numpy()
-        query_count = stats.query_count.float().cpu().numpy()
+        query_count = stats.query_count.float()
+        share = (stats.uniform_sum.float() / query_count.clamp(min=1.0)).cpu().numpy()
+        query_count = query_count.cpu().numpy()
         for row, (seq, n, start) in enumerate(zip(batch.sequences, batch.lengths, batch.starts)):
             self.key_mass[layer, :, start : start + n] = key_mass[row, :, :n]
             self.query_count[layer, start : start + n] = query_count[row, :n]
+            self.uniform_share[layer, start : start + n] = share[row, :n]
             if stats.patterns is not None:
                 for j, head in enumerate(stats.pattern_heads):
                     if (layer, head) in self.patterns:
                         block = stats.patterns[row, j, :n, :n].cpu().numpy().reshape(-1)
                         p0 = self.pattern_starts[seq]
                         self.patterns[(layer, head)][p0 : p0 + n * n] = block
+        self._on_groups(layer, stats)
         if stats.kept_fraction is not None:
             if self.kept_fraction is None:
                 self.kept_fraction = np.full((self.lm.n_layers, self.n_sequences, self.lm.n_heads), np.nan, np.float32)
@@ -95,11 +169,17 @@ class AttentionProbe:
             )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"attn.key_mass": self.key_mass, "attn.query_count": self.query_count}
+        out = {"attn.key_mass": self.key_mass, "attn.query_count": self.query_count,
+               "attn.uniform_share": self.uniform_share}
         if self.kept_fraction is not None:
             out["attn.kept_fraction"] = self.kept_fraction
         for (layer, head), values in self.patterns.items():
             out[f"pattern.{layer}.{head}"] = values
+        # the text-query sums exist only if the kernel computed them for every layer (dense kernels do)
+        if self.groups is not None and self.group_batches and len(self.group_layers) == self.lm.n_layers:
+            out.update({"attn.text_key_mass": self.text_key_mass, "attn.text_uniform": self.text_uniform,
+                        "attn.text_count": self.text_count, "attn.rows": self.rows, "attn.row_sequence": self.row_sequence,
+                        "attn.row_query": self.row_query, "attn.row_offsets": self.row_offsets})
         return out
 
 

@@ -58,8 +58,10 @@ class DenseAttention:
     """
 
     name = "dense"
+    supports_query_weights = True  # the streaming kernel sums per query group (text→image attention share)
 
-    def __call__(self, module, query, key, value, attention_mask, *, is_causal, scale, softcap, pattern_heads, with_stats):
+    def __call__(self, module, query, key, value, attention_mask, *, is_causal, scale, softcap, pattern_heads, with_stats,
+                 query_weights=None):
         if not with_stats:
             if softcap is not None:  # SDPA has no softcap; the streaming kernel does
                 out, _ = attention_with_stats(
@@ -79,6 +81,7 @@ class DenseAttention:
             scale=scale,
             softcap=softcap,
             pattern_heads=pattern_heads,
+            query_weights=query_weights,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -117,10 +120,15 @@ def lens_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     heads: tuple[int, ...] = ()
+    extra: dict[str, Any] = {}
     if observers:
         wanted: set[int] = set()
         for observer in observers:
             wanted.update(observer.pattern_heads(module))
+            # query groups (a VLM's text queries): only kernels that declare support get them
+            weights = getattr(observer, "query_weights", lambda m: None)(module)
+            if weights is not None and getattr(kernel, "supports_query_weights", False):
+                extra["query_weights"] = weights
         heads = tuple(sorted(wanted))
     out, stats = kernel(
         module,
@@ -133,6 +141,7 @@ def lens_attention_forward(
         softcap=kwargs.get("softcap"),
         pattern_heads=heads,
         with_stats=bool(observers),
+        **extra,
     )
     if stats is not None:
         for observer in observers:

@@ -7,9 +7,12 @@ attention-function protocol of ``lens.models.attention`` and to Hugging Face mod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from torch import nn
 
 from lens.kernels.lowbit import QuantConfig, calibrate, quantize_model
+from lens.kernels.lowbit.layers import default_include
 from lens.kernels.sparse import (
     SparseConfig,
     select_blocks,
@@ -21,7 +24,7 @@ from lens.errors import ConfigError
 from lens.models.llamacpp import use_ggml_norms
 
 __all__ = ["Sparse", "QuantConfig", "SparseAttention", "EveryBlockKeptWarning", "check_every_block_kept",
-           "attention_kernel", "quantize", "long_documents"]
+           "attention_kernel", "quantize", "long_documents", "quant_parts", "vlm_calibration_batches"]
 
 #: The public name of the sparse configuration: ``lens.Sparse(mode="hybrid", topk=0.1, topp=0.9)``.
 Sparse = SparseConfig
@@ -125,6 +128,55 @@ def attention_kernel(spec) -> SparseAttention:
     )
 
 
+def _module_name(model, target) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ConfigError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
+
+
+def quant_parts(lm) -> dict[str, str]:
+    """The module-name prefixes ``quant=`` replaces layers under: the language model, plus — for a VLM loaded
+    with ``deploy_vision=True`` — the vision tower and the projector.
+
+    Example: ``quant_parts(vlm)`` → ``{"language_model": "model.language_model."}``.
+    """
+    model = lm.model
+    parts = {"language_model": _module_name(model, lm.base) + "."}
+    if lm.is_vlm and lm.deploy_vision:
+        parts["vision_tower"] = _module_name(model, lm.vision_tower) + "."
+        projector = _module_name(model, lm.projector) + "."
+        if not projector.startswith(parts["vision_tower"]):  # Qwen2-VL's merger lives inside the tower
+            parts["projector"] = projector
+    return parts
+
+
+def _include(lm, prefixes) -> Callable[[str, nn.Module], bool]:
+    base = default_include(lm.model)
+    prefixes = tuple(prefixes)
+    return lambda name, module: base(name, module) and name.startswith(prefixes)
+
+
+def vlm_calibration_batches(lm, calibration) -> tuple[list[dict], list]:
+    """Calibration inputs of a VLM (strings and ``{"image": …, "text": …}`` items) → model batches of one
+    sequence each and their image-token masks [1, T] (``token_groups`` of ``lens.kernels.lowbit``)."""
+    import torch
+
+    from lens.models.inputs import encode
+    from lens.models.vision import layout_for
+
+    encoded = encode(lm, list(calibration), truncate=True)
+    batches, masks = [], []
+    for i, ids in enumerate(encoded.ids):
+        extras = (encoded.extras or [None] * len(encoded.ids))[i] or {}
+        fields = {name: torch.tensor([rows[i]], dtype=torch.long) for name, rows in encoded.fields.items()}
+        batch = {"input_ids": torch.tensor([ids], dtype=torch.long), **fields, **extras}
+        layout = layout_for(lm, ids, {**extras, **fields})
+        batches.append({k: v.to(lm.device) if hasattr(v, "to") else v for k, v in batch.items()})
+        masks.append(torch.from_numpy(layout.image >= 0)[None].to(lm.device))
+    return batches, masks
+
+
 def quantize(lm, quant, *, calibration=None, progress: bool | None = None, activations: str | None = None):
     """Replace the linear layers of ``lm``'s model by packed low-bit ``QuantLinear`` layers.
 
@@ -157,6 +209,8 @@ def quantize(lm, quant, *, calibration=None, progress: bool | None = None, activ
         import dataclasses
 
         config = dataclasses.replace(config, activations=activations)
+    if lm.is_vlm:
+        return _quantize_vlm(lm, config, calibration=calibration, progress=progress)
     stats = None
     if config.smooth_alpha is not None:
         if not calibration:
@@ -179,6 +233,59 @@ def quantize(lm, quant, *, calibration=None, progress: bool | None = None, activ
     # provenance keeps the totals; the per-module lists can run to hundreds of names on a real model
     summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config")}
     summary["skipped"] = len(report.get("skipped", []))
+    return config, summary
+
+
+def _quantize_vlm(lm, config, *, calibration, progress: bool):
+    """``quant=`` on a VLM: the language model's layers (and, with ``deploy_vision``, the vision tower's and the
+    projector's). Smoothing calibrates on the inputs given — images and text — with the image tokens marked, so
+    that the modality-aware variant gets separate factors for image and text tokens; the vision layers see only
+    image tokens and get plain SmoothQuant factors."""
+    import dataclasses
+
+    parts = quant_parts(lm)
+    stats = None
+    include_all = _include(lm, parts.values())
+    if config.smooth_alpha is not None:
+        if not calibration:
+            raise ConfigError(
+                f"{config.scheme} with SmoothQuant smoothing needs calibration inputs: pass lens.load(..., quant=..., "
+                "calibration=[{'image': img, 'text': '<image>…'}, 'some text', …]) — images and text"
+            )
+        batches, masks = vlm_calibration_batches(lm, calibration)
+        if config.modality_aware and not any(bool(m.any()) for m in masks):
+            raise ConfigError(
+                "modality-aware smoothing calibrates separate factors for image and text tokens, but the calibration "
+                "inputs hold no image; add {'image': …, 'text': …} items to calibration="
+            )
+        stats = calibrate(lm.model, batches, include=include_all, token_masks=masks if config.modality_aware else None)
+    report = quantize_model(lm.model, config, progress=progress, calibration=stats,
+                            include=_include(lm, [parts["language_model"]]))
+    reports = {"language_model": report}
+    vision = [p for k, p in parts.items() if k != "language_model"]
+    if vision:
+        vision_config = dataclasses.replace(config, modality_aware=False) if config.modality_aware else config
+        reports["vision"] = quantize_model(lm.model, vision_config, progress=progress, calibration=stats,
+                                           include=_include(lm, vision))
+    summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config", "skipped")}
+    summary["skipped"] = len(report.get("skipped", []))
+    summary["parts"] = {}
+    for name, rep in reports.items():
+        prefixes = [parts["language_model"]] if name == "language_model" else vision
+        summary["parts"][name] = {
+            "prefixes": prefixes, "scheme": rep["scheme"], "n_replaced": rep["n_replaced"],
+            "bits_per_weight": rep["bits_per_weight"], "weight_bytes_before": rep["weight_bytes_before"],
+            "weight_bytes_after": rep["weight_bytes_after"],
+        }
+    summary["n_replaced"] = sum(rep["n_replaced"] for rep in reports.values())
+    if stats is not None:
+        lm_stats = [st for name, st in stats.items() if name.startswith(parts["language_model"])]
+        grouped = [st for st in lm_stats if st.group_amax is not None]
+        summary["calibration"] = {
+            "inputs": len(calibration), "modality_aware": bool(config.modality_aware),
+            "image_tokens": int(max((st.group_tokens[1] for st in grouped), default=0)),
+            "text_tokens": int(max((st.group_tokens[0] for st in grouped), default=0)),
+        }
     return config, summary
 
 

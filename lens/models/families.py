@@ -8,6 +8,12 @@ BOS token must be prepended. Paths are dotted names relative to ``model.base_mod
 
 To support a new family, add a row (or call ``register_family``) and test it with a tiny random-config
 model, as ``tests/test_families.py`` does for every row below.
+
+Vision-language models get a second, :class:`VisionFamily` row keyed by the top-level ``model_type``
+(``"llava"``, ``"qwen2_vl"``, …): where the vision tower, projector, language model and image token are, how
+image tokens map onto the patch grid (``layout``, see ``lens.models.vision``), and which per-token field
+carries the model's bidirectional image blocks. The language model inside keeps its own text row
+(``family_for(config.text_config)``). ``tests/test_vlm_families.py`` tests every VLM row.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from dataclasses import dataclass
 
 from lens.errors import UnsupportedModelError
 
-__all__ = ["Family", "FAMILIES", "family_for", "register_family", "supported_model_types"]
+__all__ = [
+    "Family", "FAMILIES", "family_for", "register_family", "supported_model_types",
+    "VisionFamily", "VISION_FAMILIES", "vision_family_for", "register_vision_family",
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,9 @@ FAMILIES: list[Family] = [
     ),
     Family(
         name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"),
+        # the language models inside VLMs too: Qwen2-VL's and Qwen2.5-VL's text models have Llama's layout
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "qwen2_vl_text",
+                     "qwen2_5_vl_text"),
         causal=True,
         layers="layers",
         attention="self_attn",
@@ -129,9 +140,91 @@ FAMILIES: list[Family] = [
 ]
 
 
+@dataclass(frozen=True)
+class VisionFamily:
+    """Where a vision-language model keeps its parts (docs/definitions.md "Vision-language models").
+
+    Paths are dotted names relative to the multimodal base model (``model.base_model``, e.g. ``LlavaModel``):
+    ``vision_tower`` (the image encoder), ``projector`` (vision features → language-model embeddings),
+    ``language_model`` (the decoder, described by its own text :class:`Family` row). ``vision_layers`` and
+    ``vision_attention`` are relative to the vision tower and to one of its layers. ``image_token``: the config
+    attribute holding the image token id. ``layout``: how image tokens map to (image, tile, row, col) in the
+    patch grid the processor used, and how the vision tower's tokens are ordered — a key of
+    ``lens.models.vision.LAYOUTS``. ``vision_prefix``: tokens the vision tower puts before the patches (CLIP's
+    CLS = 1). ``token_type_field``: the per-token model input that marks image tokens for a bidirectional
+    image-block mask (Gemma 3's ``token_type_ids``), None when the language model is plainly causal.
+
+    Example: ``vision_family_for("llava").projector`` → ``"multi_modal_projector"``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    vision_tower: str
+    projector: str
+    language_model: str
+    image_token: str
+    vision_layers: str
+    vision_attention: str
+    layout: str
+    vision_prefix: int = 0
+    token_type_field: str | None = None
+    auto_class: str = "AutoModelForImageTextToText"
+
+
+VISION_FAMILIES: list[VisionFamily] = [
+    VisionFamily(
+        name="llava", model_types=("llava",), vision_tower="vision_tower", projector="multi_modal_projector",
+        language_model="language_model", image_token="image_token_id", vision_layers="encoder.layers",
+        vision_attention="self_attn", layout="llava", vision_prefix=1,
+    ),
+    VisionFamily(
+        name="llava-next", model_types=("llava_next",), vision_tower="vision_tower", projector="multi_modal_projector",
+        language_model="language_model", image_token="image_token_id", vision_layers="encoder.layers",
+        vision_attention="self_attn", layout="llava_next", vision_prefix=1,
+    ),
+    VisionFamily(
+        name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"), vision_tower="visual", projector="visual.merger",
+        language_model="language_model", image_token="image_token_id", vision_layers="blocks",
+        vision_attention="attn", layout="qwen2_vl",
+    ),
+    VisionFamily(
+        name="idefics3", model_types=("idefics3", "smolvlm"), vision_tower="vision_model", projector="connector",
+        language_model="text_model", image_token="image_token_id", vision_layers="encoder.layers",
+        vision_attention="self_attn", layout="idefics3",
+    ),
+    VisionFamily(
+        name="gemma3", model_types=("gemma3",), vision_tower="vision_tower", projector="multi_modal_projector",
+        language_model="language_model", image_token="image_token_id", vision_layers="encoder.layers",
+        vision_attention="self_attn", layout="gemma3", token_type_field="token_type_ids",
+    ),
+]
+
+
+def vision_family_for(config) -> VisionFamily | None:
+    """The VLM row for a ``transformers`` config (or ``model_type`` string); None for a text-only model.
+
+    Example: ``vision_family_for("smolvlm").name`` → ``"idefics3"``; ``vision_family_for("gpt2")`` → None.
+    """
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    for fam in VISION_FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    return None
+
+
+def register_vision_family(family: VisionFamily) -> None:
+    """Add (or replace) a VLM row; its ``layout`` must be a key of ``lens.models.vision.LAYOUTS``.
+
+    Example: ``register_vision_family(dataclasses.replace(vision_family_for("llava"), name="my-llava",
+    model_types=("my_llava",)))``.
+    """
+    VISION_FAMILIES[:] = [f for f in VISION_FAMILIES if not set(f.model_types) & set(family.model_types)]
+    VISION_FAMILIES.append(family)
+
+
 def supported_model_types() -> list[str]:
-    """Every ``config.model_type`` lens knows, e.g. ``['bert', 'gpt2', 'llama', ...]``."""
-    return sorted(t for fam in FAMILIES for t in fam.model_types)
+    """Every ``config.model_type`` lens knows, e.g. ``['bert', 'gemma3', 'gpt2', 'llama', 'llava', ...]``."""
+    return sorted({t for fam in FAMILIES for t in fam.model_types} | {t for fam in VISION_FAMILIES for t in fam.model_types})
 
 
 def family_for(config) -> Family:

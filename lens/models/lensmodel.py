@@ -11,7 +11,7 @@ from torch import nn
 
 from lens.errors import ConfigError, ModelLoadError
 from lens.models import attention as lens_attention
-from lens.models.families import Family, family_for
+from lens.models.families import Family, VisionFamily, family_for, vision_family_for
 from lens.models.signature import embedding_signature
 
 __all__ = ["LensModel", "DEFAULT_MODEL_ID"]
@@ -40,7 +40,7 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch.dtype")
+    raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch.dtype; pass one of those")
 
 
 def _resolve_attention(attention) -> lens_attention.AttentionKernel | None:
@@ -93,11 +93,20 @@ def _optional(block: nn.Module, path: str | None) -> nn.Module | None:
         return None
 
 
-def _find_parts(model: nn.Module, family: Family) -> _Parts:
+def _find_parts(model: nn.Module, family: Family, vision: VisionFamily | None = None) -> _Parts:
     base = getattr(model, "base_model", model)
     # Some task heads (…ForCausalLM) expose the decoder as base_model.model; the family paths start at
-    # the module that owns the block list.
-    for candidate in (base, getattr(base, "model", None), getattr(base, "language_model", None)):
+    # the module that owns the block list. A VLM's row says where its language model is.
+    candidates = (base, getattr(base, "model", None), getattr(base, "language_model", None))
+    if vision is not None:
+        try:
+            candidates = (base.get_submodule(vision.language_model),)
+        except AttributeError as exc:
+            raise ModelLoadError(
+                f"{type(model).__name__} has no language model at {vision.language_model!r} (the {vision.name!r} "
+                "row of lens.models.families); register a matching VisionFamily for this architecture"
+            ) from exc
+    for candidate in candidates:
         if candidate is None:
             continue
         try:
@@ -130,7 +139,9 @@ class LensModel:
     """A loaded transformer with its tokenizer, deployment configuration and architecture facts.
 
     Build it with ``lens.load``; run it with ``lens.trace``. ``lens_model.model`` is the Hugging Face
-    model itself (already using lens's attention function), usable as usual.
+    model itself (already using lens's attention function), usable as usual. For a vision-language model,
+    ``processor`` is its processor, ``vision_family`` its row, ``vision_tower`` / ``projector`` /
+    ``vision_blocks`` its parts (the language model's parts are the usual ``blocks``, ``attention_modules``, …).
 
     Example::
 
@@ -153,6 +164,8 @@ class LensModel:
         gguf: dict[str, Any] | None = None,
         gguf_path: str | None = None,
         activations: str | None = None,
+        processor=None,
+        deploy_vision: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -163,8 +176,10 @@ class LensModel:
         self.gguf = gguf
         self.gguf_path = gguf_path  # the file itself, for quant="keep"
         self.config = model.config
+        self.processor = processor
+        self.vision_family = vision_family_for(self.config)
         self.family = family_for(getattr(self.config, "text_config", None) or self.config)
-        parts = _find_parts(model, self.family)
+        parts = _find_parts(model, self.family, self.vision_family)
         self.base = parts.base
         self.blocks = parts.blocks
         self.attention_modules = parts.attention
@@ -195,6 +210,10 @@ class LensModel:
         self.attention_kernel = None
         self.quant = None
         self.quant_report: dict[str, Any] | None = None
+        self.deploy_vision = bool(deploy_vision)
+        self._find_vision_parts()
+        if self.deploy_vision and self.vision_family is None:
+            raise ConfigError("deploy_vision=True applies to vision-language models; this model has no vision tower")
         lens_attention.register()
         self.model.set_attn_implementation(lens_attention.IMPLEMENTATION)
         if activations is not None:
@@ -203,15 +222,73 @@ class LensModel:
         if quant is not None:
             self.set_quant(quant, calibration=calibration, activations=activations, progress=progress)
 
+    def _find_vision_parts(self) -> None:
+        """A VLM's vision tower, projector, vision layers and their attention modules (from its family row)."""
+        self.vision_tower = self.projector = None
+        self.vision_blocks: list[nn.Module] = []
+        self.vision_attention_modules: list[nn.Module] = []
+        self.vision_layer_of_attention: dict[int, int] = {}
+        self.vision_config = None
+        self.image_token_id: int | None = None
+        fam = self.vision_family
+        if fam is None:
+            return
+        root = getattr(self.model, "base_model", self.model)
+        try:
+            self.vision_tower = root.get_submodule(fam.vision_tower)
+            self.projector = root.get_submodule(fam.projector)
+            self.vision_blocks = list(self.vision_tower.get_submodule(fam.vision_layers))
+            self.vision_attention_modules = [b.get_submodule(fam.vision_attention) for b in self.vision_blocks]
+        except AttributeError as exc:
+            raise ModelLoadError(
+                f"{type(self.model).__name__} does not have the layout of the {fam.name!r} vision family ({exc}); "
+                "register a matching lens.models.families.VisionFamily"
+            ) from exc
+        self.vision_layer_of_attention = {id(m): i for i, m in enumerate(self.vision_attention_modules)}
+        self.vision_config = self.config.vision_config
+        token = getattr(self.config, fam.image_token, None)
+        if token is None:
+            raise ModelLoadError(f"{type(self.model).__name__}'s config has no {fam.image_token!r} (the image token id)")
+        self.image_token_id = int(token)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The module a trace runs when no LM head is needed: the language model itself, or — for a VLM — the
+        multimodal base model (vision tower, projector and language model; e.g. ``LlavaModel``)."""
+        if self.vision_family is not None:
+            return getattr(self.model, "base_model", self.model)
+        return self.base
+
+    @property
+    def is_vlm(self) -> bool:
+        """Whether this is a vision-language model (it has a :class:`VisionFamily` row)."""
+        return self.vision_family is not None
+
+    @property
+    def vision_n_layers(self) -> int:
+        return len(self.vision_blocks)
+
+    @property
+    def vision_n_heads(self) -> int:
+        cfg = self.vision_config
+        return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)) if cfg is not None else 0
+
+    @property
+    def vision_d_model(self) -> int:
+        cfg = self.vision_config
+        return int(getattr(cfg, "embed_dim", None) or getattr(cfg, "hidden_size", 0)) if cfg is not None else 0
+
     # -- deployment -------------------------------------------------------------------------------
     @property
     def text_config(self):
         return getattr(self.config, "text_config", None) or self.config
 
     def set_attention(self, attention) -> None:
-        """Install an attention kernel on every layer (``"dense"`` or a sparse configuration)."""
+        """Install an attention kernel on every layer (``"dense"`` or a sparse configuration) — of the language
+        model, and of a VLM's vision tower too when it was loaded with ``deploy_vision=True``."""
         kernel = _resolve_attention(attention)
-        for module in self.attention_modules:
+        modules = list(self.attention_modules) + (list(self.vision_attention_modules) if self.deploy_vision else [])
+        for module in modules:
             module._lens_kernel = kernel
         self.attention_kernel = kernel
 
@@ -232,9 +309,10 @@ class LensModel:
                                                           progress=progress)
         # the MLP output projections (and, for llama.cpp's numerics, the norms) are new modules now: re-read
         # where the probes attach
-        parts = _find_parts(self.model, self.family)
+        parts = _find_parts(self.model, self.family, self.vision_family)
         self.mlp_out_modules = parts.mlp_out
         self.final_norm = parts.final_norm
+        self._find_vision_parts()
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -258,6 +336,8 @@ class LensModel:
             "quant": self.quant.describe() if self.quant is not None else None,
             "quant_report": self.quant_report,
             "gguf": self.gguf,
+            "vision_family": self.vision_family.name if self.vision_family is not None else None,
+            "deploy_vision": self.deploy_vision if self.vision_family is not None else None,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             # sign pattern of a few embedding rows: tells which weights produced a run (lens.models.signature)
@@ -274,9 +354,11 @@ class LensModel:
     def __repr__(self) -> str:
         attn = (self.attention_kernel or lens_attention._DENSE).describe().get("kind")
         quant = self.quant.describe().get("scheme") if self.quant is not None else None
+        vision = (f", vision={self.vision_family.name} ({self.vision_n_layers} layers, {self.vision_n_heads} heads)"
+                  if self.vision_family is not None else "")
         return (
             f"LensModel({self.model_id!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}, "
-            f"d_model={self.d_model}, causal={self.causal}, attention={attn}, quant={quant})"
+            f"d_model={self.d_model}, causal={self.causal}{vision}, attention={attn}, quant={quant})"
         )
 
     def _repr_html_(self) -> str:

@@ -16,7 +16,9 @@ import torch
 
 
 class AttentionObserver(Protocol):
-    """What the attention function calls. ``pattern_heads`` is asked before the kernel runs."""
+    """What the attention function calls. ``pattern_heads`` is asked before the kernel runs; an observer may
+    also define ``query_weights(module) -> Tensor [B, G, Tq] | None`` (query groups whose per-key mass it wants,
+    e.g. a VLM's text queries), which kernels with ``supports_query_weights`` receive."""
 
     def pattern_heads(self, module: torch.nn.Module) -> tuple[int, ...]: ...
 

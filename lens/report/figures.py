@@ -22,8 +22,8 @@ def _title(result, what: str) -> str:
 
 
 def sink_heatmap(result):
-    """Layer × head heatmap of the sink score (mass on token 0); sink heads (score ≥ ε) are outlined along
-    their cell's border, so the number inside stays readable.
+    """Layer × head heatmap of the sink score (mass on token 0); sink heads (score ≥ ε and ≥ 2·u[0]) are
+    outlined along their cell's border, so the number inside stays readable.
 
     Example: ``sink_heatmap(lens.sinks(run)).write_html("sinks.html")``.
     """
@@ -44,12 +44,12 @@ def sink_heatmap(result):
             colorbar={"title": "mass on<br>token 0"},
         )
     )
-    layers, heads = np.nonzero(score >= result.epsilon)
+    layers, heads = np.nonzero(result.is_sink_head)  # score ≥ ε and ≥ 2 × the uniform share of token 0
     for layer, head in zip(layers.tolist(), heads.tolist()):
         fig.add_shape(type="rect", x0=head - 0.46, x1=head + 0.46, y0=layer - 0.46, y1=layer + 0.46,
                       line={"color": "#ff4136", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above")
     # a legend entry for the outline (shapes have none)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (score ≥ {result.epsilon:g})",
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (≥ {result.epsilon:g} and ≥ 2× uniform)",
                              showlegend=True, marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
     fig.update_layout(
         title=_title(result, "Attention sinks"),

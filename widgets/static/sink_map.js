@@ -27,7 +27,7 @@ function render({ model, el }) {
       "div",
       { class: "lens-header" },
       lensEl("span", { class: "lens-title", text: `Attention sinks — ${info.model}` }),
-      lensEl("span", { class: "lens-subtitle", text: `${info.n_layers} layers × ${info.n_heads} heads; sink heads: score ≥ ε = ${info.epsilon}; sink tokens: mass > τ = ${info.tau}× uniform` }),
+      lensEl("span", { class: "lens-subtitle", text: `${info.n_layers} layers × ${info.n_heads} heads; sink heads: score ≥ ε = ${info.epsilon} and ≥ 2× uniform; sink tokens: mass > τ = ${info.tau}× uniform (under the model's mask)` }),
       seqSelect,
       lensEl("label", { class: "lens-controls" }, "colour:", metricSelect),
     ),
@@ -41,7 +41,7 @@ function render({ model, el }) {
     describe: (l, h) => {
       const i = l * info.n_heads + h;
       const rows = [`layer ${l} head ${h}`, [info.metrics[model.get("metric")], lensFmt(lensF32(model.get("scores"))[i])]];
-      if (lensU8(model.get("outline"))[i]) rows.push(`sink head (score ≥ ${info.epsilon})`);
+      if (lensU8(model.get("outline"))[i]) rows.push(`sink head (score ≥ ${info.epsilon} and ≥ 2× uniform)`);
       return rows;
     },
     onSelect: (l, h) => {

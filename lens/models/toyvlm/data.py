@@ -43,7 +43,7 @@ POSITIONS: dict[tuple[int, int], str] = {
 CAPTION_TEMPLATE = "{article} {colour} {shape} at the {position}."  # article: "an" before a vowel
 PROMPT = "Describe the image."
 
-#: Words that count as naming an object's colour or shape (DESIGN §3, automatic interpretability of visual
+#: Words that count as naming an object's colour or shape (docs/definitions.md#visual-tokens-and-latentlens: automatic interpretability of visual
 #: tokens: a visual token is interpretable when a top-5 neighbour is one of these). Compare lower-cased,
 #: stripped of the byte-level space marker ("Ġ") and surrounding whitespace/punctuation.
 SYNONYMS: dict[str, tuple[str, ...]] = {

@@ -43,8 +43,9 @@ from .spec import SPEC_NAME, default_spec, prompt_text
 LOG_NAME = "training_log.json"
 TRAIN_STREAM_BASE = 1000
 PRETRAIN_STREAM_BASE = 100_000
-DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
-            "pretrain_steps": 800, "pretrain_batch": 64, "aux_weight": 0.1}
+# the recipe of the committed weights (training_log.json): `python -m lens.models.toyvlm.train --out DIR` repeats it
+DEFAULTS = {"steps": 160, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
+            "pretrain_steps": 300, "pretrain_batch": 64, "aux_weight": 0.1}
 
 
 def _batch(processor, prompt_ids: torch.Tensor, scenes, eos: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -360,13 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=DEFAULTS["eval_images"], help="held-out images at the end (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared machine)")
     p.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
+    p.add_argument("--aux-weight", type=float, default=DEFAULTS["aux_weight"],
+                   help="weight of the attribute heads' loss during caption training")
     p.add_argument("--verbose", action="store_true", help="a plain progress line every 25 steps")
     args = p.parse_args(argv)
     log = train(
         args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, args.steps),
         language_model=args.language_model, eval_images=args.eval_images, threads=args.threads, verbose=args.verbose,
-        pretrain_steps=args.pretrain_steps,
+        pretrain_steps=args.pretrain_steps, aux_weight=args.aux_weight,
     )
+    # the exact command, so that the log says how to repeat the run
+    log["command"] = "python -m lens.models.toyvlm.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    (Path(args.out) / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
     summary = {k: log[k] for k in ("steps", "seed", "train_seconds", "wall_seconds", "final_loss_mean_last_10")}
     if log["held_out"] is not None:
         summary["held_out_accuracy"] = log["held_out"]["accuracy"]
