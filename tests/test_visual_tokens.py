@@ -91,3 +91,61 @@ def test_bad_inputs_of_the_interpretability_table(demo):
         VisualTokens.from_states({}, tokens, bank)
     with pytest.raises(ConfigError, match="shape"):
         VisualTokens.from_states({4: states[4][:5]}, tokens, bank)
+
+
+@pytest.fixture(scope="module")
+def vlm_run(demo):
+    import lens
+
+    _, scenes, _, _, _ = demo
+    vlm = lens.load("toy-shapes-vlm")
+    run = lens.trace(vlm, [{"image": s.image, "text": lens.image_prompt(vlm)} for s in scenes[:3]],
+                     keep_hidden=LAYERS, progress=False)
+    return vlm, run
+
+
+@pytest.mark.slow
+def test_visual_tokens_of_a_traced_vlm_equal_the_hf_forward(demo, vlm_run):
+    """lens.visual_tokens reads a lens trace of the VLM; the same tokens read from Hugging Face's own
+    output_hidden_states (VisualTokens.from_states) give the same neighbours."""
+    import lens
+
+    bank, scenes, states, tokens, words = demo
+    vlm, run = vlm_run
+    vt = lens.visual_tokens(run, bank, k=5)
+    n = 36 * 3
+    assert len(vt) == n and vt.layers == tuple(LAYERS)
+    assert (run.arrays["token_ids"][vt.tokens["token"]] == vlm.image_token_id).all()
+    np.testing.assert_array_equal(vt.tokens["row"], tokens["row"][:n])
+    np.testing.assert_array_equal(vt.tokens["col"], tokens["col"][:n])
+    ref = VisualTokens.from_states({x: states[x][:n] for x in LAYERS}, {k: v[:n] for k, v in tokens.items()}, bank, k=5)
+    for layer in LAYERS:
+        a, b = vt.ids["latentlens"][layer], ref.ids["latentlens"][layer]
+        assert (a[:, 0] == b[:, 0]).mean() >= 0.95  # float32 differences between the two forwards may swap near-ties
+        np.testing.assert_allclose(vt.scores["latentlens"][layer], ref.scores["latentlens"][layer], atol=2e-3)
+    one = lens.visual_tokens(run, bank, k=2, layers=8, bank_layers=[8], method="approximate")
+    assert one.layers == (8,) and set(bank.layer[one.ids["latentlens"][8]].ravel().tolist()) == {8}
+
+
+@pytest.mark.slow
+def test_visual_tokens_show_lists_the_clicked_patchs_neighbours(demo, vlm_run):
+    pytest.importorskip("ipywidgets")
+    import lens
+
+    bank = demo[0]
+    vt = lens.visual_tokens(vlm_run[1], bank, k=3)
+    box = vt.show(image=1, stat="norm")
+    assert "click a patch" in box.panel.value
+    box.overlay.patch = 2 * 6 + 3  # row 2, col 3 of image 1
+    index = vt.token_at(1, 2, 3)
+    assert index is not None and vt.tokens["image"][index] == 1
+    assert "row 2, col 3" in box.panel.value
+    assert vt.words("latentlens", LAYERS[0])[index][0].strip() in box.panel.value or "&" in box.panel.value
+
+
+@pytest.mark.slow
+def test_visual_tokens_refuses_layers_the_run_did_not_keep(demo, vlm_run):
+    import lens
+
+    with pytest.raises(ConfigError, match="keep_hidden"):
+        lens.visual_tokens(vlm_run[1], demo[0], layers=[12])

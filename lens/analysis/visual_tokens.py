@@ -57,6 +57,7 @@ class VisualTokens:
     scores: dict[str, dict[int, np.ndarray]]
     search: str = "exact"
     notes: dict[str, str] = field(default_factory=dict)
+    run: Any = None  # the Run read by lens.visual_tokens (for .show())
 
     # -- computing ----------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +148,62 @@ class VisualTokens:
         layer = self.layers[0] if layer is None else int(layer)
         return {m: self.words(m, layer)[token] for m in self.methods}
 
+    def token_at(self, image: int, row: int, col: int, tile: int = 0) -> int | None:
+        """Index (into this result) of the image token at grid cell (row, col) of ``image``/``tile``; None if none."""
+        t = self.tokens
+        hit = (t["image"] == image) & (t["row"] == row) & (t["col"] == col)
+        if "tile" in t:
+            hit &= t["tile"] == tile
+        found = np.flatnonzero(hit)
+        return int(found[0]) if len(found) else None
+
+    def neighbours_html(self, index: int) -> str:
+        """An HTML table of every method's top-k for image token ``index``, one row per layer."""
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in self.methods)
+        rows = []
+        for layer in self.layers:
+            cells = []
+            for m in self.methods:
+                words = self.words(m, layer)[index]
+                if m == "latentlens":
+                    ids = self.ids[m][layer][index]
+                    words = [f"<span title='{html.escape(self.bank.context(int(r)))}'>{html.escape(w)}</span>"
+                             for w, r in zip(words, ids)]
+                else:
+                    words = [html.escape(w) for w in words]
+                cells.append(f"<td>{' · '.join(words)}</td>")
+            rows.append(f"<tr><th>layer {layer}</th>{''.join(cells)}</tr>")
+        t = self.tokens
+        where = f"image {t['image'][index]}, row {t['row'][index]}, col {t['col'][index]} (token {t['position'][index]})"
+        return f"<b>{html.escape(where)}</b><table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+    def show(self, *, image: int = 0, stat: str = "norm", layer: int | None = None):
+        """The image in a ``lens.widgets.PatchOverlay`` (coloured by ``stat`` at ``layer``); clicking a patch
+        lists its token's top-k by every method at every layer read (hover a LatentLens neighbour for its
+        sentence). Needs the result of ``lens.visual_tokens(run, ...)`` (it keeps the run) and ipywidgets.
+
+        Example: ``lens.visual_tokens(run, bank, layers=[8]).show(stat="mass")``.
+        """
+        if self.run is None:
+            raise ConfigError("show() needs the run: compute the result with lens.visual_tokens(run, bank)")
+        import ipywidgets
+
+        from lens.widgets import PatchOverlay
+
+        overlay = PatchOverlay(self.run, image=image, stat=stat, layer=self.layers[0] if layer is None else layer)
+        panel = ipywidgets.HTML("<i>click a patch to list its neighbours</i>")
+
+        def update(change=None) -> None:
+            cell, cols = int(overlay.patch), int(overlay.grid_meta.get("cols", 1))
+            index = None if cell < 0 else self.token_at(int(overlay.image), cell // cols, cell % cols, int(overlay.tile))
+            panel.value = ("<i>click a patch to list its neighbours</i>" if index is None
+                           else self.neighbours_html(index))
+
+        overlay.observe(update, names=["patch", "image", "tile"])
+        box = ipywidgets.VBox([overlay, panel])
+        box.overlay, box.panel = overlay, panel  # for programmatic use and tests
+        return box
+
     def __repr__(self) -> str:
         first = self.top(0)
         shown = "; ".join(f"{m}: {', '.join(repr(w) for w in ws[:3])}" for m, ws in first.items())
@@ -182,7 +239,7 @@ def _image_tokens(run) -> dict[str, np.ndarray]:
     starts = np.asarray(run.offsets)
     sequence = np.searchsorted(starts, rows, side="right") - 1
     out = {"token": rows, "sequence": sequence, "position": rows - starts[sequence]}
-    for name in ("image", "row", "col"):
+    for name in ("image", "tile", "row", "col"):
         key = f"image.{'index' if name == 'image' else name}"
         out[name] = np.asarray(arrays[key])[rows] if key in arrays else np.full(len(rows), -1)
     return out
@@ -220,5 +277,7 @@ def visual_tokens(run, bank, k: int = 5, layers: Sequence[int] | int | None = No
             f"keep_hidden={sorted(set(chosen) | set(kept))}"
         )
     states = {layer: np.asarray(run.arrays[f"resid.hidden.{layer}"])[tokens["token"]] for layer in chosen}
-    return VisualTokens.from_states(states, tokens, bank, k=k, method=method, baselines=baselines,
-                                    bank_layers=bank_layers, nprobe=nprobe)
+    result = VisualTokens.from_states(states, tokens, bank, k=k, method=method, baselines=baselines,
+                                      bank_layers=bank_layers, nprobe=nprobe)
+    result.run = run
+    return result

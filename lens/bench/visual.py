@@ -71,7 +71,7 @@ def scene_states(model, processor, scenes, layers, *, min_coverage: float = 0.25
 
     image_id = int(model.config.image_token_id)
     states = {int(x): [] for x in layers}
-    meta = {name: [] for name in ("token", "sequence", "position", "image", "row", "col")}
+    meta = {name: [] for name in ("token", "sequence", "position", "image", "tile", "row", "col")}
     words: list[set[str]] = []
     grid = toyvlm.GRID
     for s, scene in enumerate(scenes):
@@ -85,6 +85,7 @@ def scene_states(model, processor, scenes, layers, *, min_coverage: float = 0.25
         meta["sequence"].append(np.full(len(pos), s))
         meta["position"].append(pos)
         meta["image"].append(np.full(len(pos), s))
+        meta["tile"].append(np.zeros(len(pos), dtype=np.int64))
         meta["row"].append(cells // grid)
         meta["col"].append(cells % grid)
         answer = scene.words()
