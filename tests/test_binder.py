@@ -63,6 +63,21 @@ def _closure(requirements: list[Requirement]) -> set[str]:
     return names
 
 
+def _fetched_at_build() -> set[str]:
+    """The embedded models binder/postBuild fetches into lens's cache (``lens models fetch [name]``)."""
+    from lens.models.embedded import EMBEDDED_MODELS
+
+    post = (ROOT / "binder" / "postBuild").read_text()
+    names = set()
+    for match in re.finditer(r"lens models fetch(?:[ \t]+(\w[\w-]*))?", post):
+        names |= {match.group(1)} if match.group(1) else {m.name for m in EMBEDDED_MODELS}
+    return names
+
+
+def test_binder_fetches_the_embedded_decoder():
+    assert "smollm2" in _fetched_at_build()
+
+
 def _code(path: Path) -> str:
     cells = json.loads(path.read_text())["cells"]
     return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
@@ -97,6 +112,8 @@ def test_binder_provides_every_import_and_model_of(notebook):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("load", "from_pretrained"):
             owner = getattr(node.func.value, "id", "")
             if owner == "lens" or node.func.attr == "from_pretrained":
-                assert not node.args, f"{notebook.name}: {ast.unparse(node)} loads a model Binder does not ship"
+                ok = not node.args or (owner == "lens" and isinstance(node.args[0], ast.Constant)
+                                       and node.args[0].value in _fetched_at_build())
+                assert ok, f"{notebook.name}: {ast.unparse(node)} loads a model Binder does not ship"
             if owner == "lens" and any(k.arg == "quant" for k in node.keywords):
                 assert "torchao" in provided  # the int8 backend on CPU

@@ -90,7 +90,7 @@ def test_lens_demo_into_a_pipe_writes_only_the_summary_and_the_report_path(tmp_p
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=1800, preexec_fn=lambda: os.umask(0o022),
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     assert "\r" not in out.stdout and "\r" not in out.stderr
     for noise in ("Loading weights", "it/s", "lens.trace", "lens.load", "%|"):
         assert noise not in out.stdout and noise not in out.stderr, noise
@@ -98,6 +98,9 @@ def test_lens_demo_into_a_pipe_writes_only_the_summary_and_the_report_path(tmp_p
         "model: ", "inputs: ", "sink heads ", "strongest sink", "sink rate per layer", "compression valley at",
         "no interior valley", "normalized raw entropy", "anisotropy", "massive activations", "sparse hybrid",
         "nvfp4:", "int4:", "ternary:", "(sparse attention on", "report written to",
+        # the embedded decoder beside MiniLM
+        "SmolLM2-135M-Instruct: ", "attention sinks: SmolLM2", "first-token norm: SmolLM2",
+        "massive activations: SmolLM2", "compression valley: SmolLM2", "MiniLM ",
     )
     assert all(line.startswith(expected) for line in lines), [l for l in lines if not l.startswith(expected)]
     assert lines[-1].startswith("report written to") and str(tmp_path / "report.html") in lines[-1]

@@ -290,7 +290,6 @@ class SinkResult:
         return "\n".join(lines)
 
 
-
 def sinks(
     run: Run,
     *,

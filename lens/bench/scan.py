@@ -101,7 +101,7 @@ def _throughput(model, tokens: int, repeats: int, batch_size: int) -> dict:
         def probes():
             for ws in batches:
                 lens.trace(lm, [list(w.ids) for w in ws], capture=("attention", "residual"), batch_size=len(ws),
-                           progress=False, prepend_bos=False)
+                           progress=False, prepend_bos=None)
 
         def reducers():
             state = empty_state(lm, cfg)

@@ -4,7 +4,7 @@
 |---|---|
 | ``families`` | one declarative row per architecture: where blocks, attention, MLP and norms are; VLM rows |
 | ``lensmodel`` | ``LensModel``: the Hugging Face model, tokenizer, shape and deployment |
-| ``load`` | ``lens.load``: embedded model, hub id, folder, loaded model, TransformerLens bridge |
+| ``load`` | ``lens.load``: embedded model, hub id, folder, GGUF file, loaded model, TransformerLens bridge |
 | ``bridge`` | the Hugging Face model behind a TransformerLens ``TransformerBridge`` (no copy) |
 | ``inputs`` | what users pass to ``lens.trace`` → token sequences, with clear errors; ``prepend_bos`` |
 | ``forms`` | a tokenizer's output in every form (lists, numpy, torch, dicts, encodings) → unpadded rows |

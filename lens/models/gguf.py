@@ -475,10 +475,13 @@ def load_dequantized(folder: Path, info: GGUFInfo, dtype):
 
     family = family_for(info.model_type)
     auto = getattr(transformers, family.auto_class)
+    from lens.progress import quiet_libraries
+
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     try:
-        model = auto.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        with quiet_libraries():  # lens shows its own bars (or none); a cached load takes about a second
+            model = auto.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:
         raise ModelLoadError(
             f"the cached dequantized model in {str(folder)!r} could not be read ({type(exc).__name__}: {exc}); "

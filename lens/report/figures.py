@@ -49,8 +49,9 @@ def sink_heatmap(result):
         fig.add_shape(type="rect", x0=head - 0.46, x1=head + 0.46, y0=layer - 0.46, y1=layer + 0.46,
                       line={"color": "#ff4136", "width": 2.5}, fillcolor="rgba(0,0,0,0)", layer="above")
     # a legend entry for the outline (shapes have none)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"sink head (≥ {result.epsilon:g} and ≥ 2× uniform)",
-                             showlegend=True, marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
+                             name=f"sink head (≥ {result.epsilon:g} and ≥ 2× uniform)", showlegend=True,
+                             marker={"symbol": "square-open", "size": 12, "color": "#ff4136", "line": {"width": 2}}))
     fig.update_layout(
         title=_title(result, "Attention sinks"),
         yaxis={"autorange": "reversed", "title": "layer", "tickmode": "array", "tickvals": list(range(n_layers)),

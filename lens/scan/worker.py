@@ -139,6 +139,8 @@ class ShardWorker:
         """Token ids of whole documents, with the tokenizer's special tokens and the family's BOS rule."""
         lm = self.lm
         tok = lm.tokenizer
+        # prepend_bos as in lens.trace (TransformerLens's meaning): True — position 0 is BOS; False — it is
+        # not, even where the tokenizer adds one; None — the family's default
         prepend = lm.family.prepend_bos if self.cfg.prepend_bos is None else self.cfg.prepend_bos
         bos = getattr(tok, "bos_token_id", None)
         if bos is None and prepend and lm.causal:
@@ -148,6 +150,8 @@ class ShardWorker:
             ids = list(ids)
             if prepend and bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
+            elif self.cfg.prepend_bos is False and bos is not None and len(ids) > 1 and ids[0] == bos:
+                ids = ids[1:]
             out.append(ids)
         return out
 
@@ -224,7 +228,7 @@ class ShardWorker:
                 moe.attach()
             run = trace(lm, [list(w.ids) for w in batch.windows], capture=("attention", "residual"),
                         batch_size=len(batch.windows), top_k_massive=cfg.top_k_massive, progress=False,
-                        prepend_bos=False)
+                        prepend_bos=None)  # the windows are token ids: traced exactly as given
         finally:
             for h in handles:
                 h.remove()
