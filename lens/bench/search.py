@@ -1,5 +1,5 @@
 """``lens bench search``: LatentLens search on a bank of ~10⁶ real contextual states (docs/definitions.md,
-"Visual tokens / LatentLens"; DESIGN target: ≥ 10× faster than the ``latentlens`` package at recall@5 ≥ 0.99,
+"Visual tokens / LatentLens"; docs/benchmarks.md target: ≥ 10× faster than the ``latentlens`` package at recall@5 ≥ 0.99,
 bank ≤ 0.55× its float16 bytes).
 
 Bank: SmolLM2-135M-Instruct (the embedded decoder, the demo VLM's language model) over the latentlens package's concepts corpus
