@@ -18,7 +18,8 @@ Methods, interleaved batch by batch (same process, same thread count):
 
 Per method: median seconds per query batch, speed-up over the package, peak extra resident memory during a
 search (sampled), bytes per bank entry (vectors + the per-entry columns a result needs), recall@5 against
-exact search on the float16 bank (lens exact fp16, itself checked against the package).
+exact search on the float16 bank (lens exact fp16, itself checked against the package) and against exact search
+on the same int8 rows (what the index alone loses).
 
 Run: ``lens bench search`` (``--entries 1000000 --scenes 8 --nprobe 8,16,32,64 --json bench-search.json``;
 ``--quick``: 20,000 entries). Needs ``pip install --no-deps latentlens==0.1.0`` and faiss-cpu.
@@ -152,10 +153,13 @@ def run(*, entries: int = 10**6, scenes: int = 8, nprobe=(8, 16, 32, 64), nlist:
             recall = float(np.mean(pkg_recall))
         else:
             recall = float(np.mean([recall_at_k(found[name][x][1], ref[x]) for x in states]))
+        recall8 = float(np.mean([recall_at_k(found[name][x][1], found["lens exact int8"][x][1]) for x in states])
+                        ) if name != "latentlens package" else None
         t = float(np.median(times[name]))
         table.append({"method": name, "seconds_per_batch": round(t, 4), "speedup_vs_package": round(base / t, 2),
                       "peak_extra_MB": round(peaks[name] / 2**20, 1), "bytes_per_entry": round(nbytes / n, 1),
-                      "bytes_vs_fp16": round(nbytes / (2 * n * d + columns), 3), "recall@5_vs_exact_fp16": round(recall, 4)})
+                      "bytes_vs_fp16": round(nbytes / (2 * n * d + columns), 3), "recall@5_vs_exact_fp16": round(recall, 4),
+                      "recall@5_vs_exact_int8": None if recall8 is None else round(recall8, 4)})
     return {"bank": repr(bank), "bank_info": info, "entries": n, "queries_per_batch": int(next(iter(states.values())).shape[0]),
             "batches": len(states) * repeats, "index": {"nlist": index.nlist, "train_seconds": round(index_seconds, 1)},
             "table": table, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
