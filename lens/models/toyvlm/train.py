@@ -45,7 +45,7 @@ TRAIN_STREAM_BASE = 1000
 PRETRAIN_STREAM_BASE = 100_000
 # the recipe of the committed weights (training_log.json): `python -m lens.models.toyvlm.train --out DIR` repeats it
 DEFAULTS = {"steps": 160, "batch_size": 16, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "eval_images": 96,
-            "pretrain_steps": 300, "pretrain_batch": 64, "aux_weight": 0.1}
+            "pretrain_steps": 400, "pretrain_batch": 64, "aux_weight": 0.2}
 
 
 def _batch(processor, prompt_ids: torch.Tensor, scenes, eos: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
