@@ -23,7 +23,11 @@ from lens.errors import (
     LensWarning,
     ModelLoadError,
     NumericalError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
     RunFormatError,
+    StoreError,
     UnsupportedModelError,
     CorpusError,
     ScanError,
@@ -46,12 +50,20 @@ _LAZY = {
     "Sparse": "lens.models.deploy",
     "QuantConfig": "lens.models.deploy",
     "trace": "lens.capture.trace",
+    "Ablate": "lens.capture.interventions",
+    "Clamp": "lens.capture.interventions",
+    "Patch": "lens.capture.interventions",
+    "ScaleAttention": "lens.capture.interventions",
+    "generate": "lens.capture.generate",
+    "StreamingCache": "lens.models.kvcache",
     "sinks": "lens.analysis",
     "valley": "lens.analysis",
     "compare": "lens.analysis",
     "SinkResult": "lens.analysis",
     "ValleyResult": "lens.analysis",
     "CompareResult": "lens.analysis",
+    "decoding": "lens.analysis",
+    "DecodingResult": "lens.analysis",
     "neurons": "lens.analysis",
     "NeuronResult": "lens.analysis",
     "vision": "lens.analysis",
@@ -68,7 +80,15 @@ _LAZY = {
 }
 
 
+#: Subpackages reachable as attributes without an import of their own: ``lens.store.open(...)``.
+_SUBPACKAGES = ("store",)
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"lens.{name}")
     if name in _LAZY:
         import importlib
 
@@ -79,12 +99,19 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [
     "load",
+    "store",
     "trace",
+    "Ablate",
+    "Clamp",
+    "Patch",
+    "ScaleAttention",
+    "generate",
+    "StreamingCache",
     "sinks",
     "vision",
     "VisionResult",
@@ -92,6 +119,8 @@ __all__ = [
     "valley",
     "compare",
     "CompareResult",
+    "decoding",
+    "DecodingResult",
     "neurons",
     "NeuronResult",
     "scan",
@@ -119,6 +148,10 @@ __all__ = [
     "NumericalError",
     "RunFormatError",
     "CaptureError",
+    "StoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "LimitExceededError",
     "CorpusError",
     "ScanError",
     "ScanFormatError",

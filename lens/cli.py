@@ -1,5 +1,5 @@
 """The ``lens`` command: ``lens demo`` (the main job), ``lens models`` (embedded models), ``lens scan``,
-``lens verify <run>…`` and ``lens bench <name>``.
+``lens verify <run>…``, ``lens bench <name>``, ``lens serve`` (the team dashboard) and ``lens store`` (its store).
 
 A ``LensError`` (bad input, a corrupt file, a model that cannot be loaded) ends the command with its
 message on stderr and exit status 1 — never a traceback; argument errors exit with status 2.
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "attention": ("lens.bench.attention", "block-sparse attention vs dense causal SDPA"),
     "quant": ("lens.bench.quant", "low-bit weight formats vs fp32 on MiniLM"),
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
+    "serve": ("lens.bench.serve", "the team dashboard under 20 concurrent sessions while jobs run"),
     "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
     "visual": ("lens.bench.visual", "interpretable image tokens of the demo VLM: LatentLens vs embedding/logit lens, shuffled control"),
     "search": ("lens.bench.search", "LatentLens bank search: latentlens package vs lens exact vs lens approximate (FAISS)"),
@@ -198,7 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check saved runs against their sha256 checksums and print a summary")
     verify.add_argument("paths", nargs="+", type=Path, help="files written by run.save(path)")
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS), add_help=False)
+    sub.add_parser("serve", help="the team dashboard: lens serve [--config FILE] [--store DIR] …; "
+                                 "lens serve adduser NAME --admin", add_help=False)
+    sub.add_parser("store", help="the team store: lens store list / import / export / verify / gc", add_help=False)
     sub.add_parser("version", help="print versions")
+    if argv[:1] == ["serve"]:
+        from lens.widgets.app.cli import main as serve_main  # the dashboard is a view: imported only when asked
+
+        return serve_main(argv[1:])
+    if argv[:1] == ["store"]:
+        from lens.store.cli import main as store_main
+
+        return store_main(argv[1:])
     from lens.errors import LensError
 
     try:

@@ -16,6 +16,10 @@ __all__ = [
     "MissingDependencyError",
     "BankFormatError",
     "BankMismatchError",
+    "StoreError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "LimitExceededError",
     "LensWarning",
     "CorpusError",
     "ScanError",
@@ -67,6 +71,21 @@ class BankMismatchError(LensError, ValueError):
     """A text bank and a run (or queries) come from different models, or the bank lacks what was asked."""
 
 
+class StoreError(LensError, OSError):
+    """The team store (``lens.store``) cannot do what was asked: its index or files are unreachable or damaged."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """No run, scan, job or user has this id or name in the store."""
+
+
+class PermissionDeniedError(StoreError, PermissionError):
+    """The acting user may not do this (e.g. delete another user's run without being an admin)."""
+
+
+class LimitExceededError(InputError):
+    """A job exceeds the dashboard's input limits (tokens per input, inputs per job, upload or image size)
+    or the user's concurrency limit."""
 class LensWarning(UserWarning):
     """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""
 

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,50 @@ def minilm_texts():
         "Interpretability tools should describe the model that is actually deployed, sparse kernels and all.",
         "Paris is the capital of France, and Berlin is the capital of Germany.",
     ]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL server for the session (Debian's postgresql, 127.0.0.1, a temp dir): its URL.
+
+    Skipped where PostgreSQL is not installed, unless LENS_REQUIRE_POSTGRES=1 (CI), where that fails."""
+    from serve_support import REQUIRE_POSTGRES, postgres, postgres_bin
+
+    if postgres_bin() is None:
+        if REQUIRE_POSTGRES:
+            pytest.fail("LENS_REQUIRE_POSTGRES=1 but PostgreSQL is not installed (apt-get install -y postgresql)")
+        pytest.skip("PostgreSQL is not installed: apt-get install -y postgresql")
+    with postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory):
+    """``lens serve`` for the whole test session: a store with ana (admin) and bo (member), one worker with
+    the embedded MiniLM (full precision and int8), on 127.0.0.1. Yields a namespace with ``url``, ``store``,
+    ``proc``, ``passwords``. Started on first use, stopped at the end of the session."""
+    import types
+
+    import lens.store
+    from serve_support import free_port, lens_server
+
+    root = tmp_path_factory.mktemp("team")
+    store = lens.store.open(root / "store")
+    passwords = {"ana": "ana-password", "bo": "bo-password"}
+    store.users.add("ana", passwords["ana"], role="admin")
+    store.users.add("bo", passwords["bo"], role="member")
+    config = root / "lens-serve.toml"
+    config.write_text(
+        '[store]\npath = "store"\n\n[server]\nworkers = 1\n\n[limits]\nupload_bytes = 2000000\njob_timeout = 300\n'
+        'jobs_per_user = 6\n\n[[models]]\nname = "minilm"\nquant = ["none", "int8"]\nattention = ["dense"]\n'
+    )
+    with lens_server(config, port=free_port()) as (url, proc):
+        deadline = time.monotonic() + 240
+        while "minilm" not in store.workers.models():  # the worker loads its models once, in the background
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the worker never got ready:\n" + config.with_suffix(".log").read_text()[-4000:])
+            time.sleep(0.5)
+        yield types.SimpleNamespace(url=url, store=store, proc=proc, passwords=passwords, root=root, config=config)
 
 
 # -- measured figures ---------------------------------------------------------------------------------------

@@ -121,6 +121,37 @@ class TokenView(LensWidget):
         super().__init__(info=info, seq=seq)
 
     @classmethod
+    def decoding(cls, run: Run, stat: str = "sink_mass", layer: int | None = None, seq: int = 0, **kwargs) -> "TokenView":
+        """The generated text of a ``lens.generate`` run, each generated token coloured by a per-step
+        statistic: ``"sink_mass"``, ``"window_mass"``, ``"first_mass"`` (mean over heads; over layers
+        1..L−1 unless ``layer`` is given), ``"massive_ratio"`` (largest over layers) or ``"chosen_logprob"``.
+        Prompt tokens are left uncoloured.
+
+        Example: ``TokenView.decoding(lens.generate(lm, "Once upon a time", 30), "window_mass")``.
+        """
+        run = check_run(run, "TokenView.decoding")
+        if not run.has("gen.offsets"):
+            raise ConfigError("TokenView.decoding needs a run from lens.generate (it has per-step statistics)")
+        a = run.arrays
+        per_step = {
+            "chosen_logprob": lambda: a["gen.chosen_logprob"],
+            "massive_ratio": lambda: np.nanmax(np.abs(a["gen.top_value"]) / np.where(a["gen.median_abs"] > 0, a["gen.median_abs"], np.nan), axis=0),
+        }
+        if stat in ("sink_mass", "window_mass", "first_mass"):
+            values = a[f"gen.{stat}"]
+            values = values[layer] if layer is not None else values[1:] if values.shape[0] > 1 else values
+            step_values = values.reshape(-1, values.shape[-1]).mean(axis=0)
+        elif stat in per_step:
+            step_values = per_step[stat]()
+        else:
+            raise ConfigError(f"stat must be one of sink_mass, window_mass, first_mass, massive_ratio, chosen_logprob; got {stat!r}")
+        values = np.full(int(run.offsets[-1]), np.nan)
+        steps = np.repeat(np.arange(run.n_sequences), np.diff(a["gen.offsets"]))
+        values[run.offsets[steps] + a["gen.position"]] = step_values
+        label = stat.replace("_", " ") + (f" (layer {layer})" if layer is not None else "")
+        return cls(run, values, seq, label=kwargs.pop("label", label), **kwargs)
+
+    @classmethod
     def neuron(cls, run: Run, layer: int, neuron: int, seq: int = 0, **kwargs) -> "TokenView":
         """The activation of one tracked MLP neuron on every token (after the nonlinearity, docs/definitions.md).
 

@@ -1,6 +1,7 @@
 """Analyses: pure functions of a ``Run`` returning tidy results (``.to_frame()``, ``.figure()``)."""
 
 from lens.analysis.compare import CompareResult, compare
+from lens.analysis.decoding import DecodingResult, decoding
 from lens.analysis.interpretability import InterpretabilityResult, interpretability
 from lens.analysis.latent import Neighbours
 from lens.analysis.neurons import NeuronResult, neurons
@@ -11,5 +12,5 @@ from lens.analysis.vision import VisionResult, vision
 from lens.analysis.visual_tokens import VisualTokens, visual_tokens
 
 __all__ = ["SinkResult", "sinks", "ValleyResult", "valley", "CompareResult", "compare", "NeuronResult",
-           "neurons", "VisionResult", "vision", "TextBank", "Neighbours", "visual_tokens", "VisualTokens",
-           "interpretability", "InterpretabilityResult"]
+           "neurons", "DecodingResult", "decoding", "VisionResult", "vision", "TextBank", "Neighbours",
+           "visual_tokens", "VisualTokens", "interpretability", "InterpretabilityResult"]

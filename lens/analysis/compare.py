@@ -23,7 +23,20 @@ def _label(run: Run) -> str:
         params = attn.get("mode") or attn.get("preset") or ""
         kind = f"{kind} {params}".strip()
     quant = (prov.get("quant") or {}).get("scheme") if prov.get("quant") else None
-    return kind + (f" + {quant}" if quant else "")
+    edits = [_edit_label(e) for e in (prov.get("trace") or {}).get("interventions") or []]
+    return kind + (f" + {quant}" if quant else "") + "".join(f" + {e}" for e in edits)
+
+
+def _edit_label(edit: dict) -> str:
+    """A short name for an intervention in provenance, e.g. ``ablate mlp L11 @[0]``."""
+    where = f"@{edit['positions']}" if edit.get("positions") is not None else ""
+    kind = edit.get("type", "?")
+    if kind == "ablate":
+        head = f"H{edit['head']}" if edit.get("head") is not None else ""
+        return f"ablate {edit.get('site')} L{edit.get('layer')}{head}{where}".strip()
+    if kind == "scale_attention":
+        return f"attention×{edit.get('factor')} L{edit.get('layer')} keys {edit.get('keys')}"
+    return f"{kind} L{edit.get('layer')}{where}"
 
 
 @dataclass

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from lens.capture.finite import FiniteGuard
+from lens.capture.interventions import Interventions
 from lens.capture.moe import RouterProbe, moe_layers
 from lens.capture.probes import AttentionProbe, Batch, MLPProbe, ResidualProbe
 from lens.capture.vision import SinkDimProbe, VisionProbe, modality_arrays, modality_of, query_groups
 from lens.errors import ConfigError, NumericalError
 from lens.models.inputs import encode, pad_batch, pad_fields
 from lens.models.labels import token_labels
-from lens.models.observers import observing
+from lens.models.observers import editing, observing
 from lens.progress import progress_bar
 from lens.run import Run
 
@@ -140,6 +141,7 @@ def trace(
     truncate: bool = False,
     prepend_bos: bool | None = None,
     progress: bool | None = None,
+    interventions: Iterable = (),
 ) -> Run:
     """Run ``model`` (a ``LensModel``) over ``inputs`` with streaming probes and return a ``Run``.
 
@@ -159,6 +161,9 @@ def trace(
     list of ``(layer, head)``, or ``{layer: [heads]}``. ``keep_hidden``: residual layers (0..L) whose
     hidden states to keep. ``track_neurons``: ``(layer, neuron)`` pairs whose per-token activation to keep.
     ``truncate``: cut inputs longer than the model's positions instead of raising ``InputTooLongError``.
+    ``interventions``: ``lens.Ablate`` / ``lens.Clamp`` / ``lens.Patch`` / ``lens.ScaleAttention`` objects
+    applied during the forward pass (see ``lens.capture.interventions``); the probes observe the intervened
+    model, and provenance records them.
 
     Raises ``ConfigError`` for options that do not fit the model, ``InputError`` (and its subclasses)
     for inputs that cannot be used, ``NumericalError`` when activations become non-finite, and
@@ -179,12 +184,14 @@ def trace(
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
     layouts = _layouts(model, encoded)
+    edits = Interventions(model, list(interventions), lengths, encoded.ids)
     probes = _build_probes(model, options, lengths, layouts, encoded)
     reset = getattr(model.attention_kernel, "reset_tally", None)
     if reset is not None:
         reset()
-    _run_batches(model, encoded, lengths, probes, options)
+    _run_batches(model, encoded, lengths, probes, options, edits)
     run = _assemble_run(model, encoded, lengths, probes, options)
+    run.provenance["trace"]["interventions"] = edits.describe()
     if reset is not None:  # a sparse kernel: warn when it kept every block (sparsity asked for, dense computed)
         from lens.models.deploy import check_every_block_kept
 
@@ -331,8 +338,10 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: TraceOptions) -> None:
-    """Forward every batch with the probes attached; the probes write into their flat-token arrays."""
+def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: TraceOptions, edits=None) -> None:
+    """Forward every batch with the probes attached; the probes write into their flat-token arrays.
+
+    Interventions (``edits``) attach their hooks before the probes', so probes observe the intervened model."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     pad_id = _pad_id(lm.tokenizer)
     # longest first, so that batches hold similar lengths and padding (wasted compute) stays small; image
@@ -343,8 +352,10 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
     device = lm.device
     was_training = lm.model.training
     lm.model.eval()
+    if edits:
+        edits.attach()  # first: the guard and the probes observe the intervened model
     guard = FiniteGuard(lm)
-    guard.attach()  # first, so that it checks (and cleans padding) before any probe reads the stream
+    guard.attach()  # before the probes, so that it checks (and cleans padding) before any probe reads the stream
     for probe in probes.hooked:
         probe.attach()
     if probes.vision is not None:
@@ -354,6 +365,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
             for observer in (probes.attention, probes.vision):
                 if observer is not None:
                     stack.enter_context(observing(observer))
+            if edits:
+                stack.enter_context(editing(edits))
             desc = f"lens.trace {lm.model_id.split('/')[-1]}"
             for rows in progress_bar(batches, progress=options.progress, desc=desc, unit="batch"):
                 input_ids, mask = pad_batch([encoded.ids[i] for i in rows], pad_id)
@@ -367,7 +380,7 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
                     mask=mask.bool().to(device),
                 )
                 guard.begin(batch.sequences, batch.mask)
-                for probe in (probes.attention, *probes.hooked):
+                for probe in (probes.attention, *probes.hooked, edits or None):
                     if probe is not None:
                         probe.begin(batch)
                 fields = {k: v.to(device) for k, v in pad_fields(encoded.fields, rows, input_ids.shape[1]).items()}
@@ -387,6 +400,8 @@ def _run_batches(lm, encoded, lengths: np.ndarray, probes: Probes, options: Trac
             probe.detach()
         if probes.vision is not None:
             probes.vision.detach()
+        if edits:
+            edits.detach()
         lm.model.train(was_training)
 
 

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lens.models.observers import active_observers
+from lens.models.observers import active_edits, active_observers
 
 __all__ = ["IMPLEMENTATION", "AttentionKernel", "DenseAttention", "lens_attention_forward", "register"]
 
@@ -117,8 +117,11 @@ def lens_attention_forward(
     """
     kernel: AttentionKernel = getattr(module, "_lens_kernel", None) or _DENSE
     observers = active_observers()
+    edits = active_edits()
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    for edit in edits:  # interventions that act inside attention (lens.ScaleAttention): before the kernel
+        attention_mask, key, value = edit.edit_inputs(module, query, key, value, attention_mask, bool(is_causal))
     heads: tuple[int, ...] = ()
     extra: dict[str, Any] = {}
     if observers:
@@ -146,7 +149,10 @@ def lens_attention_forward(
     if stats is not None:
         for observer in observers:
             observer.on_attention(module, stats)
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2)
+    for edit in edits:  # interventions on a head's output (lens.Ablate("head", ...)): before o_proj
+        out = edit.edit_output(module, out)
+    return out.contiguous(), None
 
 
 _registered = False

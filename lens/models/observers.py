@@ -47,3 +47,41 @@ def observing(observer: AttentionObserver) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+class AttentionEdit(Protocol):
+    """What the attention function asks of an active intervention (see ``lens.capture.interventions``).
+
+    ``edit_inputs`` runs before the kernel and returns (attention_mask, key, value), possibly new — e.g. an
+    additive bias that scales the probability of chosen keys; ``edit_output`` runs on the per-head output
+    [B, Tq, H, Dv] before the output projection (head ablation). Both return their inputs unchanged for
+    modules they do not target.
+    """
+
+    def edit_inputs(self, module: torch.nn.Module, query, key, value, attention_mask, is_causal: bool): ...
+
+    def edit_output(self, module: torch.nn.Module, out: torch.Tensor) -> torch.Tensor: ...
+
+
+_EDITS: ContextVar[tuple[AttentionEdit, ...]] = ContextVar("lens_attention_edits", default=())
+
+
+def active_edits() -> tuple[AttentionEdit, ...]:
+    """The attention edits of the current context (empty outside an intervened ``lens.trace``)."""
+    return _EDITS.get()
+
+
+@contextlib.contextmanager
+def editing(edit: AttentionEdit) -> Iterator[None]:
+    """Make the attention function apply ``edit`` in this context.
+
+    Example::
+
+        with editing(my_edit):
+            model(**batch)
+    """
+    token = _EDITS.set(_EDITS.get() + (edit,))
+    try:
+        yield
+    finally:
+        _EDITS.reset(token)

@@ -230,3 +230,26 @@ def compare_figure(result):
     fig.update_layout(title=f"{b} against {a}" + "".join(f"<br><sup>⚠ {n}</sup>" for n in notes), height=720,
                       legend={"orientation": "h", "y": -0.12}, margin={"t": 100 + 24 * len(notes)})
     return fig
+
+
+def decoding_figure(result):
+    """Per decoding step: attention on the sink tokens and on the recent window (mean over heads and layers
+    1..L−1), and the KL divergence to a baseline generation when the result has one."""
+    frame = result.to_frame()
+    has_kl = result.kl is not None
+    fig = make_subplots(rows=2 if has_kl else 1, cols=1, shared_xaxes=True,
+                        subplot_titles=("attention of each new query", "KL to the baseline (nats)")[: 2 if has_kl else 1])
+    for s, part in frame.groupby("sequence"):
+        hover = [f"{t!r}" for t in part["token"]]
+        for column, color, dash in (("sink_mass", _PALETTE[0], None), ("window_mass", _PALETTE[1], "dash"),
+                                    ("first_mass", _PALETTE[2], "dot")):
+            fig.add_trace(go.Scatter(x=part["step"], y=part[column], name=f"{column} (seq {s})", text=hover,
+                                     line={"color": color, "dash": dash}, legendgroup=column,
+                                     hovertemplate="step %{x} %{text}<br>%{y:.3f}<extra></extra>"), row=1, col=1)
+        if has_kl:
+            fig.add_trace(go.Scatter(x=part["step"], y=part["kl"], name=f"KL (seq {s})", text=hover,
+                                     line={"color": _PALETTE[3]}, hovertemplate="step %{x} %{text}<br>%{y:.2e}<extra></extra>"),
+                          row=2, col=1)
+    fig.update_xaxes(title_text="decoding step", row=2 if has_kl else 1, col=1)
+    fig.update_layout(title=_title(result, "decoding, per step"), height=560 if has_kl else 380)
+    return fig

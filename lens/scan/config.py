@@ -29,7 +29,16 @@ class ScanConfig:
     top_k_massive: int = 10
     moe_layers: tuple[int, ...] = ()
     prepend_bos: bool | None = None
+    #: the interventions applied in every forward pass, as their ``describe()`` dicts (JSON, for Ray actors)
+    interventions: tuple[dict, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positional(self) -> bool:
+        """Whether an intervention depends on positions: then every document must fit in one window."""
+        from lens.capture.interventions import from_description, is_positional
+
+        return any(is_positional(from_description(d)) for d in self.interventions)
 
     @property
     def width(self) -> int:
@@ -40,6 +49,7 @@ class ScanConfig:
         out["layers"] = list(self.layers)
         out["context"] = list(self.context)
         out["moe_layers"] = list(self.moe_layers)
+        out["interventions"] = [dict(d) for d in self.interventions]
         return out
 
     def identity(self) -> dict[str, Any]:
@@ -50,7 +60,7 @@ class ScanConfig:
 
 
 def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, stride, shard_size, epsilon, tau,
-                 massive_abs, massive_rel, prepend_bos) -> ScanConfig:
+                 massive_abs, massive_rel, prepend_bos, interventions=()) -> ScanConfig:
     """Check every option against the model before any work; ``ConfigError`` names the fix."""
     from lens.capture.moe import moe_layers
 
@@ -86,9 +96,31 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
     stride = max(1, (3 * max_len) // 4) if stride is None else int(stride)
     if not 1 <= stride <= max_len:
         raise ConfigError(f"stride must be in 1..max_len={max_len}; got {stride}")
+    edits = _parse_interventions(lm, interventions, max_len)
     return ScanConfig(
         layers=chosen, top_k=int(top_k), context=(before, after), samples=int(samples), batch_size=int(batch_size),
         max_len=max_len, stride=stride, shard_size=int(shard_size), epsilon=float(epsilon), tau=float(tau),
         massive_abs=float(massive_abs), massive_rel=float(massive_rel), moe_layers=tuple(moe_layers(lm)),
-        prepend_bos=prepend_bos,
+        prepend_bos=prepend_bos, interventions=edits,
     )
+
+
+def _parse_interventions(lm, interventions, max_len: int) -> tuple[dict, ...]:
+    """Check interventions against the model before any work; keep their JSON descriptions.
+
+    A ``Patch`` needs a source run of the same inputs, which a streamed corpus has no counterpart for.
+    """
+    import numpy as np
+
+    from lens.capture.interventions import Ablate, Clamp, Interventions, Patch, ScaleAttention
+
+    specs = list(interventions or ())
+    for spec in specs:
+        if isinstance(spec, Patch):
+            raise ConfigError("a scan cannot patch activations: a Patch needs a source run of the same inputs. "
+                              "Trace the documents you want to patch with lens.trace(..., interventions=[Patch(...)])")
+        if not isinstance(spec, (Ablate, Clamp, ScaleAttention)):
+            raise ConfigError(f"interventions takes lens.Ablate, lens.Clamp or lens.ScaleAttention objects; got {spec!r}")
+    if specs:  # layers, heads, dims and values checked against the model on one window of the longest length
+        Interventions(lm, specs, np.array([max_len]), [[0] * max_len])
+    return tuple(spec.describe() for spec in specs)

@@ -85,8 +85,8 @@ class _ShardActor:
         from lens.scan.worker import ShardWorker
 
         cfg_json = dict(cfg_json)
-        for key in ("layers", "context", "moe_layers"):
-            cfg_json[key] = tuple(cfg_json[key])
+        for key in ("layers", "context", "moe_layers", "interventions"):
+            cfg_json[key] = tuple(cfg_json.get(key, ()))
         self.worker = ShardWorker(_load_spec(spec), ScanConfig(**cfg_json))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -80,6 +80,7 @@ def scan(
     massive_abs: float = 100.0,
     massive_rel: float = 1000.0,
     prepend_bos: bool | None = None,
+    interventions=(),
     progress: bool | None = None,
 ) -> Scan:
     """Reduce every neuron, head and layer of ``model`` over a whole corpus, streaming, into a :class:`Scan`.
@@ -109,6 +110,12 @@ def scan(
     (default: a new temporary one); ``resume=True`` continues an interrupted scan in ``out`` and gives the
     same result as an uninterrupted one. Memory does not grow with the corpus.
 
+    ``interventions``: ``lens.Ablate`` / ``lens.Clamp`` / ``lens.ScaleAttention`` objects applied in every
+    forward pass, as in ``lens.trace`` (recorded in the manifest's config; compare with a clean scan through
+    ``lens.compare``). Positions (and ``ScaleAttention`` keys, and ``kind="mean"``) are positions of a whole
+    document, so every document must then fit in one window (``ScanError`` otherwise); a ``Patch`` has no
+    counterpart in a streamed corpus (``ConfigError``).
+
     Raises ``CorpusError`` (unreadable files, a wrong JSONL field or column, an empty corpus, non-text
     items), ``ConfigError`` (options that do not fit the model), ``ScanError`` (``out`` already holds a scan
     and ``resume`` is False; or ``resume=True`` with a different model, corpus or options — nothing
@@ -129,7 +136,8 @@ def scan(
         raise ConfigError(f"engine must be 'local' or 'ray'; got {engine!r}")
     cfg = parse_config(model, layers=layers, top_k=top_k, context=context, samples=samples, batch_size=batch_size,
                        max_len=max_len, stride=stride, shard_size=shard_size, epsilon=epsilon, tau=tau,
-                       massive_abs=massive_abs, massive_rel=massive_rel, prepend_bos=prepend_bos)
+                       massive_abs=massive_abs, massive_rel=massive_rel, prepend_bos=prepend_bos,
+                       interventions=interventions)
     docs = read_corpus(corpus, field=field)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lens-scan-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,8 +152,17 @@ def scan(
                 f"{str(folder)!r} already holds a scan; pass resume=True to continue it, Scan.load({str(folder)!r}) "
                 "to read a finished one, or choose another out= directory"
             )
-        if existing is None:  # a finished scan: nothing left to do
-            return Scan.load(folder)
+        if existing is None:  # a finished scan: nothing left to do — if it is the scan asked for
+            finished = Scan.load(folder)
+            saved_config = {k: v for k, v in finished.manifest.get("config", {}).items() if k != "extra"}
+            changed = _differences(finished.manifest.get("model", {}), identity) + _differences(
+                {"interventions": [], **saved_config}, header["config"])
+            if changed:
+                raise ScanError(
+                    f"resume=True, but {str(folder)!r} holds a finished scan with a different model or options "
+                    f"({', '.join(changed)}); scan into another out= directory"
+                )
+            return finished
         state, saved = existing
         changed = _differences(saved["model"], identity)
         if changed:

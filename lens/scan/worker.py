@@ -19,7 +19,7 @@ from lens.analysis.sinks import sinks, uniform_share
 from lens.analysis.valley import valley
 from lens.capture.moe import MoEHooks, expert_activations
 from lens.capture.trace import trace
-from lens.errors import CaptureError
+from lens.errors import CaptureError, ScanError
 from lens.scan.config import ScanConfig
 from lens.scan.corpus import Window, text_digest, windows
 from lens.scan.reducers import (
@@ -132,6 +132,10 @@ class ShardWorker:
         self.edges = torch.as_tensor(HIST_EDGES, dtype=torch.float32)
         self.groups = torch.as_tensor(BIN_TO_GROUP)
         self.specials = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+        from lens.capture.interventions import from_description
+
+        self.edits = [from_description(d) for d in cfg.interventions]
+        self.positional = cfg.positional
         self._pending: list = []
 
     # -- tokens -------------------------------------------------------------------------------------
@@ -168,7 +172,14 @@ class ShardWorker:
             if not ids:
                 continue
             first_special = ids[0] in self.specials
-            all_windows.extend(windows(doc, ids, cfg.max_len, cfg.stride, repeat_first=first_special))
+            cut = windows(doc, ids, cfg.max_len, cfg.stride, repeat_first=first_special)
+            if len(cut) > 1 and self.positional:
+                raise ScanError(
+                    f"document {doc} has {len(ids)} tokens, more than max_len={cfg.max_len}, so it is cut into windows; "
+                    "an intervention with positions (or keys, or kind='mean') means positions of a whole document. "
+                    "Raise max_len (up to the model's positions), shorten the documents, or use positions=None"
+                )
+            all_windows.extend(cut)
         state = empty_state(self.lm, cfg)
         tokens = 0
         for i in range(0, len(all_windows), cfg.batch_size):
@@ -228,7 +239,8 @@ class ShardWorker:
                 moe.attach()
             run = trace(lm, [list(w.ids) for w in batch.windows], capture=("attention", "residual"),
                         batch_size=len(batch.windows), top_k_massive=cfg.top_k_massive, progress=False,
-                        prepend_bos=None)  # the windows are token ids: traced exactly as given
+                        prepend_bos=None,  # the windows are token ids: traced exactly as given
+                        interventions=self.edits)
         finally:
             for h in handles:
                 h.remove()
