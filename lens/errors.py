@@ -86,6 +86,8 @@ class PermissionDeniedError(StoreError, PermissionError):
 class LimitExceededError(InputError):
     """A job exceeds the dashboard's input limits (tokens per input, inputs per job, upload or image size)
     or the user's concurrency limit."""
+
+
 class LensWarning(UserWarning):
     """Something lens could do, but not as exactly as usual (e.g. a run saved without checksums)."""
 

@@ -56,20 +56,22 @@ def test_every_array_is_verified(run, tmp_path):
 def test_metadata_is_verified(run, tmp_path):
     path = run.save(tmp_path / "run.lens")
     raw, data_start, header = _layout(path)
-    text = raw[:data_start].decode("utf-8")
+    # the 8-byte little-endian header length is binary (its bytes need not be UTF-8); every edit below keeps
+    # the header's length, so the prefix stays valid
+    prefix, text = raw[:8], raw[8:data_start].decode("utf-8")
     assert "Plain text." in text
     edited = tmp_path / "edited.lens"
-    edited.write_bytes(text.replace("Plain text.", "Plain test.").encode("utf-8") + raw[data_start:])
+    edited.write_bytes(prefix + text.replace("Plain text.", "Plain test.").encode("utf-8") + raw[data_start:])
     with pytest.raises(RunFormatError, match="the metadata .* does not match its sha256"):
         lens.Run.load(edited)
     digest = json.loads(header["__metadata__"]["lens.sha256"])["arrays"]["offsets"]["sha256"]
     assert text.count(digest) == 1
     damaged = tmp_path / "table.lens"
-    damaged.write_bytes(text.replace(digest, digest[::-1]).encode("utf-8") + raw[data_start:])
+    damaged.write_bytes(prefix + text.replace(digest, digest[::-1]).encode("utf-8") + raw[data_start:])
     with pytest.raises(RunFormatError, match="array 'offsets' do not match their sha256"):
         lens.Run.load(damaged)
     unreadable = tmp_path / "unreadable.lens"
-    unreadable.write_bytes(text.replace('\\"arrays\\"', '\\"arrayz\\"').encode("utf-8") + raw[data_start:])
+    unreadable.write_bytes(prefix + text.replace('\\"arrays\\"', '\\"arrayz\\"').encode("utf-8") + raw[data_start:])
     with pytest.raises(RunFormatError, match="unreadable checksum table"):
         lens.Run.load(unreadable)
 

@@ -34,8 +34,8 @@ class Batch:
 class AttentionProbe:
     """Mass received per key, |Q_k| and the uniform share u[k] for every layer and head; optional patterns.
 
-    Implements docs/definitions.md "Attention mass received" from the statistics the attention kernel
-    returns; u[k] = (Σ_{q∈Q_k} 1/|K_q|) / |Q_k| comes from the model's actual mask in the same pass.
+    Implements docs/definitions.md#attention-mass-received from the statistics the attention kernel returns;
+    u[k] = (Σ_{q∈Q_k} 1/|K_q|) / |Q_k| comes from the model's actual mask in the same pass.
     """
 
     def __init__(self, lm, n_tokens: int, n_sequences: int, keep: dict[int, tuple[int, ...]], pattern_sizes,

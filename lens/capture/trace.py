@@ -183,8 +183,8 @@ def trace(
     encoded = encode(model, inputs, truncate=options.truncate, prepend_bos=options.prepend_bos)
     lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
     _check_pattern_budget(options, lengths)
-    layouts = _layouts(model, encoded)
     edits = Interventions(model, list(interventions), lengths, encoded.ids)
+    layouts = _layouts(model, encoded)
     probes = _build_probes(model, options, lengths, layouts, encoded)
     reset = getattr(model.attention_kernel, "reset_tally", None)
     if reset is not None:

@@ -191,8 +191,8 @@ def encode_multimodal(lm, inputs: Any, *, truncate: bool = False) -> list[Multim
     """
     if not getattr(lm, "is_vlm", False):
         raise ConfigError(
-            f"{lm.model_id} is a text model ({type(lm.model).__name__}); image inputs need a vision-language model "
-            "(e.g. lens.load('toy-shapes-vlm'))"
+            f"{lm.model_id} is a text model ({type(lm.model).__name__}): it takes no 'pixel_values' or other image "
+            "inputs; image inputs need a vision-language model (e.g. lens.load('toy-shapes-vlm'))"
         )
     items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     if not items:
