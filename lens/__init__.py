@@ -32,6 +32,8 @@ from lens.errors import (
     CorpusError,
     ScanError,
     ScanFormatError,
+    BankFormatError,
+    BankMismatchError,
 )
 from lens.run import Run
 
@@ -70,6 +72,11 @@ _LAZY = {
     "scan": "lens.scan",
     "Scan": "lens.scan",
     "ScanCompareResult": "lens.scan",
+    "TextBank": "lens.analysis",
+    "visual_tokens": "lens.analysis",
+    "VisualTokens": "lens.analysis",
+    "interpretability": "lens.analysis",
+    "InterpretabilityResult": "lens.analysis",
 }
 
 
@@ -119,6 +126,11 @@ __all__ = [
     "scan",
     "Scan",
     "ScanCompareResult",
+    "TextBank",
+    "visual_tokens",
+    "VisualTokens",
+    "interpretability",
+    "InterpretabilityResult",
     "Sparse",
     "QuantConfig",
     "Run",
@@ -143,4 +155,6 @@ __all__ = [
     "CorpusError",
     "ScanError",
     "ScanFormatError",
+    "BankFormatError",
+    "BankMismatchError",
 ]

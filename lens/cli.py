@@ -25,6 +25,8 @@ BENCHMARKS = {
     "widgets": ("lens.bench.widgets", "widget interaction latency in a real browser"),
     "serve": ("lens.bench.serve", "the team dashboard under 20 concurrent sessions while jobs run"),
     "scan": ("lens.bench.scan", "corpus scan vs plain forward; memory at 1e4 vs 1e5 tokens; Ray vs local"),
+    "visual": ("lens.bench.visual", "interpretable image tokens of the demo VLM: LatentLens vs embedding/logit lens, shuffled control"),
+    "search": ("lens.bench.search", "LatentLens bank search: latentlens package vs lens exact vs lens approximate (FAISS)"),
     "gguf": ("lens.bench.gguf", "SmolLM2 Q4_1 GGUF: load time, resident bytes, tokens/s of forward and trace, KL to llama.cpp"),
     "vision": ("lens.bench.vision", "tracing the demo VLM (image + prompt) vs its plain SDPA forward"),
 }

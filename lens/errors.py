@@ -14,6 +14,8 @@ __all__ = [
     "RunFormatError",
     "CaptureError",
     "MissingDependencyError",
+    "BankFormatError",
+    "BankMismatchError",
     "StoreError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -59,6 +61,14 @@ class CaptureError(LensError, RuntimeError):
 
 class MissingDependencyError(LensError, ImportError):
     """An optional part of lens needs a package that is not installed; the message names the extra."""
+
+
+class BankFormatError(LensError, OSError):
+    """A saved text bank is missing, corrupted, or not a lens bank (``lens.TextBank.load``)."""
+
+
+class BankMismatchError(LensError, ValueError):
+    """A text bank and a run (or queries) come from different models, or the bank lacks what was asked."""
 
 
 class StoreError(LensError, OSError):

@@ -12,6 +12,7 @@ from torch import nn
 from lens.errors import ConfigError, ModelLoadError
 from lens.models import attention as lens_attention
 from lens.models.families import Family, VisionFamily, family_for, vision_family_for
+from lens.models.signature import embedding_signature
 
 __all__ = ["LensModel", "DEFAULT_MODEL_ID"]
 
@@ -339,6 +340,8 @@ class LensModel:
             "deploy_vision": self.deploy_vision if self.vision_family is not None else None,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
+            # sign pattern of a few embedding rows: tells which weights produced a run (lens.models.signature)
+            "signature": embedding_signature(self),
             "versions": {
                 "lens": _version("lens-interp"),
                 "torch": torch.__version__,
