@@ -151,21 +151,31 @@ class ScansPage(_EntryList):
                                *admin, sizing_mode="stretch_width")
 
     def open(self, entry_id: str) -> None:
+        unreadable = None
         try:
             entry = self.s.store.entry(entry_id, kind="scan")
             folder = self.s.store.scan_folder(entry.id)
             if self.explorer is not None:
                 import lens
 
-                widget = self.explorer(lens.Scan.load(folder))
-                show_message(self.message, "")
-                return self._show(widget, pn.pane.HTML(f"<b>NeuronExplorer — scan {entry.id}</b>"))
+                try:
+                    widget = self.explorer(lens.Scan.load(folder))
+                except (LensError, OSError, ValueError) as exc:
+                    # the stored files are whole (the store checked them) but not a scan this lens can read:
+                    # say why, and still show what the store knows about it
+                    unreadable = exc
+                else:
+                    show_message(self.message, "")
+                    return self._show(widget, pn.pane.HTML(f"<b>NeuronExplorer — scan {entry.id}</b>"))
             manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         except (LensError, OSError, ValueError) as exc:
             return show_message(self.message, sentence(exc), "danger")
         rows = "".join(f"<tr><td>{html.escape(n)}</td><td><code>{s[:16]}…</code></td></tr>" for n, s in sorted(entry.files.items()))
         corpus = manifest.get("corpus") or {}
-        show_message(self.message, "")
+        if unreadable is not None:
+            show_message(self.message, "The neuron explorer cannot open this scan: " + sentence(unreadable), "warning")
+        else:
+            show_message(self.message, "")
         self._show(None, pn.pane.HTML(
             f"<div class='lens-scans-view'><h4>Scan {entry.id}</h4><p>{html.escape(entry.model)} · {entry.n_inputs:,} documents · {entry.n_tokens:,} "
             f"tokens · by {html.escape(entry.owner)} · schema {html.escape(str(manifest.get('schema')))}</p>"
