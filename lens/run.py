@@ -355,7 +355,7 @@ class Run:
         }
         try:
             with atomic_path(path) as tmp:
-                save_file(arrays, tmp, metadata={_META_KEY: header_json, _CHECK_KEY: json.dumps(checks)})
+                save_file(arrays, tmp, metadata={_META_KEY: header_json, _CHECK_KEY: json.dumps(checks, sort_keys=True)})
         except OSError as exc:
             raise RunFormatError(
                 f"could not save the run to {str(path)!r} ({type(exc).__name__}: {exc}); nothing was written there. "
