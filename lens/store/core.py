@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import sqlalchemy as sa
 
-from lens.atomic import sha256_file
+from lens.atomic import atomic_path, sha256_file
 from lens.errors import NotFoundError, PermissionDeniedError, StoreError
 from lens.run import Run
 from lens.store import schema
@@ -166,7 +166,8 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------
     def save_run(self, run: Run, *, owner: str | None = None, tags: Iterable[str] | str | None = None,
-                 job_id: str | None = None, _id: str | None = None, _created: float | None = None) -> Entry:
+                 job_id: str | None = None, _id: str | None = None, _created: float | None = None,
+                 _source: Path | None = None) -> Entry:
         """Store ``run`` (atomically, with its sha256) and index it; returns its ``Entry``.
 
         Example: ``store.save_run(lens.trace(lm, texts), tags="baseline")``.
@@ -175,7 +176,14 @@ class Store:
             raise StoreError(f"save_run takes a lens.Run; got {type(run).__name__}")
         entry_id = check_id(_id) if _id else new_id()
         path = run_path(self.root, entry_id)
-        run.save(path)
+        if _source is not None:
+            # an imported file (already verified by Run.load) is kept byte for byte: saving it again would
+            # give other bytes (safetensors orders its metadata keys arbitrarily) and another checksum
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(_source, tmp)
+        else:
+            run.save(path)
         sha, size = sha256_file(path), path.stat().st_size
         row = {**describe_run(run), "id": entry_id, "kind": "run", "owner": owner or self.user,
                "created": _created or time.time(), "tags": json.dumps(normalize_tags(tags)), "size_bytes": size,

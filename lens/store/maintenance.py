@@ -214,8 +214,8 @@ def _import_one(store, kind: str, path: Path, *, owner, tags, entry_id=None, cre
     if kind == "run":
         if expect and sha256_file(path) != expect.get(RUN_FILE):
             raise StoreError(f"{path} does not match the checksum in its export manifest; the export is damaged")
-        run = Run.load(path)
-        return store.save_run(run, owner=owner, tags=tags, _id=entry_id, _created=created)
+        run = Run.load(path)  # verifies the file's own checksums
+        return store.save_run(run, owner=owner, tags=tags, _id=entry_id, _created=created, _source=path)
     return store.save_scan(path, owner=owner, tags=tags, _id=entry_id, _created=created)
 
 
