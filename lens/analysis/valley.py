@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,8 @@ class ValleyResult:
     ``interior`` is True only when the minimum lies strictly between the embeddings (ℓ = 0) and the
     output (ℓ = L): a minimum at either end is a trend, not a valley, and ``summary()``, the figure and
     the report then say "no interior valley" and describe the trend (``trend()``).
+    ``modality``: None for every token, or ``"image"`` / ``"text"`` when the result describes only those tokens
+    (``lens.valley(run, modality=...)``; the bound's reference row is then the subset's largest-norm token).
     Definitions: docs/definitions.md#compression-valley.
 
     Example::
@@ -105,6 +108,7 @@ class ValleyResult:
     depth_fraction: float
     valley_range: tuple[int, int]
     interior: bool | None = None
+    modality: str | None = None
 
     columns = _PER_LAYER
 
@@ -141,25 +145,49 @@ class ValleyResult:
 
     def headline(self) -> str:
         """One line: where the valley is, or that there is no interior valley and the trend."""
+        of = f"{self.modality} tokens: " if self.modality else ""
         if not self.interior:
-            return f"no interior valley: normalized raw entropy {self.trend()}"
+            return f"{of}no interior valley: normalized raw entropy {self.trend()}"
         lo, hi = self.valley_range
         return (
-            f"compression valley at layer {self.valley_layer} of {self.n_layers} (depth {self.depth_fraction:.2f}, "
+            f"{of}compression valley at layer {self.valley_layer} of {self.n_layers} (depth {self.depth_fraction:.2f}, "
             f"layers {lo}–{hi})"
         )
 
     def mean(self, name: str) -> np.ndarray:
-        """[L+1] mean over sequences of one per-layer quantity, e.g. ``result.mean("anisotropy")``."""
-        return np.nanmean(self.values[name], axis=1)
+        """[L+1] mean over sequences of one per-layer quantity, e.g. ``result.mean("anisotropy")``
+        (NaN at a layer where no sequence has a value, e.g. a modality split of one-token subsets)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(self.values[name], axis=1)
 
-    def to_frame(self, per_sequence: bool = False):
-        """One row per residual layer (mean over sequences), or per (layer, sequence).
+    def to_frame(self, kind: str = "layers", *, per_sequence: bool = False):
+        """A pandas DataFrame. ``kind``:
 
-        Example: ``lens.valley(run).to_frame()[["layer", "entropy_raw_normalized", "entropy_upper_bound_normalized"]]``.
+        * ``"layers"`` — one row per residual layer (mean over sequences), or per (layer, sequence) with
+          ``per_sequence=True``; columns ``layer``, every name in ``ValleyResult.columns``, ``depth`` and
+          ``in_valley``;
+        * ``"modality"`` — the same per (layer, modality) for a run of a vision-language model with images:
+          ``modality`` is ``"all"`` (every token: this result when it is not itself split), ``"text"`` and
+          ``"image"`` (``lens.valley(run, modality=...)``, same ``alpha``), each with its own ``in_valley``.
+          Raises ``RunFormatError`` for a run without image tokens.
+
+        Example: ``lens.valley(run).to_frame()[["layer", "entropy_raw_normalized", "entropy_upper_bound_normalized"]]``;
+        ``lens.valley(vlm_run).to_frame("modality").pivot(index="layer", columns="modality", values="anisotropy")``.
         """
         import pandas as pd
 
+        if kind == "modality":
+            parts = [] if self.modality is not None else [("all", self)]
+            parts += [(m, valley(self.run, alpha=self.alpha, modality=m)) for m in MODALITY_SUBSETS]
+            frames = []
+            for name, result in parts:
+                frame = result.to_frame(per_sequence=per_sequence)
+                frame.insert(1 + int(per_sequence), "modality", name)
+                frames.append(frame)
+            return pd.concat(frames, ignore_index=True)
+        if kind != "layers":
+            raise ConfigError(f"kind must be 'layers' or 'modality'; got {kind!r}")
         n_res, n_seq = self.values["entropy_raw"].shape
         n_layers = n_res - 1
         if per_sequence:
@@ -218,8 +246,9 @@ class ValleyResult:
             else f"no interior valley (minimum at layer {self.valley_layer})"
         )
         h = self.mean("entropy_raw_normalized")
+        of = f", {self.modality} tokens" if self.modality else ""
         return (
-            f"ValleyResult({model}, {self.run.n_sequences} sequences, layers 0–{self.n_layers}: {where}; "
+            f"ValleyResult({model}{of}, {self.run.n_sequences} sequences, layers 0–{self.n_layers}: {where}; "
             f"normalized raw entropy {h[0]:.3f} → {h[self.valley_layer]:.3f} → {h[-1]:.3f})"
         )
 
@@ -244,7 +273,77 @@ def _valley_range(h: np.ndarray, argmin: int) -> tuple[int, int]:
     return lo, hi
 
 
-def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
+#: the modalities ``lens.valley(run, modality=...)`` splits by (image inputs; docs/definitions.md#vision-language-models)
+MODALITY_SUBSETS = ("text", "image")
+_MODALITY_CODES = {"text": 0, "image": 1}
+
+
+def _fill(values: dict[str, np.ndarray], layer: int, seq: int, raw: np.ndarray, normalized: np.ndarray,
+          norms: np.ndarray, cos2: np.ndarray, d_model: int, alpha: float) -> None:
+    """Every per-layer quantity of one matrix X (its spectra, its rows' norms and cos² to its reference row,
+    which comes first)."""
+    length = len(norms)
+    rank = min(length, d_model)
+    log_rank = math.log(rank) if rank > 1 else float("nan")
+    h_raw, p1 = entropy_from_spectrum(raw[:rank], 1.0)
+    h_norm, _ = entropy_from_spectrum(normalized[:rank], alpha)
+    bound = massive_activation_bound(norms, cos2, rank)
+    row = values
+    row["entropy_raw"][layer, seq] = h_raw
+    row["entropy_raw_normalized"][layer, seq] = h_raw / log_rank
+    row["entropy_normalized"][layer, seq] = h_norm
+    row["entropy_normalized_normalized"][layer, seq] = h_norm / log_rank
+    row["anisotropy"][layer, seq] = p1
+    row["effective_rank"][layer, seq] = math.exp(h_raw) if np.isfinite(h_raw) else np.nan
+    row["anisotropy_lower_bound"][layer, seq] = bound["p"]
+    row["entropy_upper_bound"][layer, seq] = bound["entropy_upper"]
+    row["entropy_upper_bound_normalized"][layer, seq] = bound["entropy_upper"] / log_rank
+    row["sigma1_sq"][layer, seq] = raw[0]
+    row["sigma1_sq_lower_bound"][layer, seq] = bound["sigma1_sq_lower"]
+    row["bound_alpha"][layer, seq] = bound["alpha"]
+    row["bound_c"][layer, seq] = bound["c"]
+    row["first_norm"][layer, seq] = norms[0]
+    if length > 1:
+        row["first_norm_ratio"][layer, seq] = norms[0] / max(float(np.median(norms[1:])), 1e-30)
+
+
+def _modality_values(run: Run, modality: str, alpha: float) -> dict[str, np.ndarray]:
+    """The per-layer quantities of the ``modality`` rows of every sequence (NaN where a sequence has none)."""
+    if modality not in MODALITY_SUBSETS:
+        raise ConfigError(f"modality must be one of {MODALITY_SUBSETS} or None (every token); got {modality!r}")
+    key = f"resid.spectrum_raw.{modality}"
+    if key not in run.arrays:
+        if "modality" not in run.arrays or not (run.arrays["modality"] == 1).any():
+            raise RunFormatError(
+                f"lens.valley(run, modality={modality!r}) splits a run of a vision-language model with images by "
+                "modality, and this run has no image tokens; use lens.valley(run) for every token"
+            )
+        raise RunFormatError(
+            f"this run has no per-modality spectra ({key}): it was traced before lens recorded them, or without "
+            "capture 'residual'; trace it again with lens.trace(vlm, items)"
+        )
+    a = run.arrays
+    raw, normalized = a[key], a[f"resid.spectrum_normalized.{modality}"]
+    reference, cos2 = a[f"resid.reference.{modality}"], a["resid.cos2_reference"]
+    norms = a["resid.norm"]
+    code = _MODALITY_CODES[modality]
+    d_model = int(run.meta["d_model"])
+    n_res, n_seq = raw.shape[:2]
+    values = {name: np.full((n_res, n_seq), np.nan) for name in _PER_LAYER}
+    for seq in range(n_seq):
+        sl = run.span(seq)
+        rows = sl.start + np.nonzero(run.modality[sl] == code)[0]
+        if not len(rows):
+            continue
+        for layer in range(n_res):
+            ref = int(reference[layer, seq])
+            order = np.concatenate([[ref], rows[rows != ref]])  # the reference row first, as the bound reads it
+            _fill(values, layer, seq, raw[layer, seq], normalized[layer, seq], norms[layer, order], cos2[layer, order],
+                  d_model, alpha)
+    return values
+
+
+def valley(run: Run, *, alpha: float = 1.0, modality: str | None = None) -> ValleyResult:
     """Matrix entropy of the residual stream per layer and the compression valley (docs/definitions.md).
 
     Raw entropy (Queipo-de-Llano et al.): ``p_j = σ_j²/‖X‖_F²``, ``H = −Σ p_j log p_j``, also divided
@@ -254,9 +353,18 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
     the upper bound on H that the first token's norm alone implies — the explanation of *why* a valley
     appears when one token's norm explodes.
 
+    ``modality``: ``None`` (every token), or ``"image"`` / ``"text"`` for a run of a vision-language model with
+    images: X is then only that modality's rows of each sequence (special tokens such as BOS belong to
+    neither), T their number, and the bound's reference row x₀ is the subset's largest-norm token at that
+    layer instead of the first token (Theorem 1 holds for any row; the largest-norm one is the massive
+    activation it explains, e.g. a visual sink) — ``first_norm`` / ``first_norm_ratio`` then describe that
+    token (docs/definitions.md#vision-language-models). A sequence without such tokens is NaN. All modalities
+    in one table: ``lens.valley(run).to_frame("modality")``.
+
     The valley is the argmin layer of the mean normalized raw entropy; ``interior`` says whether it lies
-    strictly inside (docs/definitions.md#compression-valley). Raises ``ConfigError`` for ``alpha ≤ 0`` and
-    ``RunFormatError`` for a run traced without the residual probe.
+    strictly inside (docs/definitions.md#compression-valley). Raises ``ConfigError`` for ``alpha ≤ 0`` or an
+    unknown ``modality``, and ``RunFormatError`` for a run traced without the residual probe, or split by
+    modality without image tokens.
 
     Example::
 
@@ -264,6 +372,7 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
         v.interior, v.valley_layer, v.depth_fraction
         print(v.summary())
         v.to_frame()
+        lens.valley(vlm_run, modality="image").mean("entropy_raw_normalized")   # the image tokens' valley
     """
     if not alpha > 0:
         raise ConfigError(f"alpha must be > 0 (1 = Shannon); got {alpha}")
@@ -271,41 +380,25 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
         raise RunFormatError("lens.valley needs the entropy spectra, and this run was traced with spectra='none'; "
                              "trace again with spectra='exact' (the default)")
     run.require("resid.spectrum_raw", "resid.spectrum_normalized", "resid.norm", "resid.cos2_first", what="lens.valley")
-    raw = run.arrays["resid.spectrum_raw"]
-    normalized = run.arrays["resid.spectrum_normalized"]
-    norms = run.arrays["resid.norm"]
-    cos2 = run.arrays["resid.cos2_first"]
-    d_model = int(run.meta["d_model"])
-    n_res, n_seq = raw.shape[:2]
-    values = {name: np.full((n_res, n_seq), np.nan) for name in _PER_LAYER}
-    for seq in range(n_seq):
-        sl = run.span(seq)
-        length = sl.stop - sl.start
-        rank = min(length, d_model)
-        log_rank = math.log(rank) if rank > 1 else float("nan")
-        for layer in range(n_res):
-            h_raw, p1 = entropy_from_spectrum(raw[layer, seq, :rank], 1.0)
-            h_norm, _ = entropy_from_spectrum(normalized[layer, seq, :rank], alpha)
-            bound = massive_activation_bound(norms[layer, sl], cos2[layer, sl], rank)
-            row = values
-            row["entropy_raw"][layer, seq] = h_raw
-            row["entropy_raw_normalized"][layer, seq] = h_raw / log_rank
-            row["entropy_normalized"][layer, seq] = h_norm
-            row["entropy_normalized_normalized"][layer, seq] = h_norm / log_rank
-            row["anisotropy"][layer, seq] = p1
-            row["effective_rank"][layer, seq] = math.exp(h_raw) if np.isfinite(h_raw) else np.nan
-            row["anisotropy_lower_bound"][layer, seq] = bound["p"]
-            row["entropy_upper_bound"][layer, seq] = bound["entropy_upper"]
-            row["entropy_upper_bound_normalized"][layer, seq] = bound["entropy_upper"] / log_rank
-            row["sigma1_sq"][layer, seq] = raw[layer, seq, 0]
-            row["sigma1_sq_lower_bound"][layer, seq] = bound["sigma1_sq_lower"]
-            row["bound_alpha"][layer, seq] = bound["alpha"]
-            row["bound_c"][layer, seq] = bound["c"]
-            first = norms[layer, sl.start]
-            row["first_norm"][layer, seq] = first
-            if length > 1:
-                row["first_norm_ratio"][layer, seq] = first / max(float(np.median(norms[layer, sl.start + 1 : sl.stop])), 1e-30)
-    mean_h = np.nanmean(values["entropy_raw_normalized"], axis=1)
+    if modality is not None:
+        values = _modality_values(run, modality, alpha)
+    else:
+        raw = run.arrays["resid.spectrum_raw"]
+        normalized = run.arrays["resid.spectrum_normalized"]
+        norms = run.arrays["resid.norm"]
+        cos2 = run.arrays["resid.cos2_first"]
+        d_model = int(run.meta["d_model"])
+        n_res, n_seq = raw.shape[:2]
+        values = {name: np.full((n_res, n_seq), np.nan) for name in _PER_LAYER}
+        for seq in range(n_seq):
+            sl = run.span(seq)
+            for layer in range(n_res):
+                _fill(values, layer, seq, raw[layer, seq], normalized[layer, seq], norms[layer, sl], cos2[layer, sl],
+                      d_model, alpha)
+    n_res = values["entropy_raw"].shape[0]
+    with warnings.catch_warnings():  # a modality no sequence has at some layer is all-NaN there
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_h = np.nanmean(values["entropy_raw_normalized"], axis=1)
     if np.all(np.isnan(mean_h)):
         argmin = 0
     else:
@@ -319,4 +412,5 @@ def valley(run: Run, *, alpha: float = 1.0) -> ValleyResult:
         depth_fraction=argmin / max(n_layers, 1),
         valley_range=_valley_range(mean_h, argmin),
         interior=bool(0 < argmin < n_layers),
+        modality=modality,
     )

@@ -16,6 +16,7 @@ import torch
 
 from lens.errors import CaptureError, NumericalError
 from lens.capture.spectra import center_and_normalize_rows, lower_median, squared_singular_values
+from lens.capture.vision import IMAGE, TEXT
 
 __all__ = ["Batch", "AttentionProbe", "ResidualProbe", "MLPProbe", "top_magnitudes"]
 
@@ -196,10 +197,18 @@ class ResidualProbe:
     on a copy of its hidden state, so the eigen-solves and Gram products overlap the next layers'
     forward instead of holding it up; the numbers are the same as reducing in the forward's thread
     (up to the summation order of a multi-threaded matrix product, ~1e-7 relative).
+
+    ``modality``: [N] uint8 per flat token (0 text, 1 image, 2 special; ``lens.capture.vision``), given only
+    for runs with image tokens. Then, per layer and sequence, the same two spectra are also computed on the
+    image-token rows and on the text-token rows of X_ℓ alone (``resid.spectrum_raw.image``, …), with each
+    subset's reference row for the massive-activation bound — its largest-norm token (``resid.reference.*``)
+    — and every token's cos² to its subset's reference (``resid.cos2_reference``). Text-only runs compute
+    and store none of this.
     """
 
     def __init__(self, lm, n_tokens: int, n_sequences: int, max_len: int, top_k: int, keep_hidden: tuple[int, ...],
-                 *, spectra: str = "exact", background: bool = True):
+                 *, spectra: str = "exact", background: bool = True, modality: np.ndarray | None = None,
+                 offsets: np.ndarray | None = None):
         self.lm = lm
         n = lm.n_layers + 1
         rank = min(max_len, lm.d_model)
@@ -214,10 +223,53 @@ class ResidualProbe:
         self.spectrum_raw = np.zeros((n, n_sequences, rank), dtype=np.float64) if spectra == "exact" else None
         self.spectrum_normalized = np.zeros((n, n_sequences, rank), dtype=np.float64) if spectra == "exact" else None
         self.hidden = {layer: np.zeros((n_tokens, lm.d_model), dtype=np.float32) for layer in keep_hidden}
+        self._init_subsets(modality, offsets, n)
         self.batch: Batch | None = None
         self.handles: list = []
         self.background = background
         self.worker = None
+
+    def _init_subsets(self, modality: np.ndarray | None, offsets: np.ndarray | None, n_res: int) -> None:
+        """Per-modality spectra (image inputs only): the rows of X_ℓ of each sequence's image and text tokens."""
+        self.subsets: dict[str, dict[str, np.ndarray]] = {}
+        self.subset_rows: dict[int, dict[str, torch.Tensor]] = {}
+        if modality is None or self.spectrum_raw is None or not (np.asarray(modality) == IMAGE).any():
+            return
+        modality = np.asarray(modality)
+        n_seq = len(offsets) - 1
+        self.cos2_reference = np.full((n_res, len(modality)), np.nan, dtype=np.float32)
+        for code, name in ((IMAGE, "image"), (TEXT, "text")):
+            counts = [int((modality[offsets[s] : offsets[s + 1]] == code).sum()) for s in range(n_seq)]
+            rank = min(max(counts), self.lm.d_model)
+            if rank == 0:
+                continue
+            self.subsets[name] = {
+                "spectrum_raw": np.zeros((n_res, n_seq, rank), dtype=np.float64),
+                "spectrum_normalized": np.zeros((n_res, n_seq, rank), dtype=np.float64),
+                "reference": np.full((n_res, n_seq), -1, dtype=np.int64),
+            }
+            for s in range(n_seq):
+                rows = np.nonzero(modality[offsets[s] : offsets[s + 1]] == code)[0]
+                if len(rows):
+                    self.subset_rows.setdefault(s, {})[name] = torch.from_numpy(rows.astype(np.int64))
+
+    def _reduce_subsets(self, layer: int, seq: int, start: int, x: torch.Tensor, norms: torch.Tensor) -> None:
+        """Both spectra of the image rows and of the text rows of one sequence's X_ℓ, and each subset's
+        reference row (largest norm) with every row's cos² to it (the massive-activation bound per subset)."""
+        tiny = torch.finfo(x.dtype).tiny
+        for name, rows in self.subset_rows.get(seq, {}).items():
+            arrays = self.subsets[name]
+            xs, ns = x.index_select(0, rows), norms.index_select(0, rows)
+            r = min(xs.shape[0], xs.shape[1])
+            arrays["spectrum_raw"][layer, seq, :r] = squared_singular_values(xs).cpu().numpy()
+            arrays["spectrum_normalized"][layer, seq, :r] = (
+                squared_singular_values(center_and_normalize_rows(xs)).cpu().numpy()
+            )
+            ref = int(ns.argmax())
+            arrays["reference"][layer, seq] = start + int(rows[ref])
+            unit = xs[ref] / ns[ref].clamp_min(tiny)
+            cos = (xs @ unit) / ns.clamp_min(tiny)
+            self.cos2_reference[layer, start + rows.numpy()] = (cos * cos).cpu().numpy()
 
     def begin(self, batch: Batch) -> None:
         self.batch = batch
@@ -304,6 +356,8 @@ class ResidualProbe:
                 self.spectrum_normalized[layer, seq, :r] = (
                     squared_singular_values(center_and_normalize_rows(x)).cpu().numpy()
                 )
+                if self.subsets:
+                    self._reduce_subsets(layer, seq, start, x, norms)
             if layer in self.hidden:
                 self.hidden[layer][start : start + n] = x.cpu().numpy()
 
@@ -319,6 +373,10 @@ class ResidualProbe:
         if self.spectrum_raw is not None:
             out["resid.spectrum_raw"] = self.spectrum_raw
             out["resid.spectrum_normalized"] = self.spectrum_normalized
+        for name, arrays in self.subsets.items():
+            out.update({f"resid.{kind}.{name}": values for kind, values in arrays.items()})
+        if self.subsets:
+            out["resid.cos2_reference"] = self.cos2_reference
         for layer, values in self.hidden.items():
             out[f"resid.hidden.{layer}"] = values
         return out

@@ -317,16 +317,20 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray, layouts=None, 
     """One probe per captured kind, each with arrays preallocated for every real token of the run."""
     n_tokens, n_seq = int(lengths.sum()), len(lengths)
     capture = options.capture
-    groups = None
+    groups = modality = None
     if layouts is not None:
-        groups = [query_groups(modality_of(encoded.special[i], layout.image)) if layout is not None
-                  else query_groups(np.zeros(int(lengths[i]), dtype=np.uint8)) for i, layout in enumerate(layouts)]
+        # each token's modality, known before the forward pass: the residual probe splits its spectra by it
+        per_seq = [modality_of(encoded.special[i], layout.image) if layout is not None
+                   else modality_of(encoded.special[i], np.full(int(lengths[i]), -1)) for i, layout in enumerate(layouts)]
+        groups = [query_groups(m) for m in per_seq]
+        modality = np.concatenate(per_seq)
     attention = (
         AttentionProbe(lm, n_tokens, n_seq, options.keep, lengths**2, groups=groups) if "attention" in capture else None
     )
     residual = (
         ResidualProbe(lm, n_tokens, n_seq, int(lengths.max()), options.top_k_massive, options.hidden_layers,
-                      spectra=options.spectra)
+                      spectra=options.spectra, modality=modality,
+                      offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         if "residual" in capture
         else None
     )
