@@ -176,3 +176,161 @@ def test_a_planted_massive_image_token_tightens_the_image_bound(tiny_vlm_dir):
     assert image.values["first_norm_ratio"][0, 0] > 100
     text_clean, text = lens.valley(clean, modality="text"), lens.valley(run, modality="text")
     np.testing.assert_allclose(text.values["entropy_raw"][0], text_clean.values["entropy_raw"][0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The text→image share under lens's sparse attention: the kernel's per-group sums
+
+
+def _group_masks(b: int, t: int) -> dict:
+    """HF-style boolean masks [B, 1, T, T]: structured (causal, padding) and general (Gemma 3's bidirectional
+    image block inside a causal mask, with padding)."""
+    pos = torch.arange(t)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    lengths = torch.tensor([t, t - 21][:b])
+    real = pos[None, :] < lengths[:, None]
+    block = torch.zeros(t, t, dtype=torch.bool)
+    block[10:42, 10:42] = True  # an image of 32 tokens attended bidirectionally
+    return {
+        "causal": (None, True),
+        "bidirectional": (None, False),
+        "causal_right_padding": (real[:, None, None, :] & causal, False),
+        "image_block_with_padding": (real[:, None, None, :] & (causal | block) & real[:, None, :, None], False),
+    }
+
+
+def _reference_groups(probs: torch.Tensor, allowed: torch.Tensor, weights: torch.Tensor):
+    """Brute force over materialized [B, H, Tq, Tk] probabilities and [B, Tq, Tk] mask: the per-group column
+    sums and the uniform pattern's (each valid query spreads 1 evenly over the keys it may see)."""
+    mass = torch.einsum("bgq,bhqk->bghk", weights.double(), probs.double())
+    valid = torch.diagonal(allowed, dim1=-2, dim2=-1)
+    seen = (allowed & valid[:, :, None]).double()
+    uniform = torch.einsum("bgq,bqk->bgk", weights.double() / seen.sum(-1).clamp(min=1)[:, None, :], seen)
+    return mass, uniform
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "bidirectional", "causal_right_padding", "image_block_with_padding"])
+def test_sparse_group_sums_equal_brute_force_from_the_kept_blocks_and_dense_when_all_are_kept(mask_name):
+    from lens.kernels.attention import attention_with_stats
+    from lens.kernels.sparse import SparseConfig, make_selection, sparse_attention_reference, sparse_attention_with_stats
+
+    b, h, hkv, t, d = 2, 4, 2, 75, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    mask, is_causal = _group_masks(b, t)[mask_name]
+    weights = torch.zeros(b, 3, t)
+    weights[:, 0, 45:] = 1.0  # "text queries after the image"
+    weights[:, 1, 60] = 1.0  # one chosen query's row
+    weights[:, 2] = torch.rand(b, t, generator=g)  # any weights
+    if mask is None:
+        allowed = torch.ones(b, t, t, dtype=torch.bool)
+        allowed = allowed.tril() if is_causal else allowed
+    else:
+        allowed = mask[:, 0]
+    config = SparseConfig(mode="topk", topk=0.5, block_q=16, block_k=16, keep_sink_block=False, local_blocks=0)
+    n_blocks = math.ceil(t / 16)
+    kept = torch.rand(b, h, n_blocks, n_blocks, generator=g) < 0.45
+    for name, pattern in (("sparse", kept), ("every block", torch.ones_like(kept))):
+        selection = make_selection(pattern, config, q_len=t, k_len=t, attention_mask=mask, is_causal=is_causal)
+        # chunk_size=16: one query block per chunk, so the sums really are folded chunk by chunk
+        _, stats = sparse_attention_with_stats(q, k, v, selection, attention_mask=mask, is_causal=is_causal,
+                                               query_weights=weights, chunk_size=16, execution="gathered")
+        _, probs = sparse_attention_reference(q, k, v, selection, attention_mask=mask, is_causal=is_causal,
+                                              return_probs=True)
+        mass, uniform = _reference_groups(probs, allowed, weights)
+        torch.testing.assert_close(stats.group_key_mass.double(), mass, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(stats.group_uniform.double(), uniform, rtol=1e-5, atol=1e-6, msg=name)
+        if name == "every block":  # exactly the dense kernel's sums
+            _, dense = attention_with_stats(q, k, v, attention_mask=mask, is_causal=is_causal, query_weights=weights)
+            torch.testing.assert_close(stats.group_key_mass, dense.group_key_mass, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(stats.group_uniform, dense.group_uniform, rtol=1e-5, atol=1e-6)
+    # the sparse selection really changed the sums (the comparison with brute force is not the dense one again)
+    _, dense = attention_with_stats(q, k, v, attention_mask=mask, is_causal=is_causal, query_weights=weights)
+    selection = make_selection(kept, config, q_len=t, k_len=t, attention_mask=mask, is_causal=is_causal)
+    _, sparse_stats = sparse_attention_with_stats(q, k, v, selection, attention_mask=mask, is_causal=is_causal,
+                                                  query_weights=weights, execution="gathered")
+    assert (sparse_stats.group_key_mass - dense.group_key_mass).abs().max() > 1e-2
+    # without query weights nothing is computed
+    _, plain = sparse_attention_with_stats(q, k, v, selection, attention_mask=mask, is_causal=is_causal, execution="gathered")
+    assert plain.group_key_mass is None and plain.group_uniform is None
+
+
+class _Recording:
+    """The deployed sparse kernel, unchanged, remembering each language-model call's inputs for a brute-force
+    recomputation."""
+
+    supports_query_weights = True
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.calls.append((query.clone(), key.clone(), value.clone(), attention_mask, kwargs["is_causal"], kwargs["scale"]))
+        return self.kernel(module, query, key, value, attention_mask, **kwargs)
+
+    def describe(self):
+        return self.kernel.describe()
+
+
+def _text_and_image(lm, item):
+    ids = _processed(lm, item)["input_ids"][0].numpy()
+    image = ids == lm.config.image_token_id
+    first = int(np.nonzero(image)[0][0])
+    specials = set(lm.processor.tokenizer.all_special_ids)
+    text = np.array([p > first and not image[p] and int(ids[p]) not in specials for p in range(len(ids))])
+    return text, image
+
+
+@pytest.mark.parametrize("kind", ["llava", "gemma3"])
+def test_text_to_image_share_under_sparse_attention(kind, tiny_vlm_dir):
+    """Every block kept: the sparse kernel's text→image share equals the dense run's and HF eager
+    ``output_attentions``. A real sparse selection: it equals a brute-force computation from the probabilities
+    of the kept blocks (the selection recomputed from the very queries and keys the model used)."""
+    from lens.kernels.sparse import select_blocks, sparse_attention_reference
+    from lens.models.deploy import EveryBlockKeptWarning, SparseAttention
+
+    folder = tiny_vlm_dir(kind)
+    dense_lm = lens.load(folder)
+    items = _items(dense_lm)
+    dense = lens.vision(lens.trace(dense_lm, items, progress=False))
+    every = lens.Sparse(mode="topk", topk=1.0, block_q=16, block_k=16)
+    lm = lens.load(folder, attention=SparseAttention(every, execution="gathered"))
+    with pytest.warns(EveryBlockKeptWarning):
+        run = lens.trace(lm, items, progress=False)
+    assert run.meta["sparse_every_block_kept"] and "attn.text_key_mass" in run.arrays
+    shares = lens.vision(run)
+    np.testing.assert_allclose(shares.text_image_share, dense.text_image_share, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shares.uniform_text_image_share, dense.uniform_text_image_share, rtol=1e-6)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    for seq, item in enumerate(items):
+        text, image = _text_and_image(lm, item)
+        with torch.no_grad():
+            attentions = ref(**_processed(lm, item), output_attentions=True, use_cache=False).attentions
+        for layer, attn in enumerate(attentions):
+            expected = attn[0].double().numpy()[:, text][:, :, image].sum(-1).mean(-1)
+            np.testing.assert_allclose(shares.text_image_share[seq, layer], expected, rtol=1e-4, atol=1e-6)
+
+    config = lens.Sparse(mode="topk", topk=0.5, block_q=16, block_k=16, keep_sink_block=False, local_blocks=0)
+    lm = lens.load(folder, attention=SparseAttention(config, execution="gathered"))
+    calls: list = []
+    for module in lm.attention_modules:
+        module._lens_kernel = _Recording(lm.attention_kernel, calls)
+    run = lens.trace(lm, items, progress=False)
+    assert (run.arrays["attn.kept_fraction"] < 1).any(), "the selection skipped blocks"
+    shares = lens.vision(run)
+    assert len(calls) == len(items) * lm.n_layers  # image sequences run one at a time, layer by layer
+    differs = 0.0
+    for seq, item in enumerate(items):
+        text, image = _text_and_image(lm, item)
+        mine = [c for c in calls if c[0].shape[2] == len(text)]  # this sequence's calls, layer by layer
+        assert len(mine) == lm.n_layers
+        for layer in range(lm.n_layers):
+            q, k, v, mask, is_causal, scale = mine[layer]
+            selection = select_blocks(q, k, config, attention_mask=mask, is_causal=is_causal, scale=scale)
+            _, probs = sparse_attention_reference(q, k, v, selection, attention_mask=mask, is_causal=is_causal,
+                                                  scale=scale, return_probs=True)
+            expected = probs[0].double().numpy()[:, text][:, :, image].sum(-1).mean(-1)
+            np.testing.assert_allclose(shares.text_image_share[seq, layer], expected, rtol=1e-5, atol=1e-6)
+            differs = max(differs, float(np.abs(expected - dense.text_image_share[seq, layer]).max()))
+    assert differs > 1e-3, "the sparse selection changed the text→image share somewhere"
+    np.testing.assert_allclose(shares.uniform_text_image_share, dense.uniform_text_image_share, rtol=1e-6)

@@ -94,15 +94,19 @@ def sparse_attention(
 # Statistics
 
 
-def _mask_counts(base: _BaseMask, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|Q_k|, Σ_{q∈Q_k} 1/|K_q|) under the base mask (valid queries only), [B, Tk] float32 each.
+def _mask_counts(base: _BaseMask, device, query_weights: torch.Tensor | None = None):
+    """(|Q_k|, Σ_{q∈Q_k} 1/|K_q|, group uniform) under the base mask (valid queries only), [B, Tk] float32 each
+    — and with ``query_weights`` w [B, G, Tq], Σ_{q∈Q_k} w[b, g, q] / |K_q| [B, G, Tk] (else None).
 
     The same quantities kernels.attention counts: the model's mask defines them, never the sparsity
-    pattern, so a sparse run's uniform share is the dense run's. Structured masks (causal and/or one
-    contiguous range of real keys) in O(T); any other mask (sliding windows, bidirectional blocks) chunked.
+    pattern, so a sparse run's uniform share (and text→image yardstick) is the dense run's. Structured masks
+    (causal and/or one contiguous range of real keys) in O(T); any other mask (sliding windows, bidirectional
+    blocks) chunked.
     """
     batch, q_len, k_len = base.batch, base.q_len, base.k_len
     valid = base.query_valid.float()
+    w = query_weights.double() if query_weights is not None else None
+    group = None
     if base.structured:
         ok = base.key_ok.float() if base.key_ok is not None else torch.ones(batch, k_len, device=device)
         if base.causal:
@@ -113,14 +117,25 @@ def _mask_counts(base: _BaseMask, device) -> tuple[torch.Tensor, torch.Tensor]:
             zero = torch.zeros(batch, 1, device=device)
             count = torch.cat([valid.flip(-1).cumsum(-1).flip(-1), zero], dim=-1)[:, first]
             uniform = torch.cat([inv.flip(-1).cumsum(-1).flip(-1), zero.double()], dim=-1)[:, first].float()
+            if w is not None:
+                spread = w * inv[:, None, :]  # [B, G, Tq]: what each query puts on every key it sees
+                suffix = torch.cat([spread.flip(-1).cumsum(-1).flip(-1), spread.new_zeros(*spread.shape[:2], 1)], dim=-1)
+                group = suffix[..., first].float()
         else:
             n_keys = ok.sum(dim=-1, keepdim=True)
             count = valid.sum(dim=-1, keepdim=True).expand(batch, k_len)
             uniform = (valid / n_keys.clamp(min=1.0)).sum(dim=-1, keepdim=True).expand(batch, k_len)
-        return (count * ok).contiguous(), (uniform * ok).contiguous()
+            if w is not None:
+                per_key = (w * (valid / n_keys.clamp(min=1.0)).double()[:, None, :]).sum(-1, keepdim=True)
+                group = per_key.float().expand(-1, -1, k_len)
+        if group is not None:
+            group = (group * ok[:, None, :]).contiguous()
+        return (count * ok).contiguous(), (uniform * ok).contiguous(), group
     allowed = base.allowed
     count = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
     uniform = torch.zeros(batch, k_len, dtype=torch.float32, device=device)
+    if w is not None:
+        group = torch.zeros(batch, w.shape[1], k_len, dtype=torch.float32, device=device)
     rows = max(1, (1 << 24) // max(1, batch * allowed.shape[1] * k_len))
     for start in range(0, q_len, rows):
         chunk = allowed[..., start:start + rows, :]
@@ -130,16 +145,20 @@ def _mask_counts(base: _BaseMask, device) -> tuple[torch.Tensor, torch.Tensor]:
         n_keys = seen.sum(dim=-1, keepdim=True)
         inv = torch.where(n_keys > 0, 1.0 / n_keys.clamp(min=1.0), 0.0)
         uniform += torch.matmul(inv.transpose(1, 2), seen).squeeze(1)
-    return count, uniform
+        if w is not None:  # [B, G, rows] × [B, rows, Tk]
+            group += torch.matmul(w[:, :, start:start + rows].float() * inv.transpose(1, 2), seen)
+    return count, uniform, group
 
 
-def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softcap, pattern_heads, chunk_size):
+def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softcap, pattern_heads, chunk_size,
+           query_weights=None):
     """Statistics of the kept-block probabilities, visiting only kept blocks, chunked over query blocks.
 
     Each query block gathers its kept key blocks (padded to the chunk's largest count; padding slots are
     masked), so work and memory scale with the kept blocks, not with T². Probabilities are recomputed
     here because the CPU kernel cannot return its log-sum-exp; they are the same softmax over the same
-    elements (kept blocks ∧ base mask ∧ pattern) that the kernel normalizes over.
+    elements (kept blocks ∧ base mask ∧ pattern) that the kernel normalizes over. ``query_weights``
+    [B, G, Tq] folds the same probabilities into per-group column sums (``group_key_mass``), chunk by chunk.
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -170,10 +189,17 @@ def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softca
     b_ix = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h_ix = (torch.arange(heads, device=device) // group).view(1, heads, 1, 1)
     offsets = torch.arange(bk, device=device)
+    group_mass = wp = None
+    if query_weights is not None:
+        n_groups = query_weights.shape[1]
+        group_mass = torch.zeros(batch, n_groups, heads, k_pad, dtype=torch.float32, device=device)
+        wp = F.pad(query_weights.float(), (0, n_q * bq - q_len)).view(batch, n_groups, n_q, bq)
+    # the per-group sums hold G / bq times a chunk's probabilities: fewer query blocks per chunk then
+    spread = max(1.0, wp.shape[1] / bq) if wp is not None else 1.0
     if chunk_size:
         step = max(1, int(chunk_size) // bq)
     else:
-        step = max(1, _TARGET_CHUNK_ELEMENTS // max(1, batch * heads * bq * max(1, max_kept) * bk))
+        step = max(1, int(_TARGET_CHUNK_ELEMENTS // (spread * max(1, batch * heads * bq * max(1, max_kept) * bk))))
     for i0 in range(0, n_q if max_kept else 0, step):
         i1 = min(n_q, i0 + step)
         c = i1 - i0
@@ -212,6 +238,10 @@ def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softca
         column = torch.matmul(valid[:, :, i0:i1], probs)  # Σ over valid queries, [B, H, c, 1, M·bk]
         flat_pos = pos.reshape(batch, heads, -1)
         key_mass.scatter_add_(-1, flat_pos, column.reshape(batch, heads, -1))
+        if group_mass is not None:  # Σ_q w[b, g, q] P[b, h, q, k] over this chunk's rows: [B, G, H, c, M·bk]
+            sums = torch.einsum("bgcr,bhcrm->bghcm", wp[:, :, i0:i1], probs)
+            index = flat_pos[:, None].expand(-1, group_mass.shape[1], -1, -1)
+            group_mass.scatter_add_(-1, index, sums.reshape(*index.shape))
         if patterns is not None:
             r0, r1 = i0 * bq, min(i1 * bq, q_len)
             sub = probs[:, list(pattern_heads)].reshape(batch, len(pattern_heads), c * bq, width * bk)
@@ -219,7 +249,7 @@ def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softca
             rows_out = torch.zeros(batch, len(pattern_heads), c * bq, k_pad, device=device)
             rows_out.scatter_(-1, where, sub)  # positions within a row are distinct: kept blocks differ
             patterns[:, :, r0:r1] = rows_out[:, :, : r1 - r0, :k_len]
-    query_count, uniform_sum = _mask_counts(base, device)
+    query_count, uniform_sum, group_uniform = _mask_counts(base, device, query_weights)
     return AttentionStats(
         key_mass=key_mass[..., :k_len].contiguous(),
         query_count=query_count,
@@ -228,6 +258,8 @@ def _stats(query, key, selection: BlockSelection, base: _BaseMask, scale, softca
         patterns=patterns,
         pattern_heads=pattern_heads,
         kept_fraction=selection.kept_fraction.float(),
+        group_key_mass=group_mass[..., :k_len].contiguous() if group_mass is not None else None,
+        group_uniform=group_uniform,
     )
 
 
@@ -245,6 +277,7 @@ def sparse_attention_with_stats(
     chunk_size: int | None = None,
     compiled: bool = True,
     execution: str = "auto",
+    query_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Sparse attention plus the same ``AttentionStats`` as ``kernels.attention.attention_with_stats``.
 
@@ -258,6 +291,10 @@ def sparse_attention_with_stats(
     second pass that visits only the kept blocks, chunked over query blocks (``chunk_size`` query rows,
     rounded down to whole blocks), in O(T) memory beyond one chunk. With ``linear_fallback`` the
     statistics describe the softmax branch (the linear branch has no per-key probabilities).
+    ``query_weights`` w [B, G, Tq] adds, as ``attention_with_stats`` does, ``group_key_mass[b, g, h, k]`` =
+    Σ_q w[b, g, q] P[b, h, q, k] of those same probabilities (e.g. a VLM's text queries: the text→image
+    attention share the model really had under sparsity) and ``group_uniform`` [B, G, Tk] under the base mask,
+    folded in chunk by chunk like ``key_mass`` (no Tq × Tk tensor).
 
     Example::
 
@@ -270,7 +307,7 @@ def sparse_attention_with_stats(
     )
     base = _resolve_base(selection, attention_mask, is_causal, query)
     with torch.no_grad():
-        stats = _stats(query, key, selection, base, scale, softcap, pattern_heads, chunk_size)
+        stats = _stats(query, key, selection, base, scale, softcap, pattern_heads, chunk_size, query_weights)
     return out, stats
 
 

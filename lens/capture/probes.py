@@ -176,7 +176,7 @@ class AttentionProbe:
             out["attn.kept_fraction"] = self.kept_fraction
         for (layer, head), values in self.patterns.items():
             out[f"pattern.{layer}.{head}"] = values
-        # the text-query sums exist only if the kernel computed them for every layer (dense kernels do)
+        # the text-query sums exist only if the kernel computed them for every layer (the dense and sparse kernels do)
         if self.groups is not None and self.group_batches and len(self.group_layers) == self.lm.n_layers:
             out.update({"attn.text_key_mass": self.text_key_mass, "attn.text_uniform": self.text_uniform,
                         "attn.text_count": self.text_count, "attn.rows": self.rows, "attn.row_sequence": self.row_sequence,

@@ -41,8 +41,8 @@ class SparseAttention:
     paths (``lens.kernels.sparse.paths``): dense SDPA when the selection keeps every block the mask
     allows, else gathered-block SDPA or compiled FlexAttention - with ``execution="auto"`` (the
     default), whichever measured faster on this machine for the shape. While traced, the statistics are
-    those of the probabilities renormalized over the kept blocks, and the kept fraction per head is
-    reported; the run's provenance records how many calls ran on each path
+    those of the probabilities renormalized over the kept blocks (the text→image attention share of a
+    vision-language model too), and the kept fraction per head is reported; the run's provenance records how many calls ran on each path
     (``run.meta["provenance"]["attention"]["executed"]``).
 
     ``execution``: ``"auto"``, ``"gathered"`` or ``"flex"`` (``"dense"`` is taken automatically, and
@@ -55,6 +55,9 @@ class SparseAttention:
         run.arrays["attn.kept_fraction"]                 # [layers, sequences, heads]
         run.meta["provenance"]["attention"]["executed"]  # e.g. {'gathered': 5, 'dense': 1}
     """
+
+    #: sums per query group from the probabilities of the kept blocks (a VLM's text→image attention share)
+    supports_query_weights = True
 
     def __init__(self, config: SparseConfig, *, compiled: bool = True, execution: str = "auto"):
         if execution not in EXECUTIONS or execution == "dense":
@@ -75,7 +78,7 @@ class SparseAttention:
         self.tally = {"calls": 0, "every_block_kept": 0}
 
     def __call__(self, module, query, key, value, attention_mask, *, is_causal, scale, softcap, pattern_heads,
-                 with_stats):
+                 with_stats, query_weights=None):
         selection = select_blocks(query, key, self.config, attention_mask=attention_mask, is_causal=is_causal,
                                   scale=scale)
         path = choose_execution(query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal,
@@ -90,6 +93,7 @@ class SparseAttention:
         return sparse_attention_with_stats(
             query, key, value, selection, attention_mask=attention_mask, is_causal=is_causal, scale=scale,
             softcap=softcap, pattern_heads=pattern_heads, compiled=self.compiled, execution=path,
+            query_weights=query_weights,
         )
 
     def describe(self) -> dict[str, Any]:
