@@ -334,3 +334,103 @@ def test_text_to_image_share_under_sparse_attention(kind, tiny_vlm_dir):
             differs = max(differs, float(np.abs(expected - dense.text_image_share[seq, layer]).max()))
     assert differs > 1e-3, "the sparse selection changed the text→image share somewhere"
     np.testing.assert_allclose(shares.uniform_text_image_share, dense.uniform_text_image_share, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# lens.compare per (layer, modality)
+
+
+def _scaled(hook_target, scale_rows):
+    """A forward hook that multiplies chosen rows of a module's output (a planted deployment difference)."""
+
+    def hook(module, args, output):
+        output = output.clone()
+        for row, factor in scale_rows.items():
+            output[0, row] *= factor
+        return output
+
+    return hook_target.register_forward_hook(hook)
+
+
+def test_compare_by_modality_finds_a_planted_difference_in_the_right_modality(tiny_vlm_dir):
+    lm = lens.load(tiny_vlm_dir("llava"))
+    items = _items(lm)[:1]
+    a = lens.trace(lm, items, progress=False)
+    same = lens.trace(lm, items, progress=False)
+    frame = lens.compare(a, same).to_frame("modality")
+    deltas = [c for c in frame.columns if c.endswith("_delta")]
+    assert {"mean_norm_delta", "entropy_delta", "mass_to_uniform_delta", "sink_token_fraction_delta",
+            "anisotropy_delta", "normalized_entropy_delta", "text_image_share_delta"} <= set(deltas)
+    assert set(frame.modality) == {"text", "image", "special"} and len(frame) == 2 * 3 * (lm.n_layers + 1)
+    assert np.nanmax(np.abs(frame[deltas].to_numpy())) <= 1e-6, "identical runs give zeros"
+
+    # one image token ×20 as it leaves the projector: the image rows change at the embeddings, the text rows not
+    handle = _scaled(lm.projector, {5: 20.0})
+    try:
+        image_planted = lens.trace(lm, items, progress=False)
+    finally:
+        handle.remove()
+    result = lens.compare(a, image_planted)
+    frame = result.to_frame("modality")
+    b0 = frame[(frame.variant == result.labels[1]) & (frame.layer == 0)].set_index("modality")
+    a0 = frame[(frame.variant == result.labels[0]) & (frame.layer == 0)].set_index("modality")
+    # 15 tokens as before and one ×20: the mean norm grows by about 19/16 of a token's
+    assert b0.loc["image", "mean_norm_delta"] > 0.5 * a0.loc["image", "mean_norm"]
+    assert abs(b0.loc["image", "entropy_delta"]) > 1e-3
+    assert b0.loc["image", "anisotropy_delta"] > 1e-3
+    assert b0.loc["text", "mean_norm_delta"] == 0 and b0.loc["text", "entropy_delta"] == 0
+    assert b0.loc["special", "mean_norm_delta"] == 0
+    reference = frame[frame.variant == result.labels[0]]
+    assert (reference[deltas].fillna(0) == 0).all().all()
+    assert "image tokens max |Δ|" in result.summary()
+
+    # text tokens ×3 at the embeddings (image positions are overwritten by the projector afterwards): the text
+    # rows change, the image rows not
+    text_rows = {int(p): 3.0 for p in np.nonzero(a.modality == 0)[0]}
+    handle = _scaled(lm.model.get_input_embeddings(), text_rows)
+    try:
+        text_planted = lens.trace(lm, items, progress=False)
+    finally:
+        handle.remove()
+    frame = lens.compare(a, text_planted).to_frame("modality")
+    b0 = frame[(frame.variant == frame.variant.iloc[-1]) & (frame.layer == 0)].set_index("modality")
+    assert b0.loc["text", "mean_norm_delta"] == pytest.approx(2 * a0.loc["text", "mean_norm"], rel=1e-5)
+    assert b0.loc["image", "mean_norm_delta"] == 0
+    assert b0.loc["image", "entropy_delta"] == 0 and b0.loc["image", "anisotropy_delta"] == 0
+
+
+def test_compare_by_modality_of_dense_against_sparse_and_int8_and_of_text_runs(tiny_vlm_dir):
+    from lens.models.deploy import SparseAttention
+
+    folder = tiny_vlm_dir("llava")
+    dense_lm = lens.load(folder)
+    items = _items(dense_lm)
+    dense = lens.trace(dense_lm, items, progress=False)
+    # sparse attention changes where the text queries look: the text rows' text→image share moves, by exactly the
+    # change lens.vision reports for each run
+    config = lens.Sparse(mode="topk", topk=0.5, block_q=16, block_k=16, keep_sink_block=False, local_blocks=0)
+    sparse = lens.trace(lens.load(folder, attention=SparseAttention(config, execution="gathered")), items, progress=False)
+    result = lens.compare(dense, sparse)
+    frame = result.to_frame("modality")
+    text = frame[(frame.variant == result.labels[1]) & (frame.modality == "text")].set_index("layer")
+    expected = lens.vision(sparse).share_per_layer - lens.vision(dense).share_per_layer
+    np.testing.assert_allclose(text["text_image_share_delta"].to_numpy()[: len(expected)], expected, rtol=1e-6)
+    assert np.abs(expected).max() > 1e-3
+    assert frame[frame.modality == "image"]["text_image_share"].isna().all()  # a text-query quantity
+    assert "sparse" in result.summary() and "text_image_share" in result.summary()
+    int8 = lens.trace(lens.load(folder, quant="int8"), items, progress=False)
+    frame = lens.compare(dense, int8).to_frame("modality")
+    changed = frame[frame.variant == frame.variant.iloc[-1]]
+    # int8 language-model weights: layer 0's input (embeddings, projector) is untouched, later layers move
+    assert (changed[changed.layer == 0]["mean_norm_delta"].abs() == 0).all()
+    assert (changed[changed.layer == lm_layers(dense)]["mean_norm_delta"].abs() > 0).any()
+    # a text-only comparison has no image rows and no per-modality valley, but still the attention split
+    texts = ["Plain words only.", "Two sentences of text here."]
+    frame = lens.compare(lens.trace(dense_lm, texts, progress=False), lens.trace(dense_lm, texts, progress=False)).to_frame("modality")
+    assert set(frame.modality) == {"text", "special"} and "entropy" not in frame and "mass_to_uniform" in frame
+    with pytest.raises(lens.ConfigError, match="modality"):
+        lens.compare(dense, int8).to_frame("modalities")
+
+
+def lm_layers(run) -> int:
+    return int(run.meta["n_layers"])

@@ -86,6 +86,7 @@ class CompareResult:
     density_a: np.ndarray | None = None
     valley_interior: tuple[bool, bool] = (True, True)
     every_block_kept: tuple[bool, bool] = (False, False)
+    tau: float = 5.0
 
     def to_frame(self, kind: str = "layers"):
         """A tidy pandas DataFrame in long format: the variant's name is in the ``variant`` column, every
@@ -97,11 +98,23 @@ class CompareResult:
           ``hidden_cosine``, ``hidden_rel_error``; 0, 0, 0, 1, 0 on the reference's own rows);
         * ``"heads"`` — one row per (variant, layer, head): ``sink_score``, ``sink_delta``, ``block_density``;
         * ``"tokens"`` — per-token next-token ``kl`` of variant b against a (language models traced with
-          ``capture=(..., "logits")``; ``ConfigError`` otherwise).
+          ``capture=(..., "logits")``; ``ConfigError`` otherwise);
+        * ``"modality"`` — one row per (variant, residual layer, modality: text / image / special): ``tokens``,
+          ``mass_to_uniform`` and ``sink_token_fraction`` (τ = ``tau``), ``mean_norm``, the modality's own valley
+          (``entropy``, ``normalized_entropy``, ``anisotropy``; ``lens.valley(run, modality=...)``, runs with
+          images) and, on the text rows, ``text_image_share``; each with its change ``<name>_delta`` (b − a,
+          0 on the reference's rows). See ``lens.analysis.compare_modality`` and
+          docs/definitions.md#vision-language-models.
 
-        Example: ``lens.compare(dense, sparse).to_frame("heads").query("variant != 'dense'")``.
+        Example: ``lens.compare(dense, sparse).to_frame("heads").query("variant != 'dense'")``;
+        ``lens.compare(dense_vlm_run, int8_vlm_run).to_frame("modality").query("modality == 'image'")``.
         """
         import pandas as pd
+
+        if kind == "modality":
+            from lens.analysis.compare_modality import modality_frame
+
+            return _drop_empty(modality_frame(self.run_a, self.run_b, self.labels, self.tau))
 
         if kind == "layers":
             n_res = len(self.entropy_a)
@@ -151,7 +164,7 @@ class CompareResult:
             pos = np.concatenate([np.arange(n) for n in run.lengths])
             return pd.DataFrame({"variant": self.labels[1], "sequence": seq, "position": pos,
                                  "token": [t for toks in run.tokens for t in toks], "kl": self.kl_per_token})
-        raise ConfigError(f"kind must be 'layers', 'heads' or 'tokens'; got {kind!r}")
+        raise ConfigError(f"kind must be 'layers', 'heads', 'tokens' or 'modality'; got {kind!r}")
 
     def figure(self):
         """Sink-score change per head, entropy and anisotropy of both runs, and hidden-state agreement.
@@ -192,8 +205,24 @@ class CompareResult:
             lines.append(f"next token: KL {self.kl:.4f} nats, top-1 agreement {self.top1_agreement:.3f}")
         if np.isfinite(self.density_b).any():
             lines.append(f"{b} computed {np.nanmean(self.density_b):.1%} of the allowed attention blocks")
+        if "modality" in self.run_a.arrays and (self.run_a.arrays["modality"] == 1).any():
+            lines.append(self._modality_line())
         lines.extend(self.notes())
         return "\n".join(lines)
+
+    def _modality_line(self) -> str:
+        """Image tokens against text tokens: the largest change of each, over layers (``to_frame("modality")``)."""
+        frame = self.to_frame("modality")
+        changed = frame[frame["variant"] == self.labels[1]]
+        parts = []
+        for name in ("image", "text"):
+            rows = changed[changed["modality"] == name]
+            bits = [f"{column.removesuffix('_delta')} {rows[column].abs().max():.3g}"
+                    for column in ("mean_norm_delta", "entropy_delta", "mass_to_uniform_delta", "text_image_share_delta")
+                    if column in rows and rows[column].notna().any()]
+            if bits:
+                parts.append(f"{name} tokens max |Δ| " + ", ".join(bits))
+        return "; ".join(parts) + " (to_frame('modality'))"
 
     def _valley_line(self) -> str:
         def where(layer, interior):
@@ -254,14 +283,15 @@ def _hidden_agreement(run_a: Run, run_b: Run) -> tuple[np.ndarray, np.ndarray]:
     return cosine, rel
 
 
-def compare(run_a: Run, run_b: Run, *, epsilon: float = 0.3) -> CompareResult:
+def compare(run_a: Run, run_b: Run, *, epsilon: float = 0.3, tau: float = 5.0) -> CompareResult:
     """Compare two runs of the *same inputs* under two configurations (b − a everywhere).
 
     Reports per layer/head sink-score deltas (docs/definitions.md sink score), per-layer entropy, normalized
     entropy and anisotropy deltas (``lens.valley``), hidden-state cosine and relative error per layer
     (for layers traced with ``keep_hidden``), the achieved block density of a sparse run, and for
     language models traced with ``capture`` including ``"logits"``: mean next-token KL(a ‖ b) and top-1
-    agreement.
+    agreement. For runs of a vision-language model, ``to_frame("modality")`` splits the comparison by
+    modality (text / image / special tokens; ``tau`` is its sink-token threshold, m > τ·u).
 
     Example::
 
@@ -282,6 +312,8 @@ def compare(run_a: Run, run_b: Run, *, epsilon: float = 0.3) -> CompareResult:
             "lens.compare needs two runs of the same inputs (their token ids differ); trace the same texts "
             "with both configurations"
         )
+    if tau <= 0:
+        raise ConfigError(f"tau must be > 0; got {tau}")
     if run_a.meta["n_layers"] != run_b.meta["n_layers"] or run_a.meta["n_heads"] != run_b.meta["n_heads"]:
         raise LensError("lens.compare needs runs of models with the same number of layers and heads")
     sa, sb = sinks(run_a, epsilon=epsilon), sinks(run_b, epsilon=epsilon)
@@ -326,6 +358,7 @@ def compare(run_a: Run, run_b: Run, *, epsilon: float = 0.3) -> CompareResult:
         density_a=density_a,
         valley_interior=(bool(va.interior), bool(vb.interior)),
         every_block_kept=(every_block_kept(run_a), every_block_kept(run_b)),
+        tau=tau,
     )
 
 
