@@ -36,7 +36,7 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | modality | [N] uint8 | image inputs: 0 text, 1 image, 2 special (``lens.capture.vision.MODALITIES``) |
 | image.index / image.tile / image.row / image.col | [N] int32 | image inputs: each image token's image (run-wide), tile, patch-grid row and column; −1 elsewhere |
 | image.pixels.<i>.<t> | [h, w, 3] uint8 | tile t of image i as the model saw it (un-normalized from the processor's pixels) |
-| attn.text_key_mass | [L, H, N] f32 | image inputs: Σ over the text queries after the first image token of A[ℓ,h,q,k] |
+| attn.text_key_mass | [L, H, N] f32 | image inputs: Σ over the text queries after the first image token of A[ℓ,h,q,k] (dense and sparse kernels) |
 | attn.text_uniform | [L, N] f32 | … the same sum for the uniform pattern of the model's mask |
 | attn.text_count | [S] int64 | … the number of those text queries per sequence |
 | attn.rows / attn.row_* | [L, Σ T] f32 | head-mean attention rows of the non-image queries after the first image |
@@ -46,6 +46,9 @@ stored back to back and ``offsets[s]:offsets[s+1]`` selects sequence ``s``):
 | vision.entropy_raw / vision.entropy_normalized / vision.anisotropy | [Lv+1, tiles] f64 | the encoder's valley: matrix entropy of each tile's tokens per layer (÷ log min(T, d)), p₁ |
 | vision.tile_sequence / vision.tile_image / vision.tile_tile | [tiles] int32 | which tile each column of the encoder's valley is |
 | resid.sink_dims / resid.sink_phi_first / resid.sink_phi | [L+1, S, m] / [L+1, N, m] | the first token's m largest φ(x) = abs(x)/rms(x) dimensions, and every token's φ there |
+| resid.spectrum_raw.<m> / resid.spectrum_normalized.<m> | [L+1, S, R_m] f64 | image inputs, m = image / text: both spectra of X_ℓ restricted to that modality's rows (zero-padded; R_m = max min(T_m, d)) |
+| resid.reference.<m> | [L+1, S] int64 | … the flat index of that modality's largest-norm token (the bound's x₀; −1: none) |
+| resid.cos2_reference | [L+1, N] f32 | … cos² between X_ℓ[t] and its modality's reference token (NaN for special tokens) |
 
 X_ℓ is the residual stream entering block ℓ; X_L is the last block's output (before any final norm).
 
