@@ -259,7 +259,8 @@ class ResidualProbe:
         tiny = torch.finfo(x.dtype).tiny
         for name, rows in self.subset_rows.get(seq, {}).items():
             arrays = self.subsets[name]
-            xs, ns = x.index_select(0, rows), norms.index_select(0, rows)
+            index = rows.to(x.device)
+            xs, ns = x.index_select(0, index), norms.index_select(0, index)
             r = min(xs.shape[0], xs.shape[1])
             arrays["spectrum_raw"][layer, seq, :r] = squared_singular_values(xs).cpu().numpy()
             arrays["spectrum_normalized"][layer, seq, :r] = (
