@@ -101,6 +101,17 @@ def test_the_web_process_holds_no_model(team_server):
     assert worker["models"] == ["minilm"] and worker["pid"] != web["pid"]
     # the worker holds MiniLM twice (fp32 + int8) on top of the same libraries; the web process holds none
     assert web["rss_bytes"] < 700e6, web["rss_bytes"]
+    # lens serve restarted itself (same pid) with an allocator that gives memory back; its workers did not
+    assert web["pid"] == team_server.proc.pid
+
+    def environ(pid):
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+
+    assert environ(web["pid"]).get(b"PYTHONMALLOC") == b"malloc"
+    assert environ(web["pid"]).get(b"MALLOC_ARENA_MAX") == b"2"
+    assert b"PYTHONMALLOC" not in environ(worker["pid"]) and b"MALLOC_ARENA_MAX" not in environ(worker["pid"])
+    assert web["allocator"]["malloc_in_use"] > 50e6  # Python's objects now live in malloc's heap
 
 
 def _refused(tmp_path, *args):

@@ -294,6 +294,7 @@ def run(*, sessions: int = 20, duration: float = 120.0, workers: int = 1, seed_r
         if warm.errors:
             raise RuntimeError(f"the warm-up session failed: {warm.errors}")
         memory["before"] = _settled_rss(proc.pid, settle)
+        kinds = {"before": rss_by_kind(proc.pid)}
         objects = {"before": _objects(_admin_status(base, password))}
         solo_stats = _Stats()
         asyncio.run(_session(base, "bench", password, runs, solo_stats, time.monotonic() + solo, seed=1))
@@ -303,6 +304,7 @@ def run(*, sessions: int = 20, duration: float = 120.0, workers: int = 1, seed_r
         done = jobs.counts().get("done", 0) - before_done
         memory["during_peak"] = max(peak)
         memory["after"] = _settled_rss(proc.pid, settle)
+        kinds["after"] = rss_by_kind(proc.pid)
         status = _admin_status(base, password)
         objects["after"] = _objects(status)
         result.update({
@@ -316,6 +318,7 @@ def run(*, sessions: int = 20, duration: float = 120.0, workers: int = 1, seed_r
             "memory_bytes": memory,
             "memory_after_over_before": memory["after"] / memory["before"],
             "server_objects": objects,
+            "rss_by_kind": kinds,
             "think_s": list(THINK),
         })
         result["web_process"] = {k: status["web"][k] for k in ("transformers_modeling_modules", "torch_modules_with_parameters",
@@ -404,6 +407,28 @@ def _wait_job(store, job_id: str, timeout: float = 600):
     raise TimeoutError(f"job {job_id} did not finish")
 
 
+def rss_by_kind(pid: int) -> dict[str, int]:
+    """Resident bytes of a process by kind of mapping (Linux ``/proc/PID/smaps``): ``heap`` (malloc's main
+    arena), ``anonymous`` (other anonymous maps: CPython's object arenas, glibc's per-thread arenas, large
+    buffers — the kernel merges neighbouring ones, so they are not told apart), ``file`` (libraries and mapped
+    files), ``stack``."""
+    kinds = {"heap": 0, "anonymous": 0, "file": 0, "stack": 0}
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            kind = None
+            for line in fh:
+                head = line.split(None, 5)
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    name = head[5].strip() if len(head) > 5 else ""
+                    kind = ("heap" if name == "[heap]" else "stack" if name.startswith("[stack") else
+                            "file" if name.startswith("/") else "anonymous" if not name else None)
+                elif head[0] == "Rss:" and kind is not None:
+                    kinds[kind] += int(head[1]) * 1024
+    except OSError:
+        return {}
+    return kinds
+
+
 def _settled_rss(pid: int, settle: float) -> int:
     """RSS once the server has discarded closed sessions: wait ``settle`` s, then until it stops falling."""
     time.sleep(settle)
@@ -434,7 +459,15 @@ def _admin_status(base: str, password: str) -> dict[str, Any]:
 def _objects(status: dict[str, Any]) -> dict[str, Any]:
     return {"bokeh_sessions": status.get("bokeh_sessions"), "dashboard_sessions": status.get("sessions"),
             "open_widgets": status["web"].get("open_widgets"), "python_objects": status["web"].get("python_objects"),
-            "run_cache": status.get("run_cache", {}).get("runs")}
+            "run_cache": status.get("run_cache", {}).get("runs"),
+            **{k: status["web"].get("allocator", {}).get(k) for k in ("python_blocks", "malloc_in_use", "malloc_free_held")}}
+
+
+def _fmt(value, key: str) -> str:
+    """Allocator bytes as MB, counts as they are."""
+    if value is not None and key.startswith("malloc_"):
+        return f"{value / 1e6:.0f} MB"
+    return str(value)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -457,8 +490,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"during (peak) {mb(memory['during_peak'])}, after {mb(memory['after'])} → after/before "
         f"{result['memory_after_over_before']:.3f} (goal ≤ 1.10)",
         f"server objects before / after: " + ", ".join(
-            f"{k} {result['server_objects']['before'][k]} / {result['server_objects']['after'][k]}"
+            f"{k} {_fmt(result['server_objects']['before'][k], k)} / {_fmt(result['server_objects']['after'][k], k)}"
             for k in result["server_objects"]["before"]),
+        "web process resident memory by kind of mapping, before → after: " + ", ".join(
+            f"{k} {mb(v)} → {mb(result['rss_by_kind']['after'].get(k, 0))}"
+            for k, v in result.get("rss_by_kind", {}).get("before", {}).items()),
         f"think time between a user's clicks: {result['think_s'][0]:.0f}–{result['think_s'][1]:.0f} s",
         f"web process holds: transformers modelling modules {len(result['web_process']['transformers_modeling_modules'])}, "
         f"torch modules with parameters {result['web_process']['torch_modules_with_parameters']}, "

@@ -84,6 +84,11 @@ class WorkerPool:
     def _spawn(self, slot: _Slot) -> None:
         slot.worker_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
         env = {**os.environ, "LENS_SERVE_CONFIG": json.dumps(self.config.to_toml_dict())}
+        chosen = env.pop("LENS_SERVE_ALLOCATOR", "")  # the web process's allocator choice (lens serve), not theirs
+        if chosen.startswith("malloc"):
+            env.pop("PYTHONMALLOC", None)
+            if chosen.endswith(",arenas"):
+                env.pop("MALLOC_ARENA_MAX", None)
         # a session of its own: a Ctrl-C in the terminal reaches the server, which stops the workers in order
         slot.proc = subprocess.Popen([sys.executable, "-m", "lens.store.worker", "--id", slot.worker_id],
                                      env=env, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -7,6 +7,7 @@ opens it; the cache holds at most ``max_runs`` runs and ``max_bytes`` of arrays,
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import sys
@@ -19,13 +20,40 @@ from lens.run import Run
 from lens.store.config import ServeConfig
 from lens.store.core import Store
 
-__all__ = ["Shared", "RunCache", "process_facts", "rss_bytes"]
+__all__ = ["Shared", "RunCache", "allocator_facts", "process_facts", "rss_bytes"]
 
 
 def rss_bytes(pid: int | None = None) -> int:
     """Resident memory of a process (this one by default), from /proc."""
     with open(f"/proc/{pid or 'self'}/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (glibc ≥ 2.33): ten size_t fields, in this order
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocator_facts() -> dict[str, int]:
+    """Where this process's heap memory sits, in bytes, from glibc's ``mallinfo2`` (empty elsewhere).
+
+    ``malloc_in_use``: allocated by C malloc and not freed (Python objects live inside it, in pymalloc's
+    arenas, or in mmapped blocks); ``malloc_free_held``: freed but kept by the allocator (fragmentation that
+    ``malloc_trim`` could not return); ``malloc_mmapped``: large blocks mapped on their own. Python's own
+    ``sys.getallocatedblocks()`` counts the small objects in use. How the admin page and ``lens bench serve``
+    tell a leak (in use grows) from allocator retention (free held grows).
+    """
+    facts: dict[str, int] = {"python_blocks": sys.getallocatedblocks()}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return facts
+    facts.update(malloc_in_use=int(info.uordblks), malloc_free_held=int(info.fordblks),
+                 malloc_mmapped=int(info.hblkhd), malloc_arena=int(info.arena))
+    return facts
 
 
 def process_facts(*, scan_objects: bool = True) -> dict[str, Any]:
@@ -38,6 +66,7 @@ def process_facts(*, scan_objects: bool = True) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "pid": os.getpid(),
         "rss_bytes": rss_bytes(),
+        "allocator": allocator_facts(),
         "transformers_modeling_modules": modeling,
         "lens_models_module_loaded": "lens.models.load" in sys.modules,
         "torch_imported": "torch" in sys.modules,
