@@ -123,6 +123,13 @@ def test_merge_matches_the_latentlens_package(minilm_bank):
 # -- approximate search -------------------------------------------------------------------------------
 
 
+def _held_out_queries(smollm2) -> np.ndarray:
+    """SmolLM2's states of held-out sentences (not in the bank) at two of the bank's layers."""
+    held_out = sample_corpus()[4000:4012]
+    run = lens.trace(smollm2, held_out, capture=("residual",), keep_hidden=[4, 12], progress=False)
+    return np.concatenate([run.arrays["resid.hidden.4"], run.arrays["resid.hidden.12"]])
+
+
 @pytest.mark.slow
 def test_approximate_recall_at_5_on_a_real_smollm2_bank(smollm2, smollm2_bank, tmp_path):
     """Recall@5 of the IVF search against exact search on the same (int8) bank — what the index loses — and
@@ -131,10 +138,7 @@ def test_approximate_recall_at_5_on_a_real_smollm2_bank(smollm2, smollm2_bank, t
     bank16 = smollm2_bank
     bank = bank16.astype("int8")
     assert len(bank) > 4000
-    # queries: SmolLM2's states of held-out sentences (not in the bank) at the bank's layers
-    held_out = sample_corpus()[4000:4012]
-    run = lens.trace(smollm2, held_out, capture=("residual",), keep_hidden=[4, 12], progress=False)
-    queries = np.concatenate([run.arrays["resid.hidden.4"], run.arrays["resid.hidden.12"]])
+    queries = _held_out_queries(smollm2)
     exact = bank.search(queries, k=5)
     exact16 = bank16.search(queries, k=5)
     index = bank.build_index()
@@ -158,6 +162,40 @@ def test_approximate_recall_at_5_on_a_real_smollm2_bank(smollm2, smollm2_bank, t
     back = TextBank.load(tmp_path / "bank")
     assert back.index is not None and back.index.nlist == index.nlist
     np.testing.assert_array_equal(back.search(queries, k=5, method="approximate").ids, approx.ids)
+
+
+@pytest.mark.slow
+def test_approximate_search_rescored_on_float16_rows_memory_mapped(smollm2, smollm2_bank, tmp_path):
+    """A float16 bank with an int8 index: candidates from the int8 lists, rescored against the bank's float16
+    rows — recall against float16 exact search is then limited only by the candidates, not by int8 rounding
+    (which alone reorders near-ties: ~0.97), and the scores are exact search's. Loaded with ``mmap=True``,
+    the rows stay in the file and only the index is in memory."""
+    pytest.importorskip("faiss")
+    bank = TextBank.load(smollm2_bank.save(tmp_path / "src"))._replace(index=None)
+    queries = _held_out_queries(smollm2)
+    exact = bank.search(queries, k=5)
+    index = bank.build_index()
+    assert index.codes.kind == "int8" and index.nbytes < 0.55 * bank.store.nbytes
+    approx = bank.search(queries, k=5, method="approximate")
+    recall = recall_at_k(approx.ids, exact.ids)
+    int8_only = index.search(queries, 5)[1]
+    every = bank.search(queries, k=5, method="approximate", nprobe=index.nlist)
+    every8 = index.search(queries, 5, nprobe=index.nlist)[1]
+    print(f"recall@5 vs exact float16 at nprobe {index.nprobe} / all {index.nlist} lists: rescored on float16 rows "
+          f"{recall:.4f} / {recall_at_k(every.ids, exact.ids):.4f}, on the int8 codes {recall_at_k(int8_only, exact.ids):.4f}"
+          f" / {recall_at_k(every8, exact.ids):.4f} ({len(queries)} queries)")
+    # what is left is the lists not probed: with every list probed, the rescored search is exact search
+    assert recall_at_k(every.ids, exact.ids) >= 0.999 > recall_at_k(every8, exact.ids)
+    assert recall >= recall_at_k(int8_only, exact.ids)
+    same = approx.ids == exact.ids
+    np.testing.assert_allclose(approx.scores[same], exact.scores[same], rtol=0, atol=1e-6)
+    bank.save(tmp_path / "bank")
+    mapped = TextBank.load(tmp_path / "bank", mmap=True)
+    assert isinstance(mapped.store.data, np.memmap) and not isinstance(mapped.index.codes.data, np.memmap)
+    np.testing.assert_array_equal(mapped.search(queries, k=5, method="approximate").ids, approx.ids)
+    np.testing.assert_array_equal(mapped.search(queries, k=5).ids, exact.ids)
+    with pytest.raises(ConfigError, match="rescore holds"):
+        index.search(queries, 5, rescore=bank.store.subset(np.arange(10)))
 
 
 # -- the vocabulary lenses ----------------------------------------------------------------------------

@@ -145,8 +145,34 @@ def _refuse_pickle(path: Path) -> BankFormatError:
     )
 
 
-def load_bank(folder: str | os.PathLike):
-    """Read a bank written by ``save_bank``; verify every file's sha256; refuse pickles. See the module docstring."""
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I8": np.int8}
+
+
+def memmap_tensor(path: Path, name: str) -> np.ndarray:
+    """A read-only ``np.memmap`` of tensor ``name`` in the safetensors file ``path``.
+
+    Hand-written because safetensors' numpy API returns copies. The layout is the format's documented one: an
+    8-byte little-endian header size N, N bytes of JSON giving each tensor's dtype, shape and
+    ``data_offsets`` (relative to byte 8 + N), then the data, row-major.
+    """
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    entry = header[name]
+    start, stop = entry["data_offsets"]
+    dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
+    shape = tuple(entry["shape"])
+    if stop - start != int(np.prod(shape)) * dtype.itemsize:
+        raise BankFormatError(f"{str(path)!r}: tensor {name!r} has {stop - start} bytes for shape {shape}; build the bank again")
+    if stop == start:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=shape)
+
+
+def load_bank(folder: str | os.PathLike, *, mmap: bool = False):
+    """Read a bank written by ``save_bank``; verify every file's sha256; refuse pickles. See the module docstring.
+
+    ``mmap``: the vectors (float16 rows, or int8 codes) are memory-mapped from the file rather than read."""
     from safetensors import safe_open
 
     from lens.analysis.textbank import SCHEMA, TextBank
@@ -183,8 +209,11 @@ def load_bank(folder: str | os.PathLike):
             )
     pa, pq = _pyarrow()
     try:
-        with safe_open(str(path / files["vectors"]["name"]), framework="numpy") as fh:
-            arrays = {name: fh.get_tensor(name) for name in fh.keys()}
+        vectors_file = path / files["vectors"]["name"]
+        with safe_open(str(vectors_file), framework="numpy") as fh:
+            mapped = {"vectors", "codes"} & set(fh.keys()) if mmap else set()
+            arrays = {name: fh.get_tensor(name) for name in fh.keys() if name not in mapped}
+        arrays.update({name: memmap_tensor(vectors_file, name) for name in mapped})
         texts = pq.read_table(path / files["texts"]["name"])
         tokens = pq.read_table(path / files["tokens"]["name"])
     except Exception as exc:  # checksums matched, so this is a file lens did not write

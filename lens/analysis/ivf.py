@@ -12,10 +12,13 @@ no per-row decode loop — and a bank searched only approximately needs no other
 
 Search: per query the ``nprobe`` lists with the highest centroid cosine; every row of those lists is scored —
 for int8 lists first in integer arithmetic (the query quantized to int8 per row, ``torch._int_mm``: exact int32
-dot products, AMX/VNNI where the CPU has them), keeping the best max(4k, 20) candidates, which are then rescored
-exactly against the stored rows — and the top-k by (score desc, bank row asc) among them is returned. Scores are exact cosines of the int8 rows
-(within 1e-3 of the float16 ones); a neighbour is missed only when it lies in an unprobed list. Recall against
-exact search is measured, never assumed (``recall_at_k``; ``lens bench search``; the tests).
+dot products, AMX/VNNI where the CPU has them), keeping the best candidates, which are then rescored exactly
+against the bank's own rows (``rescore``: ``TextBank.search`` passes its float16 or int8 store, which may be
+memory-mapped) — and the top-k by (score desc, bank row asc) among them is returned. The scores are then those
+exact search gives; a neighbour is missed only when it lies in an unprobed list or was not among the candidates.
+Rescoring against the int8 codes instead caps recall against float16 exact search (~0.97 on SmolLM2 states,
+whose 5th and 6th neighbours are often within 10⁻³ of each other). Recall against exact search is measured,
+never assumed (``recall_at_k``; ``lens bench search``; the tests).
 
 Example::
 
@@ -119,12 +122,16 @@ class IVFIndex:
                                 None if parts[0].scales is None else np.concatenate([p.scales for p in parts]), dims)
         return cls(centroids, order, offsets, codes, int(nprobe or max(8, nlist // 8)))
 
-    def search(self, queries, k: int, *, nprobe: int | None = None, allowed: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, *, nprobe: int | None = None, allowed: np.ndarray | None = None,
+               rescore: VectorStore | None = None, depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-``k``: ``scores`` float32 ``[q, k]`` (descending) and bank rows ``ids`` int64 ``[q, k]``
         (−1 where the probed lists held fewer than ``k`` allowed rows).
 
-        ``allowed``: optional boolean mask ``[n]`` over bank rows (e.g. some bank layers). Memory:
+        ``allowed``: optional boolean mask ``[n]`` over bank rows (e.g. some bank layers). ``rescore``: the bank's
+        own rows (a ``VectorStore`` indexed by bank row, e.g. its float16 rows, possibly memory-mapped): the best
+        ``depth`` candidates of the int8 pass (default max(8k, 40)) are rescored against them, so the scores are
+        those exact search returns and a true neighbour is missed only when it was not a candidate — int8 rows
+        alone tie-break differently where neighbours lie within ~10⁻³ of each other. Memory:
         O(queries × k × nprobe) for the candidates plus one list's scores at a time.
         """
         q = normalize_queries(queries)
@@ -137,7 +144,11 @@ class IVFIndex:
         # dot products, several times faster than widening the rows to float32) keeps `depth` candidates per
         # query, which are then rescored exactly against the stored rows
         integer = self.codes.kind == "int8" and hasattr(torch, "_int_mm")
-        depth = max(4 * k, 20) if integer else k
+        if rescore is not None and len(rescore) != len(self.order):
+            raise ConfigError(f"rescore holds {len(rescore)} rows but the index covers {len(self.order)}: pass the bank's own rows")
+        if depth is None:
+            depth = max(8 * k, 40) if rescore is not None else max(4 * k, 20) if integer else k
+        depth = max(int(depth), k)
         cand_s = torch.full((nq, nprobe * depth), -torch.inf)
         cand_p = torch.full((nq, nprobe * depth), -1, dtype=torch.long)  # positions in list order
         flat = probes.reshape(-1)
@@ -176,11 +187,14 @@ class IVFIndex:
             cand_s[qs.unsqueeze(1), cols] = vals
             cand_p[qs.unsqueeze(1), cols] = pos
         cand_s[cand_p < 0] = -torch.inf
-        if integer:  # exact rescoring of the best `depth` candidates of each query
+        if integer or rescore is not None:  # exact rescoring of the best `depth` candidates of each query
             top = torch.topk(cand_s, min(depth, cand_s.shape[1]), dim=1)
             cand_p = cand_p.gather(1, top.indices)
             valid = cand_p >= 0
-            rows = self.codes.take(cand_p.clamp_min(0).numpy())  # [nq, depth, d] float32
+            if rescore is not None:  # the bank's own rows, by bank row
+                rows = rescore.take(self.order[cand_p.clamp_min(0).numpy()])  # [nq, depth, d] float32
+            else:
+                rows = self.codes.take(cand_p.clamp_min(0).numpy())
             cand_s = torch.einsum("qd,qrd->qr", q, rows)
             cand_s[~valid] = -torch.inf
         ids = torch.from_numpy(self.order)[cand_p.clamp_min(0)]

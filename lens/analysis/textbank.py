@@ -435,7 +435,8 @@ class TextBank:
         global top-k (docs/definitions.md, "Visual tokens / LatentLens").
 
         ``queries``: ``[q, d]`` hidden states (any scale; normalized here). ``method``: "exact" (chunked matmul,
-        ties broken by smaller row) or "approximate" (the IVF index, built on first use; ``nprobe`` lists per query).
+        ties broken by smaller row) or "approximate" (the IVF index, built on first use; ``nprobe`` lists per query;
+        its candidates rescored against the bank's rows, so scores equal exact search's).
         Returns ``Neighbours`` (``.scores``, ``.ids``, ``.to_frame()``). Raises ``ConfigError`` for k larger than
         the searched entries, unknown layers or a dimension mismatch.
 
@@ -464,7 +465,7 @@ class TextBank:
             allowed = None
             if set(chosen) != set(self.layers):
                 allowed = np.isin(self.layer, np.asarray(chosen))
-            scores, ids = self.index.search(q, k, nprobe=nprobe, allowed=allowed)
+            scores, ids = self.index.search(q, k, nprobe=nprobe, allowed=allowed, rescore=self.store)
             short = (ids < 0).any(axis=1)
             if short.any():  # fewer than k candidates in the probed lists: answer those queries exactly
                 s2, i2 = exact_topk(self.store, q[torch.from_numpy(short)], k, ranges=ranges)
@@ -532,8 +533,12 @@ class TextBank:
         return save_bank(self, folder)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "TextBank":
+    def load(cls, folder: str | os.PathLike, *, mmap: bool = False) -> "TextBank":
         """Read a bank written by ``TextBank.save``, verifying every file's sha256; never unpickles.
+
+        ``mmap``: map the vectors from the file instead of reading them (read-only): with a saved IVF index,
+        approximate search then keeps only the index's int8 lists in memory and reads the bank's rows of its
+        candidates from the page cache.
 
         Raises ``BankFormatError`` for a missing, corrupted or foreign bank — including the ``latentlens``
         package's pickled banks, which lens refuses to load (build the bank with lens instead).
@@ -541,4 +546,4 @@ class TextBank:
         """
         from lens.analysis.bank_io import load_bank
 
-        return load_bank(folder)
+        return load_bank(folder, mmap=mmap)
