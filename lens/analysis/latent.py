@@ -17,7 +17,7 @@ __all__ = ["Neighbours"]
 @dataclass(repr=False)
 class Neighbours:
     """Top-k bank entries per query: ``scores`` float32 ``[q, k]`` (cosine, descending) and ``ids`` int64
-    ``[q, k]`` (bank rows; ties broken by smaller row), found by ``method`` ("exact" or "approximate")."""
+    ``[q, k]`` (bank rows; ties broken by smaller row), found by ``method`` ("exact", "refine" or "approximate")."""
 
     bank: object
     scores: np.ndarray

@@ -28,7 +28,7 @@ import torch
 
 from lens.errors import ConfigError
 
-__all__ = ["VectorStore", "exact_topk", "normalize_queries", "merge_topk", "recall_at_k"]
+__all__ = ["VectorStore", "exact_topk", "refine_topk", "normalize_queries", "merge_topk", "recall_at_k"]
 
 DTYPES = ("float16", "int8")
 
@@ -202,6 +202,53 @@ def exact_topk(store: VectorStore, queries, k: int, *, ranges: Sequence[tuple[in
             scores = store.dot(prepared, a, b)
             best_s, best_i = merge_topk((best_s, best_i), _chunk_topk(scores, a, k), k)
     return best_s.numpy(), best_i.numpy()
+
+
+def refine_topk(codes: VectorStore, rows: VectorStore, queries, k: int, *, depth: int | None = None,
+                ranges: Sequence[tuple[int, int]] | None = None, chunk_rows: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` by a full int8 scan, refined: every row of ``codes`` (int8, the same rows as ``rows``) is scored
+    in integer arithmetic (queries quantized to int8 per row; ``torch._int_mm``: exact int32 dot products,
+    VNNI/AMX where the CPU has them), the best ``depth`` (default max(8k, 40)) per query are kept, and those are
+    re-ranked by their exact cosine with ``rows`` (e.g. the bank's float16 rows, possibly memory-mapped) — FAISS's
+    "refine" step (``IndexRefineFlat``, ``k_factor``) after a brute-force quantized first pass.
+
+    Returns what ``exact_topk(rows, ...)`` returns unless a true neighbour ranked below ``depth`` in the int8
+    pass (measured, not assumed: ``lens bench search``, the tests). Raises ``ConfigError`` as ``exact_topk``
+    does, or when ``codes`` is not int8 or holds other rows than ``rows``.
+
+    Example: ``refine_topk(bank.store.astype("int8"), bank.store, states, k=5)``.
+    """
+    if codes.kind != "int8" or len(codes) != len(rows) or codes.dim != rows.dim:
+        raise ConfigError("refine_topk needs int8 codes of the same rows as `rows` (store.astype('int8'))")
+    q = normalize_queries(queries)
+    if q.shape[1] != rows.dim:
+        raise ConfigError(f"queries have {q.shape[1]} dimensions but the bank's rows have {rows.dim}")
+    ranges = [(0, len(rows))] if ranges is None else [(int(a), int(b)) for a, b in ranges if b > a]
+    total = sum(b - a for a, b in ranges)
+    if k < 1 or k > total:
+        raise ConfigError(f"k={k} but the searched part of the bank holds {total} entries; ask for 1 ≤ k ≤ {total}")
+    depth = min(max(int(depth or max(8 * k, 40)), k), total)
+    prepared = codes.prepare(q)
+    q_scale = prepared.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    q_int = torch.round(prepared / q_scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    row_scale = torch.from_numpy(codes.scales)
+    best_s = torch.full((q.shape[0], 0), -torch.inf)
+    best_i = torch.full((q.shape[0], 0), -1, dtype=torch.long)
+    for start, stop in ranges:
+        for a in range(start, stop, chunk_rows):
+            b = min(a + chunk_rows, stop)
+            block = torch.from_numpy(np.ascontiguousarray(codes.data[a:b]))
+            approx = torch._int_mm(q_int, block.T).float().mul_(q_scale.unsqueeze(1)).mul_(row_scale[a:b].unsqueeze(0))
+            vals, idx = torch.topk(approx, min(depth, b - a), dim=1)
+            best_s, best_i = torch.cat([best_s, vals], 1), torch.cat([best_i, idx + a], 1)
+            if best_s.shape[1] > 4 * depth:  # keep the candidate list bounded
+                top = torch.topk(best_s, depth, dim=1).indices
+                best_s, best_i = best_s.gather(1, top), best_i.gather(1, top)
+    top = torch.topk(best_s, min(depth, best_s.shape[1]), dim=1).indices
+    cand = best_i.gather(1, top)
+    exact = torch.einsum("qd,qrd->qr", q, rows.take(cand.numpy()))
+    s, i = _order(exact, cand, k)
+    return s.numpy(), i.numpy()
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -48,7 +48,7 @@ import torch
 
 from lens.analysis.reservoir import TypeReservoirs
 from lens.analysis.ivf import IVFIndex
-from lens.analysis.search import DTYPES, VectorStore, exact_topk, normalize_queries
+from lens.analysis.search import DTYPES, VectorStore, exact_topk, normalize_queries, refine_topk
 from lens.errors import BankFormatError, BankMismatchError, ConfigError, InputError
 from lens.models.signature import SAME_MODEL_AGREEMENT, signature_agreement
 
@@ -234,6 +234,7 @@ class TextBank:
     meta: dict[str, Any] = field(default_factory=dict)
     lenses: Any = None  # lens.analysis.vocab_lens.VocabularyLenses | None
     index: IVFIndex | None = None
+    codes: VectorStore | None = field(default=None, repr=False)  # int8 codes of a float16 bank (method="refine")
 
     # -- facts ------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -409,7 +410,7 @@ class TextBank:
     # -- variants ---------------------------------------------------------------------------------------
     def astype(self, dtype: str) -> "TextBank":
         """The same bank with its vectors stored as ``dtype`` ("float16" or "int8"); other fields shared."""
-        return self._replace(store=self.store.astype(dtype))
+        return self._replace(store=self.store.astype(dtype), codes=None)
 
     def shuffled_labels(self, seed: int = 0) -> "TextBank":
         """A control bank: the same vectors with their (token, sentence, position) labels permuted at random
@@ -436,7 +437,9 @@ class TextBank:
 
         ``queries``: ``[q, d]`` hidden states (any scale; normalized here). ``method``: "exact" (chunked matmul,
         ties broken by smaller row) or "approximate" (the IVF index, built on first use; ``nprobe`` lists per query;
-        its candidates rescored against the bank's rows, so scores equal exact search's).
+        its candidates rescored against the bank's rows, so scores equal exact search's) or "refine" (every row
+        scored in int8 integer arithmetic, the best 8k re-ranked exactly against the bank's rows: ``refine_topk``;
+        a float16 bank makes its int8 codes on first use).
         Returns ``Neighbours`` (``.scores``, ``.ids``, ``.to_frame()``). Raises ``ConfigError`` for k larger than
         the searched entries, unknown layers or a dimension mismatch.
 
@@ -459,6 +462,10 @@ class TextBank:
             )
         if method == "exact":
             scores, ids = exact_topk(self.store, q, k, ranges=ranges)
+        elif method == "refine":
+            if self.codes is None:
+                self.codes = self.store if self.store.kind == "int8" else self.store.astype("int8")
+            scores, ids = refine_topk(self.codes, self.store, q, k, ranges=ranges)
         elif method in ("approximate", "ivf"):
             if self.index is None:
                 self.index = IVFIndex.train(self.store, seed=int(self.meta.get("seed", 0)))
@@ -471,8 +478,8 @@ class TextBank:
                 s2, i2 = exact_topk(self.store, q[torch.from_numpy(short)], k, ranges=ranges)
                 scores[short], ids[short] = s2, i2
         else:
-            raise ConfigError(f"method must be 'exact' or 'approximate'; got {method!r}")
-        return Neighbours(self, scores, ids, method=method if method == "exact" else "approximate")
+            raise ConfigError(f"method must be 'exact', 'refine' or 'approximate'; got {method!r}")
+        return Neighbours(self, scores, ids, method="approximate" if method == "ivf" else method)
 
     def build_index(self, *, nlist: int | None = None, nprobe: int | None = None, seed: int | None = None) -> IVFIndex:
         """Train the IVF index for approximate search now (``search(method="approximate")`` does it on first use)."""

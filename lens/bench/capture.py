@@ -29,6 +29,7 @@ machine's memory are skipped, saying so.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import select
@@ -187,9 +188,10 @@ class _Process:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            self.close()
+            self.close(keep_log=True)
             self.log.seek(0)
             tail = [x for x in self.log.read().strip().splitlines() if x.strip()][-1:]
+            self.log.close()
             code = self.proc.returncode
             why = (f"did not answer in {self.timeout:.0f} s" if not ready
                    else "killed (out of memory?)" if code is not None and code < 0 else f"failed: {tail}")
@@ -204,7 +206,7 @@ class _Process:
         self.proc.stdin.flush()
         return self._read()
 
-    def close(self) -> None:
+    def close(self, *, keep_log: bool = False) -> None:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write("quit\n")
@@ -213,7 +215,12 @@ class _Process:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not keep_log:
+            self.log.close()
+
+
+#: baselines from optional packages (the ``bench`` extra): a row says so when one is missing
+_OPTIONAL = ("nnsight",)
 
 
 def _estimated_bytes(method: str, length: int) -> int:
@@ -282,6 +289,10 @@ def run(lengths=(1024, 2048, 8192), methods=METHODS, *, target: float = 0.03, mi
                      "peak_bytes": ready["peak_bytes"], "threads": ready["threads"], "samples": forward_times})
         for method in methods:
             need = _estimated_bytes(method, length)
+            if method in _OPTIONAL and importlib.util.find_spec(method) is None:
+                rows.append({"method": method, "length": length,
+                             "skipped": f"{method} is not installed: pip install \"lens-interp[bench]\""})
+                continue
             if method == "nnsight" and length > nnsight_max_length:
                 rows.append({"method": method, "length": length,
                              "skipped": f"measured up to T = {nnsight_max_length} (--nnsight-max-length)"})

@@ -13,6 +13,8 @@ Methods, interleaved batch by batch (same process, same thread count):
 * ``latentlens``: the package's own ``ContextualIndex.search`` over the bank as its loader leaves it (float32
   tensors per layer, a metadata dict per entry — built in memory from lens's bank; no pickle is read);
 * ``lens exact fp16`` / ``lens exact int8``: ``lens.analysis.search.exact_topk`` (chunked, bounded memory);
+* ``lens refine``: ``lens.analysis.search.refine_topk`` — every row scored in int8 integer arithmetic, the best
+  40 re-ranked on the float16 rows (memory-mapped from the cached bank file);
 * ``lens approximate``: ``lens.analysis.ivf.IVFIndex`` (FAISS k-means lists, contiguous int8 rows), for each
   ``nprobe`` of a sweep.
 
@@ -105,7 +107,7 @@ def run(*, entries: int = 10**6, scenes: int = 8, nprobe=(8, 16, 32, 64), nlist:
         progress: bool | None = None) -> dict:
     import lens
     from lens.analysis.ivf import IVFIndex
-    from lens.analysis.search import exact_topk, recall_at_k
+    from lens.analysis.search import exact_topk, recall_at_k, refine_topk
     from lens.bench.search_bank import DEFAULT_LAYERS, bench_bank
     from lens.bench.visual import scene_states
     from lens.models import toyvlm
@@ -129,6 +131,7 @@ def run(*, entries: int = 10**6, scenes: int = 8, nprobe=(8, 16, 32, 64), nlist:
     index = IVFIndex.train(bank.store, nlist=nlist, seed=0)
     index_seconds = time.perf_counter() - started
     pkg = package_index(bank)
+    mapped = _mapped_rows(info["cache"])
     columns = bank.layer.nbytes + bank.token_id.nbytes + bank.sentence.nbytes + bank.position.nbytes  # per-entry labels
     n, d = len(bank), bank.d_model
     methods = {
@@ -138,10 +141,12 @@ def run(*, entries: int = 10**6, scenes: int = 8, nprobe=(8, 16, 32, 64), nlist:
     }
     for p in nprobe:
         methods[f"lens approximate nprobe={p}"] = (lambda q, p=p: index.search(q, 5, nprobe=p), index.nbytes + columns)
+    # every row scored in int8 integer arithmetic, the best 40 re-ranked on the memory-mapped float16 rows
+    methods["lens refine: int8 scan + float16 re-ranking (mmap)"] = (
+        lambda q: refine_topk(bank8.store, mapped, q, 5), bank8.store.nbytes + columns)
     # the same index, its candidates rescored against the bank's float16 rows memory-mapped from the cached
     # file (TextBank.load(mmap=True)): in memory only the index; the rows of the candidates come from the page cache
-    mapped = _mapped_rows(info["cache"])
-    stored = {}
+    stored = {"lens refine: int8 scan + float16 re-ranking (mmap)": bank8.store.nbytes + mapped.nbytes + columns}
     for p in nprobe:
         name = f"lens approximate nprobe={p} + float16 rescoring (mmap)"
         methods[name] = (lambda q, p=p: index.search(q, 5, nprobe=p, rescore=mapped), index.nbytes + columns)
