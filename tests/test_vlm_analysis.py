@@ -11,24 +11,19 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from vlm_support import sample_image
+from vlm_support import ANALYSIS_KINDS, processed_inputs, sample_image, trace_with_projector_edit
 
 import lens
 from lens.errors import InputError
 from lens.models.multimodal import placeholder
 
-KINDS = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+KINDS = ANALYSIS_KINDS
 
 
 def _items(lm):
     ph = placeholder(lm)
     return [{"image": sample_image(1), "text": f"A photo {ph} of a cat on the mat."},
             {"images": [sample_image(2, (24, 36)), sample_image(3)], "text": f"First {ph} then {ph}: which one is brighter?"}]
-
-
-def _processed(lm, item):
-    images = item.get("images", [item.get("image")])
-    return lm.processor(images=[Image.fromarray(x) for x in images], text=[item["text"]], return_tensors="pt")
 
 
 def _expected_grid(lm, processed) -> dict[str, np.ndarray]:
@@ -89,7 +84,7 @@ def test_image_token_positions_and_grid_equal_the_processors(kind, tiny_vlm_dir)
     run = lens.trace(lm, items, progress=False)
     n_images = 0
     for seq, item in enumerate(items):
-        processed = _processed(lm, item)
+        processed = processed_inputs(lm, item)
         sl = run.span(seq)
         assert run.arrays["token_ids"][sl].tolist() == processed["input_ids"][0].tolist()
         expected = _expected_grid(lm, processed)
@@ -117,7 +112,7 @@ def test_text_to_image_share_and_modality_split_match_eager(kind, tiny_vlm_dir):
     ref = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
     specials = set(lm.processor.tokenizer.all_special_ids)
     for seq, item in enumerate(items):
-        processed = _processed(lm, item)
+        processed = processed_inputs(lm, item)
         ids = processed["input_ids"][0].numpy()
         image = ids == lm.config.image_token_id
         first = int(np.nonzero(image)[0][0])
@@ -150,16 +145,11 @@ def test_planted_visual_sink_token_is_found(tiny_vlm_dir):
     with torch.no_grad():
         lm.model.get_input_embeddings().weight[bos, dim] = big
 
-    def plant(module, args, output):
-        output = output.clone()
+    def plant(output):
         output[0, patch, dim] = big
         return output
 
-    handle = lm.projector.register_forward_hook(plant)
-    try:
-        run = lens.trace(lm, [item], progress=False)
-    finally:
-        handle.remove()
+    run = trace_with_projector_edit(lm, [item], plant)
     result = lens.vision(run, phi_tau=tau)
     assert result.sink_dims[0][0].tolist() == [dim]
     sinks = result.visual_sinks(0)
@@ -276,7 +266,7 @@ def test_modality_aware_smoothing_is_calibrated_on_the_image_tokens(tiny_vlm_dir
     target = ref.model.language_model.layers[1].mlp.down_proj
     seen = []
     handle = target.register_forward_hook(lambda m, a, o: seen.append(a[0][0].detach()))
-    processed = _processed(lm, items[0])
+    processed = processed_inputs(lm, items[0])
     with torch.no_grad():
         ref(**processed)
     handle.remove()
@@ -317,7 +307,7 @@ def test_sparse_attention_reaches_the_language_model_and_the_vision_tower_on_req
 def test_the_processors_own_output_traces_like_the_image_text_item(tiny_vlm_dir):
     lm = lens.load(tiny_vlm_dir("qwen2_vl"))
     item = _items(lm)[1]
-    processed = _processed(lm, item)
+    processed = processed_inputs(lm, item)
     by_item = lens.trace(lm, [item], progress=False)
     by_output = lens.trace(lm, processed, progress=False)
     assert by_item.arrays["token_ids"].tolist() == by_output.arrays["token_ids"].tolist()
@@ -331,7 +321,7 @@ def test_the_processors_own_output_traces_like_the_image_text_item(tiny_vlm_dir)
 @pytest.mark.parametrize("kind", ["llava", "gemma3", "idefics3"])
 def test_processor_outputs_that_no_longer_fit_together_are_refused(kind, tiny_vlm_dir):
     lm = lens.load(tiny_vlm_dir(kind))
-    processed = dict(_processed(lm, _items(lm)[1]))  # two images
+    processed = dict(processed_inputs(lm, _items(lm)[1]))  # two images
     ids = processed["input_ids"]
     image = (ids[0] == lm.config.image_token_id).nonzero().flatten()
     one_token_less = {**processed, "input_ids": torch.cat([ids[:, : image[0]], ids[:, image[0] + 1 :]], 1),
@@ -356,7 +346,7 @@ def test_kept_hidden_states_of_image_tokens_equal_hugging_faces(kind, tiny_vlm_d
     run = lens.trace(lm, [item], keep_hidden=[0, 1, 2], progress=False)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
     with torch.no_grad():
-        hidden = ref(**_processed(lm, item), output_hidden_states=True, use_cache=False).hidden_states
+        hidden = ref(**processed_inputs(lm, item), output_hidden_states=True, use_cache=False).hidden_states
     image = run.modality == 1
     for layer in (0, 1, 2):
         got = torch.from_numpy(run.arrays[f"resid.hidden.{layer}"][image])
@@ -375,7 +365,7 @@ def test_encoder_norms_and_valley_equal_an_independent_svd_of_hugging_faces_hidd
     item = _items(lm)[0]
     run = lens.trace(lm, [item], progress=False)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processed = _processed(lm, item)
+    processed = processed_inputs(lm, item)
     pixels = processed["pixel_values"].reshape(-1, *processed["pixel_values"].shape[-3:])
     tower = ref.model.get_submodule(lm.vision_family.vision_tower)
     with torch.no_grad():

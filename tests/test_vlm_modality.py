@@ -11,24 +11,18 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image
-from vlm_support import sample_image
+from vlm_support import ANALYSIS_KINDS, processed_inputs, sample_image, trace_with_projector_edit
 
 import lens
 from lens.models.multimodal import placeholder
 
-KINDS = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+KINDS = ANALYSIS_KINDS
 
 
 def _items(lm):
     ph = placeholder(lm)
     return [{"image": sample_image(1), "text": f"A photo {ph} of a cat on the mat, seen from above."},
             {"images": [sample_image(2, (24, 36)), sample_image(3)], "text": f"First {ph} then {ph}: which one is brighter?"}]
-
-
-def _processed(lm, item):
-    images = item.get("images", [item.get("image")])
-    return lm.processor(images=[Image.fromarray(x) for x in images], text=[item["text"]], return_tensors="pt")
 
 
 def _reference_states(ref, processed) -> list[torch.Tensor]:
@@ -78,7 +72,7 @@ def test_valley_per_modality_equals_an_svd_of_hugging_faces_hidden_states(kind, 
     results = {m: lens.valley(run, modality=m) for m in ("image", "text")}
     renyi = lens.valley(run, modality="image", alpha=2.0)
     for seq, item in enumerate(items):
-        processed = _processed(lm, item)
+        processed = processed_inputs(lm, item)
         ids = processed["input_ids"][0].numpy()
         image = ids == lm.config.image_token_id
         text = ~image & ~np.isin(ids, list(specials))
@@ -157,16 +151,11 @@ def test_a_planted_massive_image_token_tightens_the_image_bound(tiny_vlm_dir):
     clean = lens.trace(lm, [item], progress=False)
     patch = 5
 
-    def plant(module, args, output):
-        output = output.clone()
+    def plant(output):
         output[0, patch] *= 300.0
         return output
 
-    handle = lm.projector.register_forward_hook(plant)
-    try:
-        run = lens.trace(lm, [item], progress=False)
-    finally:
-        handle.remove()
+    run = trace_with_projector_edit(lm, [item], plant)
     image = lens.valley(run, modality="image")
     before = lens.valley(clean, modality="image")
     planted = int(np.nonzero(run.modality == 1)[0][patch])
@@ -273,7 +262,7 @@ class _Recording:
 
 
 def _text_and_image(lm, item):
-    ids = _processed(lm, item)["input_ids"][0].numpy()
+    ids = processed_inputs(lm, item)["input_ids"][0].numpy()
     image = ids == lm.config.image_token_id
     first = int(np.nonzero(image)[0][0])
     specials = set(lm.processor.tokenizer.all_special_ids)
@@ -305,7 +294,7 @@ def test_text_to_image_share_under_sparse_attention(kind, tiny_vlm_dir):
     for seq, item in enumerate(items):
         text, image = _text_and_image(lm, item)
         with torch.no_grad():
-            attentions = ref(**_processed(lm, item), output_attentions=True, use_cache=False).attentions
+            attentions = ref(**processed_inputs(lm, item), output_attentions=True, use_cache=False).attentions
         for layer, attn in enumerate(attentions):
             expected = attn[0].double().numpy()[:, text][:, :, image].sum(-1).mean(-1)
             np.testing.assert_allclose(shares.text_image_share[seq, layer], expected, rtol=1e-4, atol=1e-6)

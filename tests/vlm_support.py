@@ -237,3 +237,28 @@ def sample_image(seed: int = 0, size=(40, 28)) -> np.ndarray:
     r0, c0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
     img[r0 : r0 + h // 3, c0 : c0 + w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
     return img
+
+
+#: the tiny VLM families the analysis tests run on
+ANALYSIS_KINDS = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+
+
+def processed_inputs(lm, item: dict):
+    """The processor's own output for one ``{"image": ...}`` or ``{"images": [...]}`` + ``"text"`` item (numpy
+    images), as Hugging Face's reference forward takes it."""
+    from PIL import Image
+
+    images = item.get("images", [item.get("image")])
+    return lm.processor(images=[Image.fromarray(x) for x in images], text=[item["text"]], return_tensors="pt")
+
+
+def trace_with_projector_edit(lm, items, edit, **kwargs):
+    """``lens.trace(lm, items)`` with ``edit(output) -> output`` applied to the projector's output (the image
+    tokens as the language model receives them): how the tests plant a phenomenon on chosen patches."""
+    import lens
+
+    handle = lm.projector.register_forward_hook(lambda module, args, output: edit(output.clone()))
+    try:
+        return lens.trace(lm, items, progress=False, **kwargs)
+    finally:
+        handle.remove()

@@ -176,6 +176,19 @@ def _chunk_topk(scores: torch.Tensor, offset: int, k: int) -> tuple[torch.Tensor
     return vals, ids
 
 
+def _checked(store: VectorStore, queries, k: int, ranges) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
+    """Normalized queries, the non-empty row ranges and their total; ``ConfigError`` for a dimension mismatch
+    or k outside 1..total."""
+    q = normalize_queries(queries)
+    if q.shape[1] != store.dim:
+        raise ConfigError(f"queries have {q.shape[1]} dimensions but the bank's rows have {store.dim}")
+    ranges = [(0, len(store))] if ranges is None else [(int(a), int(b)) for a, b in ranges if b > a]
+    total = sum(b - a for a, b in ranges)
+    if k < 1 or k > total:
+        raise ConfigError(f"k={k} but the searched part of the bank holds {total} entries; ask for 1 ≤ k ≤ {total}")
+    return q, ranges, total
+
+
 def exact_topk(store: VectorStore, queries, k: int, *, ranges: Sequence[tuple[int, int]] | None = None,
                chunk_rows: int = 32768) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-``k`` bank rows for each query by cosine, over the row ``ranges`` (default: all rows).
@@ -186,13 +199,7 @@ def exact_topk(store: VectorStore, queries, k: int, *, ranges: Sequence[tuple[in
 
     Example: ``exact_topk(store, torch.randn(3, store.dim), k=5)``.
     """
-    q = normalize_queries(queries)
-    if q.shape[1] != store.dim:
-        raise ConfigError(f"queries have {q.shape[1]} dimensions but the bank's rows have {store.dim}")
-    ranges = [(0, len(store))] if ranges is None else [(int(a), int(b)) for a, b in ranges if b > a]
-    total = sum(b - a for a, b in ranges)
-    if k < 1 or k > total:
-        raise ConfigError(f"k={k} but the searched part of the bank holds {total} entries; ask for 1 ≤ k ≤ {total}")
+    q, ranges, _ = _checked(store, queries, k, ranges)
     prepared = store.prepare(q)
     best_s = torch.full((q.shape[0], 0), -torch.inf)
     best_i = torch.full((q.shape[0], 0), -1, dtype=torch.long)
@@ -220,13 +227,7 @@ def refine_topk(codes: VectorStore, rows: VectorStore, queries, k: int, *, depth
     """
     if codes.kind != "int8" or len(codes) != len(rows) or codes.dim != rows.dim:
         raise ConfigError("refine_topk needs int8 codes of the same rows as `rows` (store.astype('int8'))")
-    q = normalize_queries(queries)
-    if q.shape[1] != rows.dim:
-        raise ConfigError(f"queries have {q.shape[1]} dimensions but the bank's rows have {rows.dim}")
-    ranges = [(0, len(rows))] if ranges is None else [(int(a), int(b)) for a, b in ranges if b > a]
-    total = sum(b - a for a, b in ranges)
-    if k < 1 or k > total:
-        raise ConfigError(f"k={k} but the searched part of the bank holds {total} entries; ask for 1 ≤ k ≤ {total}")
+    q, ranges, total = _checked(rows, queries, k, ranges)
     depth = min(max(int(depth or max(8 * k, 40)), k), total)
     prepared = codes.prepare(q)
     q_scale = prepared.abs().amax(dim=1).clamp_min(1e-30) / 127.0
