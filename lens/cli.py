@@ -148,12 +148,13 @@ def _models(args) -> int:
             print(f"{model.name}: cached ({status['detail']}) at {status['where']}")
         return 0
     print(f"embedded models (cache: {cache_dir()})")
+    width = max(len(m.name) for m in EMBEDDED_MODELS)  # "toy-shapes-vlm" is the longest: keep the columns aligned
     for model in EMBEDDED_MODELS:
         status = model.status()
         size = f"{status['download_mb']:.0f} MB download" if status["download_mb"] else "in an installed package"
-        print(f"  {model.name:<9} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
+        print(f"  {model.name:<{width}} {'cached' if status['cached'] else 'NOT CACHED':<11} {model.title} — {model.kind}, "
               f"{model.license}, {size}")
-        print(f"  {'':<9} {'':<11} {status['detail']}")
+        print(f"  {'':<{width}} {'':<11} {status['detail']}")
     if not all(m.is_cached() for m in EMBEDDED_MODELS):
         print("\nfetch the missing ones with: lens models fetch")
     return 0

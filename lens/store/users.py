@@ -107,7 +107,8 @@ class Users:
         u = schema.users
         with self.index.write() as conn:
             if conn.execute(sa.select(u.c.name).where(u.c.name == name)).first():
-                raise StoreError(f"the user {name!r} exists already; change the password with --password instead")
+                raise StoreError(f"the user {name!r} exists already; change the password with `lens serve passwd {name}` "
+                                 "(or store.users.set_password)")
             conn.execute(u.insert().values(name=name, password=hashed, role=role, created=time.time(), disabled=False))
         return self.get(name)
 

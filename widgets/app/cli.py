@@ -41,8 +41,13 @@ def _config(args, **extra) -> ServeConfig:
 def _password(args, name: str) -> str:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
-    first = getpass.getpass(f"password for {name}: ")
-    if getpass.getpass("again: ") != first:
+    try:
+        first = getpass.getpass(f"password for {name}: ")
+        again = getpass.getpass("again: ")
+    except EOFError:  # a password piped in without --password-stdin: getpass reads one line, then hits the end
+        raise LensError("no password was typed at a terminal; to pass one on standard input, add --password-stdin "
+                        "(one line); nothing changed") from None
+    if again != first:
         raise LensError("the two passwords differ; nothing changed")
     return first
 
