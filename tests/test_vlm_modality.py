@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from lens.errors import LensError
 from vlm_support import ANALYSIS_KINDS, processed_inputs, sample_image, trace_with_projector_edit
 
 import lens
@@ -423,3 +424,45 @@ def test_compare_by_modality_of_dense_against_sparse_and_int8_and_of_text_runs(t
 
 def lm_layers(run) -> int:
     return int(run.meta["n_layers"])
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_neurons_per_modality_equal_hugging_faces_own_mlp_activations(kind, tiny_vlm_dir):
+    """lens.neurons(run).to_frame("modality"): mean, max, fraction > 0 and count of every neuron over the text
+    tokens and over the image tokens equal those of HF's own forward (the input of each MLP's down projection,
+    hooked on a separately loaded model), split by the image-token id and the tokenizer's special ids."""
+    folder = tiny_vlm_dir(kind)
+    lm = lens.load(folder)
+    items = _items(lm)
+    run = lens.trace(lm, items, capture=("mlp",), progress=False)
+    frame = lens.neurons(run).to_frame("modality").set_index(["layer", "neuron", "modality"]).sort_index()
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    decoder = getattr(ref.model, "language_model", None) or ref.model.text_model
+    specials = set(lm.processor.tokenizer.all_special_ids)
+    acts: dict[int, list] = {i: [] for i in range(len(decoder.layers))}
+    rows = {"text": [], "image": []}
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: acts[i].append(a[0][0].detach()))
+               for i, layer in enumerate(decoder.layers)]
+    try:
+        for item in items:
+            processed = processed_inputs(lm, item)
+            ids = processed["input_ids"][0].numpy()
+            image = ids == lm.config.image_token_id
+            rows["image"].append(image)
+            rows["text"].append(~image & ~np.isin(ids, list(specials)))
+            with torch.no_grad():
+                ref(**processed, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer, per_item in acts.items():
+        for name in ("text", "image"):
+            x = torch.cat([a[torch.from_numpy(r)] for a, r in zip(per_item, rows[name])]).double()
+            got = frame.xs((layer, name), level=("layer", "modality"))
+            assert (got["count"] == len(x)).all(), (kind, layer, name)
+            np.testing.assert_allclose(got["mean"].to_numpy(), x.mean(0).numpy(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(got["max"].to_numpy(), x.max(0).values.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["fraction_positive"].to_numpy(), (x > 0).double().mean(0).numpy(), atol=1e-9)
+    text_only = lens.trace(lens.load(folder), ["plain text, no image"], capture=("mlp",), progress=False)
+    with pytest.raises(LensError, match="modality"):
+        lens.neurons(text_only).to_frame("modality")

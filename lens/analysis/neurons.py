@@ -57,13 +57,21 @@ class NeuronResult:
     examples: Any = field(repr=False)
     routing: Any = field(repr=False)
     top_tokens: Any = field(repr=False)
+    by_modality: Any = field(default=None, repr=False)
 
     def to_frame(self, kind: str = "neurons"):
-        """``"neurons"``, ``"examples"``, ``"routing"`` or ``"top_tokens"``.
+        """``"neurons"``, ``"examples"``, ``"routing"``, ``"top_tokens"``, or ``"modality"`` (runs with images: one
+        row per (layer, neuron, modality text/image) with the same columns as ``"neurons"``, over that modality's
+        tokens only).
 
         Example: ``lens.neurons(run).to_frame().nlargest(10, "max")``.
         """
         frames = {"neurons": self.frame, "examples": self.examples, "routing": self.routing, "top_tokens": self.top_tokens}
+        if self.by_modality is not None:
+            frames["modality"] = self.by_modality
+        elif kind == "modality":
+            raise ConfigError("the modality split needs a run with image tokens, traced with the MLP probe: "
+                              'lens.trace(vlm, [{"image": ..., "text": ...}], capture=("mlp",))')
         if kind not in frames:
             raise ConfigError(f"kind must be one of {sorted(frames)}; got {kind!r}")
         return frames[kind].copy()
@@ -120,6 +128,24 @@ def _context(run: Run, flat: int, before: int, after: int) -> tuple[int, int, st
     return seq, pos, toks[pos], toks[max(0, pos - before) : pos + after + 1]
 
 
+def _neuron_frame(s, sumsq, mx, positive, count):
+    """One row per (layer, neuron): count, mean, std (population), max, fraction_positive from streaming sums;
+    ``count`` per layer. A layer with no tokens gives NaN statistics."""
+    import pandas as pd
+
+    L, M = s.shape
+    n = np.asarray(count, dtype=np.float64)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+        std = np.sqrt(np.maximum(sumsq / np.maximum(n, 1) - mean**2, 0)) if sumsq is not None else np.full_like(mean, np.nan)
+        positive = np.where(n > 0, positive / np.maximum(n, 1), np.nan)
+    return pd.DataFrame({
+        "layer": np.repeat(np.arange(L), M), "neuron": np.tile(np.arange(M), L),
+        "count": np.repeat(np.asarray(count, dtype=np.int64), M), "mean": mean.reshape(-1), "std": std.reshape(-1),
+        "max": np.where(np.isfinite(mx), mx, np.nan).reshape(-1), "fraction_positive": positive.reshape(-1),
+    })
+
+
 def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
     """Neuron statistics of a ``Run`` (``lens.trace`` with ``"mlp"`` captured) or of a ``Scan``.
 
@@ -147,19 +173,19 @@ def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
         run.require("mlp.sum", "mlp.max", "mlp.positive", "mlp.count", what="lens.neurons")
     rows: list[dict] = []
     frame = pd.DataFrame(columns=["layer", "neuron", "count", "mean", "std", "max", "fraction_positive"])
+    by_modality = None  # runs with images: the same per (layer, neuron) over text and over image tokens
     examples = pd.DataFrame(columns=["layer", "neuron", "rank", "value", "sequence", "position", "token", "context"])
     if run.has("mlp.sum"):
-        n = float(run.arrays["mlp.count"][0])
-        s = run.arrays["mlp.sum"]
-        L, M = s.shape
-        mean = s / max(n, 1)
-        sumsq = run.arrays.get("mlp.sumsq")
-        std = np.sqrt(np.maximum(sumsq / max(n, 1) - mean**2, 0)) if sumsq is not None else np.full_like(mean, np.nan)
-        frame = pd.DataFrame({
-            "layer": np.repeat(np.arange(L), M), "neuron": np.tile(np.arange(M), L), "count": int(n),
-            "mean": mean.reshape(-1), "std": std.reshape(-1), "max": run.arrays["mlp.max"].reshape(-1),
-            "fraction_positive": (run.arrays["mlp.positive"] / max(n, 1)).reshape(-1),
-        })
+        a = run.arrays
+        frame = _neuron_frame(a["mlp.sum"], a.get("mlp.sumsq"), a["mlp.max"], a["mlp.positive"],
+                              np.full(a["mlp.sum"].shape[0], a["mlp.count"][0]))
+        if run.has("mlp.sum.image"):
+            parts = []
+            for name in ("text", "image"):
+                part = _neuron_frame(*(a[f"mlp.{key}.{name}"] for key in ("sum", "sumsq", "max", "positive", "count")))
+                part.insert(2, "modality", name)
+                parts.append(part)
+            by_modality = pd.concat(parts, ignore_index=True)
         values, flat = run.arrays["mlp.top_value"], run.arrays["mlp.top_token"]
         layer, neuron, rank = np.nonzero(flat >= 0)
         for l, m, r in zip(layer.tolist(), neuron.tolist(), rank.tolist()):
@@ -192,4 +218,4 @@ def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
                                  "sequence": seq, "position": pos, "token": tok})
         routing = pd.concat(parts, ignore_index=True)
         top_tokens = pd.DataFrame(tops)
-    return NeuronResult(run, frame, examples, routing, top_tokens)
+    return NeuronResult(run, frame, examples, routing, top_tokens, by_modality)

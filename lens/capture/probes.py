@@ -415,9 +415,14 @@ class MLPProbe:
     O(layers · neurons · k) whatever the corpus size.
     """
 
-    def __init__(self, lm, n_tokens: int, top_k: int, tracked: list[tuple[int, int]]):
+    def __init__(self, lm, n_tokens: int, top_k: int, tracked: list[tuple[int, int]], *,
+                 modality: np.ndarray | None = None):
         self.lm = lm
         self.top_k = top_k
+        # image inputs only: the same sums, max and counts over the text tokens and over the image tokens
+        has_image = modality is not None and bool((np.asarray(modality) == IMAGE).any())
+        self.modality = torch.from_numpy(np.asarray(modality, dtype=np.int64)) if has_image else None
+        self.split: dict[str, dict[str, np.ndarray]] = {}
         self.sum: np.ndarray | None = None
         self.sumsq: np.ndarray | None = None
         self.max: np.ndarray | None = None
@@ -473,9 +478,27 @@ class MLPProbe:
         best = merged_values.topk(self.top_k, dim=1)
         self.top_value[layer] = best.values
         self.top_token[layer] = merged_tokens.gather(1, best.indices)
+        if self.modality is not None:
+            self._observe_split(layer, values, self.modality[batch.flat_index.cpu()])
         for p, (t_layer, neuron) in enumerate(self.tracked):
             if t_layer == layer:
                 self.tracked_values[p, batch.flat_index.cpu().numpy()] = values[:, neuron].cpu().numpy()
+
+    def _observe_split(self, layer: int, values: torch.Tensor, codes: torch.Tensor) -> None:
+        n_layers, width = self.lm.n_layers, values.shape[1]
+        for code, name in ((TEXT, "text"), (IMAGE, "image")):
+            part = self.split.setdefault(name, {
+                "sum": np.zeros((n_layers, width)), "sumsq": np.zeros((n_layers, width)),
+                "max": np.full((n_layers, width), -np.inf, dtype=np.float32),
+                "positive": np.zeros((n_layers, width), dtype=np.int64), "count": np.zeros(n_layers, dtype=np.int64)})
+            v = values[codes.to(values.device) == code]
+            if len(v) == 0:
+                continue
+            part["sum"][layer] += v.sum(0, dtype=torch.float64).cpu().numpy()
+            part["sumsq"][layer] += v.double().square().sum(0).cpu().numpy()
+            part["max"][layer] = np.maximum(part["max"][layer], v.max(0).values.cpu().numpy())
+            part["positive"][layer] += (v > 0).sum(0).cpu().numpy()
+            part["count"][layer] += len(v)
 
     def arrays(self, n_tokens: int) -> dict[str, np.ndarray]:
         if self.sum is None:
@@ -495,4 +518,6 @@ class MLPProbe:
         }
         if self.tracked:
             out["mlp.tracked"] = self.tracked_values
+        for name, part in self.split.items():  # mlp.sum.image, mlp.count.text, ...
+            out.update({f"mlp.{key}.{name}": value for key, value in part.items()})
         return out

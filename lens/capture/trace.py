@@ -335,7 +335,7 @@ def _build_probes(lm, options: TraceOptions, lengths: np.ndarray, layouts=None, 
         else None
     )
     mlp = (
-        MLPProbe(lm, n_tokens, options.top_k_neurons, options.tracked)
+        MLPProbe(lm, n_tokens, options.top_k_neurons, options.tracked, modality=modality)
         if "mlp" in capture or options.tracked
         else None
     )
