@@ -93,13 +93,11 @@ def package_index(bank):
 
 def _mapped_rows(folder):
     """The cached bank's float16 rows as a memory-mapped ``VectorStore`` (nothing read until searched)."""
-    import json as _json
-
     from lens.analysis.bank_io import memmap_tensor
     from lens.analysis.search import VectorStore
 
     folder = Path(folder)
-    name = _json.loads((folder / "bank.json").read_text())["files"]["vectors"]["name"]
+    name = json.loads((folder / "bank.json").read_text())["files"]["vectors"]["name"]
     return VectorStore("float16", memmap_tensor(folder / name, "vectors"))
 
 
