@@ -129,7 +129,7 @@ def topk_order(value: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarra
     return np.take_along_axis(idx, np.argsort(neg, axis=-1, kind="stable"), -1)
 
 
-def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
+def _merge_topk_rows(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
     both = {key: np.concatenate([a[key], b[key]], axis=a[prefix + "value"].ndim - 1)
             for key in a if key.startswith(prefix)}
     value, doc, pos = both[prefix + "value"], both[prefix + "doc"], both[prefix + "pos"]
@@ -158,7 +158,7 @@ def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
     return out
 
 
-def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
+def _merge_reservoir_rows(a: dict, b: dict, prefix: str, r: int) -> dict:
     pri = np.concatenate([a[prefix + "priority"], b[prefix + "priority"]], -1)
     order = np.argsort(pri, axis=-1, kind="stable")[..., :r]
     out = {}
@@ -170,6 +170,53 @@ def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
         sel = order.reshape(order.shape + (1,) * (both.ndim - nd))
         out[key] = np.take_along_axis(both, np.broadcast_to(sel, order.shape + both.shape[nd:]), nd - 1)
     return out
+
+
+def _by_rows(a: dict, b: dict, prefix: str, keep_a: np.ndarray, take_b: np.ndarray, merge_rows) -> dict:
+    """Merge per leading index (neuron): ``a`` where ``keep_a``, ``b`` where ``take_b``, else ``merge_rows``.
+
+    Both sides are sorted (every state is a merge result or a worker's sorted partial), so when every entry
+    of one side ranks after the other side's last entry, the merge is that other side unchanged: only the
+    neurons a batch can still change are merged (once the top-k fills, few are).
+    """
+    keys = [key for key in a if key.startswith(prefix)]
+    lead = keep_a.shape
+    both = ~(keep_a | take_b)
+    if both.all():
+        return merge_rows(a, b)
+    out = {}
+    for key in keys:
+        x = a[key].copy()
+        if take_b.any():
+            x[take_b] = b[key][take_b]
+        out[key] = x
+    if both.any():
+        merged = merge_rows({key: a[key][both] for key in keys}, {key: b[key][both] for key in keys})
+        for key in keys:
+            out[key][both] = merged[key]
+    assert all(out[key].shape[: len(lead)] == lead for key in keys)
+    return out
+
+
+def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
+    """Top-k of the union of two sorted top-k states (see ``_merge_topk_rows``), skipping neurons one side wins."""
+    va, vb = a[prefix + "value"], b[prefix + "value"]
+    if va.shape[-1] != k or vb.shape[-1] == 0:
+        return _merge_topk_rows(a, b, prefix, k, per_doc)
+    # strictly below the other side's k-th value: ranks after it whatever the document and position
+    keep_a = (vb < va[..., -1:]).all(-1)
+    take_b = ~keep_a & (vb.shape[-1] == k) & (va < vb[..., -1:]).all(-1)
+    return _by_rows(a, b, prefix, keep_a, take_b, lambda x, y: _merge_topk_rows(x, y, prefix, k, per_doc))
+
+
+def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
+    """The ``r`` lowest priorities of two sorted reservoirs, skipping cells one side wins (ties keep ``a``)."""
+    pa, pb = a[prefix + "priority"], b[prefix + "priority"]
+    if pa.shape[-1] != r or pb.shape[-1] != r or r == 0:
+        return _merge_reservoir_rows(a, b, prefix, r)
+    keep_a = pb.min(-1) >= pa[..., -1]
+    take_b = ~keep_a & (pa.min(-1) > pb[..., -1])
+    return _by_rows(a, b, prefix, keep_a, take_b, lambda x, y: _merge_reservoir_rows(x, y, prefix, r))
 
 
 def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: int, samples: int) -> dict[str, np.ndarray]:

@@ -22,8 +22,10 @@ from lens.capture.trace import trace
 from lens.errors import CaptureError, ScanError
 from lens.scan.config import ScanConfig
 from lens.scan.corpus import Window, text_digest, windows
+from lens.scan.fused import reduce_layer
 from lens.scan.reducers import (
-    BIN_TO_GROUP, EMPTY_DOC, HIST_EDGES, N_BINS, RESERVOIR_GROUPS, merge_state, moments_merge, token_priority,
+    BIN_TO_GROUP, EMPTY_DOC, HIST_EDGES, N_BINS, RESERVOIR_GROUPS, ZERO_BIN, merge_state, moments_merge,
+    token_priority,
 )
 
 __all__ = ["ShardWorker", "empty_state", "SEQ_BINS"]
@@ -115,6 +117,9 @@ class _Batch:
     pos: torch.Tensor  # [N] document position
     flat: np.ndarray  # [N] index of the token in the traced Run's flat arrays
     priority: np.ndarray  # [N] reservoir priority of (document, position)
+    order: np.ndarray  # [N] counted tokens by priority, lowest first (stable)
+    doc_np: np.ndarray  # [N] ``doc`` as numpy
+    pos_np: np.ndarray  # [N] ``pos`` as numpy
 
 
 class ShardWorker:
@@ -129,8 +134,6 @@ class ShardWorker:
     def __init__(self, lm, cfg: ScanConfig):
         self.lm = lm
         self.cfg = cfg
-        self.edges = torch.as_tensor(HIST_EDGES, dtype=torch.float32)
-        self.groups = torch.as_tensor(BIN_TO_GROUP)
         self.specials = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
         from lens.capture.interventions import from_description
 
@@ -222,8 +225,10 @@ class ShardWorker:
         rows = owned.reshape(-1).nonzero().squeeze(1)
         d = doc.reshape(-1)[rows]
         p = pos.reshape(-1)[rows]
-        return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()],
-                      token_priority(d.numpy(), p.numpy()))
+        d_np, p_np = d.numpy(), p.numpy()
+        priority = token_priority(d_np, p_np)
+        return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()], priority,
+                      np.argsort(priority, kind="stable"), d_np, p_np)
 
     def _run_batch(self, ws: list[Window]) -> dict:
         lm, cfg = self.lm, self.cfg
@@ -274,22 +279,20 @@ class ShardWorker:
         N = a.shape[0]
         if N == 0:
             return
-        a64 = a.double()
-        mean = a64.mean(0)
+        d0 = int(batch.doc.min())
+        D = int(batch.doc.max()) - d0 + 1
+        r = reduce_layer(a.numpy(), batch.order, batch.doc_np - d0, batch.pos_np, D, cfg.samples, RESERVOIR_GROUPS,
+                         HIST_EDGES, BIN_TO_GROUP, ZERO_BIN, N_BINS)
         part["neuron.count"][li] = N
-        part["neuron.mean"][li] = mean.numpy()
-        part["neuron.m2"][li] = (a64 - mean).square().sum(0).numpy()
-        part["neuron.min"][li] = a.min(0).values.numpy()
-        part["neuron.max"][li] = a.max(0).values.numpy()
-        part["neuron.positive"][li] = (a > 0).sum(0).numpy()
-        mag = torch.bucketize(a.abs(), self.edges, right=True)
-        zero = len(HIST_EDGES) + 1
-        bins = torch.where(a > 0, zero + 1 + mag, torch.where(a < 0, zero - 1 - mag, zero))
-        offsets = torch.arange(M) * N_BINS
-        part["neuron.hist"][li] = torch.bincount((bins + offsets).reshape(-1), minlength=M * N_BINS).reshape(M, N_BINS).numpy()
-        self._topk(li, act, a, batch, part)
+        part["neuron.mean"][li] = r["mean"]
+        part["neuron.m2"][li] = r["m2"]
+        part["neuron.min"][li] = r["min"]
+        part["neuron.max"][li] = r["max"]
+        part["neuron.positive"][li] = r["positive"]
+        part["neuron.hist"][li] = r["hist"]
+        self._topk(li, act, torch.from_numpy(r["docmax"]), torch.from_numpy(r["docbest"]), d0, batch, part)
         if cfg.samples:
-            self._samples(li, a, bins, batch, part)
+            self._samples(li, a, torch.from_numpy(r["chosen"]), batch, part)
 
     def _context(self, rows: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For flat rows (b·T + t): the window rows, context columns and validity, each [..., C]."""
@@ -301,39 +304,29 @@ class ShardWorker:
         valid = (cols >= 0) & (cols < lengths[b][..., None])
         return b[..., None].expand_as(cols), cols.clamp(0, T - 1), valid
 
-    def _topk(self, li: int, act: torch.Tensor, a: torch.Tensor, batch: _Batch, part: dict) -> None:
-        cfg = self.cfg
-        N, M = a.shape
-        d0 = int(batch.doc.min())
-        D = int(batch.doc.max()) - d0 + 1
-        local = (batch.doc - d0)[:, None].expand(N, M)
-        docmax = torch.full((D, M), -torch.inf).scatter_reduce(0, local, a, "amax", include_self=True)
-        key = batch.pos[:, None] * N + torch.arange(N)[:, None]  # lowest position first among equal values
-        hit = a == docmax.gather(0, local)
-        big = torch.iinfo(torch.long).max
-        best = torch.full((D, M), big).scatter_reduce(0, local, torch.where(hit, key, big), "amin", include_self=True)
-        present = best != big
-        idx = torch.where(present, best % N, 0)
+    def _topk(self, li: int, act: torch.Tensor, docmax: torch.Tensor, docbest: torch.Tensor, d0: int, batch: _Batch,
+              part: dict) -> None:
+        """The best token of each document of the batch (``docbest``: its counted-token index, −1 for none),
+        sorted by (value desc, document asc, position asc), with contexts; at most ``top_k`` documents."""
+        k = self.cfg.top_k
+        D, M = docmax.shape
+        present = docbest >= 0
+        idx = docbest.clamp_min(0)
         row = batch.rows[idx]  # [D, M] flat b·T + t
-        k = cfg.top_k
         value = torch.where(present, docmax, -torch.inf).T  # [M, D]
         doc = torch.where(present, torch.arange(d0, d0 + D)[:, None], EMPTY_DOC).T
-        posv = torch.where(present, best // N, 0).T
-        wb, wc, valid = self._context(row.T, batch)  # [M, D, C]
+        posv = torch.where(present, batch.pos[idx], 0).T
+        from lens.scan.reducers import topk_order
+
+        # sorted, so that the merge can tell from the k-th entry alone whether a batch changes a neuron
+        order = torch.as_tensor(topk_order(value.numpy(), doc.numpy(), posv.numpy())[:, :k])
+        value, doc, posv = value.gather(1, order), doc.gather(1, order), posv.gather(1, order)
+        row = row.T.gather(1, order)
+        wb, wc, valid = self._context(row, batch)  # [M, w, C]
         B, T, _ = act.shape
         neuron = torch.arange(M)[:, None, None].expand_as(wc)
         acts = act.reshape(-1)[((wb * T + wc) * M + neuron).reshape(-1)].reshape(wc.shape).float()
         toks = batch.ids[wb, wc]
-        if D > k:  # keep the k best documents of this batch (the merge keeps k anyway)
-            from lens.scan.reducers import topk_order
-
-            order = torch.as_tensor(topk_order(value.numpy(), doc.numpy(), posv.numpy())[:, :k])
-            value, doc, posv = value.gather(1, order), doc.gather(1, order), posv.gather(1, order)
-            o3 = order[..., None].expand(M, k, wc.shape[-1])
-            acts, toks, valid = acts.gather(1, o3), toks.gather(1, o3), valid.gather(1, o3)
-            row = row.T.gather(1, order)
-        else:
-            row = row.T
         width = value.shape[1]
         pad = k - width
         def fit(x, fill):
@@ -348,48 +341,12 @@ class ShardWorker:
         part["topk.acts"][li] = fit(torch.where(valid, acts, torch.nan), torch.nan).numpy()
         self._pending.append(("topk", li, fit(row, 0).numpy(), fit(doc, EMPTY_DOC).numpy() != EMPTY_DOC))
 
-    def _samples(self, li: int, a: torch.Tensor, bins: torch.Tensor, batch: _Batch, part: dict) -> None:
-        """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position).
-
-        Tokens are visited in priority order. The first ``head`` tokens fill the common groups with a dense
-        one-hot rank; only the entries of groups still short after that (rare by construction) are ranked
-        with a sparse sort — never a sort of every token of every neuron.
-        """
-        r, G = self.cfg.samples, RESERVOIR_GROUPS
-        N, M = a.shape
-        perm = torch.as_tensor(np.argsort(batch.priority, kind="stable"))
-        group = self.groups[bins[perm]]  # [N, M] in priority order; −1 for exact zeros
-        chosen_row = torch.full((M, G, r), -1, dtype=torch.long)  # index into perm (priority order)
-        head = min(N, 8 * r)
-        g_head = group[:head]  # [h, M]
-        onehot = torch.nn.functional.one_hot(g_head.clamp_min(0), G).bool() & (g_head >= 0)[..., None]  # [h, M, G]
-        rank = onehot.cumsum(0) - 1  # rank of each row within its (neuron, group), among the head rows
-        take = onehot & (rank < r)
-        h_idx, m_idx, g_idx = take.nonzero(as_tuple=True)
-        chosen_row[m_idx, g_idx, rank[h_idx, m_idx, g_idx]] = h_idx
-        filled = take.sum(0)  # [M, G]
-        if head < N:
-            short = filled < r  # [M, G]
-            rest = group[head:]
-            flat_need = short.reshape(-1)
-            idx = (torch.arange(M) * G)[None, :] + rest.clamp_min(0)
-            cand = (rest >= 0) & flat_need[idx]
-            rows, ms = cand.nonzero(as_tuple=True)
-            if len(rows):
-                gs = rest[rows, ms]
-                key = (ms * G + gs) * N + rows  # by (neuron, group), then priority order
-                key, order = key.sort()
-                cell = key // N
-                start = torch.ones_like(cell, dtype=torch.bool)
-                start[1:] = cell[1:] != cell[:-1]
-                first = torch.cummax(torch.where(start, torch.arange(len(cell)), 0), 0).values
-                pos_in_cell = torch.arange(len(cell)) - first
-                cm, cg = cell // G, cell % G
-                slot = filled[cm, cg] + pos_in_cell
-                keep = slot < r
-                chosen_row[cm[keep], cg[keep], slot[keep]] = (key % N)[keep] + head
-        ok = chosen_row >= 0
-        tok_row = perm[chosen_row.clamp_min(0)]  # index into the batch's counted tokens
+    def _samples(self, li: int, a: torch.Tensor, chosen: torch.Tensor, batch: _Batch, part: dict) -> None:
+        """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position),
+        as chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none)."""
+        M = a.shape[1]
+        ok = chosen >= 0
+        tok_row = chosen.clamp_min(0)  # index into the batch's counted tokens
         neuron = torch.arange(M)[:, None, None].expand_as(tok_row)
         prio = torch.as_tensor(batch.priority)[tok_row]
         part["sample.priority"][li] = torch.where(ok, prio, _I64MAX).numpy()
