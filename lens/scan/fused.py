@@ -136,3 +136,118 @@ def reduce_layer(a: np.ndarray, order: np.ndarray, docl: np.ndarray, pos: np.nda
            int(zero_bin), int(n_docs), int(samples), out["mean"], out["m2"], out["min"], out["max"],
            out["positive"], out["hist"], out["docmax"], out["docbest"], out["chosen"])
     return out
+
+
+_MERGE = None
+
+
+def _compile_merge():
+    global _MERGE
+    if _MERGE is not None:
+        return _MERGE
+    import numba
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def topk_select(value, doc, pos, ka, k, per_doc, empty_doc, sel, dead):  # pragma: no cover - compiled
+        rows, width = value.shape
+        buf_pos = np.empty(width, np.int64)
+        buf_idx = np.empty(width, np.int64)
+        for r in range(rows):
+            i, j, n = 0, ka, 0
+            while n < k and (i < ka or j < width):
+                if j >= width:
+                    c = i
+                elif i >= ka:
+                    c = j
+                else:
+                    va, vb = value[r, i], value[r, j]
+                    if va > vb or (va == vb and (doc[r, i] < doc[r, j] or (doc[r, i] == doc[r, j] and pos[r, i] <= pos[r, j]))):
+                        c = i
+                    else:
+                        c = j
+                if c == i:
+                    i += 1
+                else:
+                    j += 1
+                if doc[r, c] == empty_doc and value[r, c] == -np.inf:
+                    break  # both sides sorted: only empty slots remain
+                if per_doc:
+                    seen = False
+                    for q in range(n):
+                        if doc[r, sel[r, q]] == doc[r, c]:
+                            seen = True
+                            break
+                    if seen:
+                        continue
+                sel[r, n] = c
+                dead[r, n] = False
+                n += 1
+            if n < k:
+                # the rest, as a stable sort by (value, doc, position) orders them: empty slots and the
+                # later entry of a document both sides hold (marked empty), by position, then by index
+                m = 0
+                for c in range(width):
+                    taken = False
+                    for q in range(n):
+                        if sel[r, q] == c:
+                            taken = True
+                            break
+                    if not taken:
+                        p = pos[r, c]
+                        t = m
+                        while t > 0 and buf_pos[t - 1] > p:
+                            buf_pos[t] = buf_pos[t - 1]
+                            buf_idx[t] = buf_idx[t - 1]
+                            t -= 1
+                        buf_pos[t] = p
+                        buf_idx[t] = c
+                        m += 1
+                for q in range(k - n):
+                    sel[r, n + q] = buf_idx[q]
+                    dead[r, n + q] = True
+        return 0
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def reservoir_select(priority, ka, r_keep, sel):  # pragma: no cover - compiled
+        rows, width = priority.shape
+        for r in range(rows):
+            i, j = 0, ka
+            for n in range(r_keep):
+                if j >= width or (i < ka and priority[r, i] <= priority[r, j]):
+                    sel[r, n] = i
+                    i += 1
+                else:
+                    sel[r, n] = j
+                    j += 1
+        return 0
+
+    _MERGE = (topk_select, reservoir_select)
+    return _MERGE
+
+
+def topk_select(value: np.ndarray, doc: np.ndarray, pos: np.ndarray, ka: int, k: int, per_doc: bool,
+                empty_doc: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which ``k`` of two sorted top-k lists, concatenated along the last axis (the first ``ka`` from one side),
+    the merge keeps: exactly the first ``k`` of a stable sort by (value desc, document asc, position asc) after a
+    document held by both sides lost its later entry. Returns (indices [R, k] int64, whether each kept entry is
+    such a lost duplicate or an empty slot that must read as empty [R, k] bool); inputs are [R, width].
+
+    Example: ``topk_select(np.array([[3., 1., 2.]], np.float32), np.array([[0, 1, 0]]), np.zeros((1, 3), np.int64),
+    2, 2, True, EMPTY_DOC)`` keeps indices [0, 1]: document 0's second entry (2.0) is a duplicate.
+    """
+    select, _ = _compile_merge()
+    rows = value.shape[0]
+    sel = np.zeros((rows, k), np.int64)
+    dead = np.zeros((rows, k), np.bool_)
+    select(np.ascontiguousarray(value, dtype=np.float32), np.ascontiguousarray(doc, dtype=np.int64),
+           np.ascontiguousarray(pos, dtype=np.int64), int(ka), int(k), bool(per_doc), int(empty_doc), sel, dead)
+    return sel, dead
+
+
+def reservoir_select(priority: np.ndarray, ka: int, r: int) -> np.ndarray:
+    """The ``r`` lowest of two ascending priority lists concatenated along the last axis (the first ``ka`` from
+    one side; ties keep that side first, as a stable sort does): indices [R, r] int64 into the concatenation."""
+    _, select = _compile_merge()
+    sel = np.zeros((priority.shape[0], r), np.int64)
+    select(np.ascontiguousarray(priority, dtype=np.int64), int(ka), int(r), sel)
+    return sel

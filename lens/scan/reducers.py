@@ -130,39 +130,37 @@ def topk_order(value: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarra
 
 
 def _merge_topk_rows(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
-    both = {key: np.concatenate([a[key], b[key]], axis=a[prefix + "value"].ndim - 1)
-            for key in a if key.startswith(prefix)}
-    value, doc, pos = both[prefix + "value"], both[prefix + "doc"], both[prefix + "pos"]
-    nd = value.ndim
-    order = topk_order(value, doc, pos)
-    if per_doc:
-        # one example per document: a document seen by both sides keeps its better entry (the first in
-        # order); each side holds distinct documents, so a document occurs at most twice
-        d_sorted = np.take_along_axis(doc, order, -1)
-        by_doc = np.argsort(d_sorted, axis=-1, kind="stable")
-        ds = np.take_along_axis(d_sorted, by_doc, -1)
-        later = (ds[..., 1:] == ds[..., :-1]) & (ds[..., 1:] != EMPTY_DOC)
-        if later.any():
-            dup_sorted = np.zeros(d_sorted.shape, dtype=bool)
-            np.put_along_axis(dup_sorted, by_doc[..., 1:], later, -1)
-            dup = np.zeros(d_sorted.shape, dtype=bool)
-            np.put_along_axis(dup, order, dup_sorted, -1)
-            value = both[prefix + "value"] = np.where(dup, -np.inf, value).astype(value.dtype)
-            doc = both[prefix + "doc"] = np.where(dup, EMPTY_DOC, doc)
-            order = topk_order(value, doc, pos)
-    keep = order[..., :k]
+    """Top-k of the union (value desc, document asc, position asc; one entry per document when ``per_doc``: a
+    document both sides hold keeps its better entry). Both sides sorted; the selection runs compiled
+    (``lens.scan.fused.topk_select``) and equals a stable sort of the concatenation."""
+    from lens.scan.fused import topk_select
+
+    nd = a[prefix + "value"].ndim
+    both = {key: np.concatenate([a[key], b[key]], axis=nd - 1) for key in a if key.startswith(prefix)}
+    value = both[prefix + "value"]
+    lead, width = value.shape[:-1], value.shape[-1]
+    flat = lambda x: x.reshape(-1, width)
+    sel, dead = topk_select(flat(value), flat(both[prefix + "doc"]), flat(both[prefix + "pos"]),
+                            a[prefix + "value"].shape[-1], k, per_doc, EMPTY_DOC)
+    keep, dead = sel.reshape(lead + (k,)), dead.reshape(lead + (k,))
     out = {}
     for key, arr in both.items():
-        sel = keep.reshape(keep.shape + (1,) * (arr.ndim - nd))
-        out[key] = np.take_along_axis(arr, np.broadcast_to(sel, keep.shape + arr.shape[nd:]), nd - 1)
+        sel_k = keep.reshape(keep.shape + (1,) * (arr.ndim - nd))
+        out[key] = np.take_along_axis(arr, np.broadcast_to(sel_k, keep.shape + arr.shape[nd:]), nd - 1)
+    if dead.any():  # a document's later entry, kept only as an empty slot
+        out[prefix + "value"] = np.where(dead, -np.inf, out[prefix + "value"]).astype(value.dtype)
+        out[prefix + "doc"] = np.where(dead, EMPTY_DOC, out[prefix + "doc"])
     return out
 
 
 def _merge_reservoir_rows(a: dict, b: dict, prefix: str, r: int) -> dict:
+    from lens.scan.fused import reservoir_select
+
     pri = np.concatenate([a[prefix + "priority"], b[prefix + "priority"]], -1)
-    order = np.argsort(pri, axis=-1, kind="stable")[..., :r]
-    out = {}
     nd = pri.ndim
+    order = reservoir_select(pri.reshape(-1, pri.shape[-1]), a[prefix + "priority"].shape[-1], r)
+    order = order.reshape(pri.shape[:-1] + (r,))
+    out = {}
     for key in a:
         if not key.startswith(prefix):
             continue
