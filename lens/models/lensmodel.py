@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ _DTYPES = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: lens.scan asks per batch (30 ms each)
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

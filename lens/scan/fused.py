@@ -251,3 +251,77 @@ def reservoir_select(priority: np.ndarray, ka: int, r: int) -> np.ndarray:
     sel = np.zeros((priority.shape[0], r), np.int64)
     select(np.ascontiguousarray(priority, dtype=np.int64), int(ka), int(r), sel)
     return sel
+
+
+_FILL = None
+
+
+def _compile_fill():
+    global _FILL
+    if _FILL is not None:
+        return _FILL
+    import numba
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def context(flat_row, ids, lengths, before, width, out):  # pragma: no cover - compiled
+        T = ids.shape[1]
+        b, t = flat_row // T, flat_row % T
+        for c in range(width):
+            col = t - before + c
+            out[c] = ids[b, col] if 0 <= col < lengths[b] else -1
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def samples(chosen, a, priority, doc, pos, rows, ids, lengths, before, width, empty_priority,
+                out_priority, out_value, out_doc, out_pos, out_tokens):  # pragma: no cover - compiled
+        M, G, R = chosen.shape
+        for m in range(M):
+            for g in range(G):
+                for s in range(R):
+                    i = chosen[m, g, s]
+                    if i < 0:
+                        out_priority[m, g, s] = empty_priority
+                        out_value[m, g, s] = np.nan
+                        out_doc[m, g, s] = -1
+                        out_pos[m, g, s] = 0
+                        out_tokens[m, g, s, :] = -1
+                    else:
+                        out_priority[m, g, s] = priority[i]
+                        out_value[m, g, s] = a[i, m]
+                        out_doc[m, g, s] = doc[i]
+                        out_pos[m, g, s] = pos[i]
+                        context(rows[i], ids, lengths, before, width, out_tokens[m, g, s])
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def topk(flat_rows, act, ids, lengths, before, width, out_tokens, out_acts):  # pragma: no cover - compiled
+        M, w = flat_rows.shape
+        T = ids.shape[1]
+        for m in range(M):
+            for s in range(w):
+                row = flat_rows[m, s]
+                context(row, ids, lengths, before, width, out_tokens[m, s])
+                b, t = row // T, row % T
+                for c in range(width):
+                    col = t - before + c
+                    out_acts[m, s, c] = act[b * T + col, m] if 0 <= col < lengths[b] else np.nan
+
+    _FILL = (samples, topk)
+    return _FILL
+
+
+def fill_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before: int, width: int, empty_priority: int,
+                 out: dict) -> None:
+    """Write the reservoir entries of one layer: ``out`` holds the [M, G, r] (and [M, G, r, C] tokens) slices.
+
+    ``chosen`` [M, G, r] counted-token indices (−1: none); ``a`` [N, M] float32; ``priority``, ``doc``, ``pos``,
+    ``rows`` (flat b·T + t) per counted token; ``ids`` [B, T] int64 (−1 padded) and ``lengths`` [B].
+    """
+    samples, _ = _compile_fill()
+    samples(chosen, a, priority, doc, pos, rows, ids, lengths, int(before), int(width), int(empty_priority),
+            out["priority"], out["value"], out["doc"], out["pos"], out["tokens"])
+
+
+def fill_topk(flat_rows, act, ids, lengths, before: int, width: int, out_tokens, out_acts) -> None:
+    """Context tokens and activations around each top-k entry: ``flat_rows`` [M, w] (b·T + t), ``act`` [B·T, M]
+    float32; writes ``out_tokens`` [M, w, C] int32 (−1 outside the window) and ``out_acts`` (NaN outside)."""
+    _, topk = _compile_fill()
+    topk(flat_rows, act, ids, lengths, int(before), int(width), out_tokens, out_acts)

@@ -22,7 +22,7 @@ from lens.capture.trace import trace
 from lens.errors import CaptureError, ScanError
 from lens.scan.config import ScanConfig
 from lens.scan.corpus import Window, text_digest, windows
-from lens.scan.fused import reduce_layer
+from lens.scan.fused import fill_samples, fill_topk, reduce_layer
 from lens.scan.reducers import (
     BIN_TO_GROUP, EMPTY_DOC, HIST_EDGES, N_BINS, RESERVOIR_GROUPS, ZERO_BIN, merge_state, moments_merge,
     token_priority,
@@ -120,6 +120,8 @@ class _Batch:
     order: np.ndarray  # [N] counted tokens by priority, lowest first (stable)
     doc_np: np.ndarray  # [N] ``doc`` as numpy
     pos_np: np.ndarray  # [N] ``pos`` as numpy
+    ids_np: np.ndarray  # [B, T] ``ids`` as numpy
+    lengths_np: np.ndarray  # [B] tokens of each window
 
 
 class ShardWorker:
@@ -228,7 +230,7 @@ class ShardWorker:
         d_np, p_np = d.numpy(), p.numpy()
         priority = token_priority(d_np, p_np)
         return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()], priority,
-                      np.argsort(priority, kind="stable"), d_np, p_np)
+                      np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), (ids >= 0).sum(1).numpy())
 
     def _run_batch(self, ws: list[Window]) -> dict:
         lm, cfg = self.lm, self.cfg
@@ -294,16 +296,6 @@ class ShardWorker:
         if cfg.samples:
             self._samples(li, a, torch.from_numpy(r["chosen"]), batch, part)
 
-    def _context(self, rows: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For flat rows (b·T + t): the window rows, context columns and validity, each [..., C]."""
-        before, after = self.cfg.context
-        T = batch.ids.shape[1]
-        b, t = rows // T, rows % T
-        cols = t[..., None] + torch.arange(-before, after + 1)
-        lengths = (batch.ids >= 0).sum(1)
-        valid = (cols >= 0) & (cols < lengths[b][..., None])
-        return b[..., None].expand_as(cols), cols.clamp(0, T - 1), valid
-
     def _topk(self, li: int, act: torch.Tensor, docmax: torch.Tensor, docbest: torch.Tensor, d0: int, batch: _Batch,
               part: dict) -> None:
         """The best token of each document of the batch (``docbest``: its counted-token index, −1 for none),
@@ -322,40 +314,27 @@ class ShardWorker:
         order = torch.as_tensor(topk_order(value.numpy(), doc.numpy(), posv.numpy())[:, :k])
         value, doc, posv = value.gather(1, order), doc.gather(1, order), posv.gather(1, order)
         row = row.T.gather(1, order)
-        wb, wc, valid = self._context(row, batch)  # [M, w, C]
-        B, T, _ = act.shape
-        neuron = torch.arange(M)[:, None, None].expand_as(wc)
-        acts = act.reshape(-1)[((wb * T + wc) * M + neuron).reshape(-1)].reshape(wc.shape).float()
-        toks = batch.ids[wb, wc]
         width = value.shape[1]
+        part["topk.value"][li, :, :width] = value.float().numpy()
+        part["topk.doc"][li, :, :width] = doc.numpy()
+        part["topk.pos"][li, :, :width] = posv.numpy()
+        B, T, _ = act.shape
+        fill_topk(row.numpy(), act.reshape(B * T, M).float().numpy(), batch.ids_np, batch.lengths_np,
+                  self.cfg.context[0], self.cfg.width, part["topk.tokens"][li], part["topk.acts"][li])
         pad = k - width
         def fit(x, fill):
             if pad <= 0:
                 return x
             shape = (x.shape[0], pad) + tuple(x.shape[2:])
             return torch.cat([x, torch.full(shape, fill, dtype=x.dtype)], 1)
-        part["topk.value"][li] = fit(value.float(), -torch.inf).numpy()
-        part["topk.doc"][li] = fit(doc, EMPTY_DOC).numpy()
-        part["topk.pos"][li] = fit(posv, 0).numpy()
-        part["topk.tokens"][li] = fit(torch.where(valid, toks, -1).int(), -1).numpy()
-        part["topk.acts"][li] = fit(torch.where(valid, acts, torch.nan), torch.nan).numpy()
         self._pending.append(("topk", li, fit(row, 0).numpy(), fit(doc, EMPTY_DOC).numpy() != EMPTY_DOC))
 
     def _samples(self, li: int, a: torch.Tensor, chosen: torch.Tensor, batch: _Batch, part: dict) -> None:
         """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position),
         as chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none)."""
-        M = a.shape[1]
-        ok = chosen >= 0
-        tok_row = chosen.clamp_min(0)  # index into the batch's counted tokens
-        neuron = torch.arange(M)[:, None, None].expand_as(tok_row)
-        prio = torch.as_tensor(batch.priority)[tok_row]
-        part["sample.priority"][li] = torch.where(ok, prio, _I64MAX).numpy()
-        part["sample.value"][li] = torch.where(ok, a[tok_row, neuron], torch.nan).numpy()
-        part["sample.doc"][li] = torch.where(ok, batch.doc[tok_row], -1).numpy()
-        part["sample.pos"][li] = torch.where(ok, batch.pos[tok_row], 0).numpy()
-        wb, wc, valid = self._context(batch.rows[tok_row], batch)
-        toks = torch.where(valid & ok[..., None], batch.ids[wb, wc], -1)
-        part["sample.tokens"][li] = toks.int().numpy()
+        out = {name: part["sample." + name][li] for name in ("priority", "value", "doc", "pos", "tokens")}
+        fill_samples(chosen.numpy(), a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows.numpy(),
+                     batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, _I64MAX, out)
 
     # -- MoE ----------------------------------------------------------------------------------------
     def _moe_callback(self, batch: _Batch, part: dict):
