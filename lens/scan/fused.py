@@ -325,3 +325,39 @@ def fill_topk(flat_rows, act, ids, lengths, before: int, width: int, out_tokens,
     float32; writes ``out_tokens`` [M, w, C] int32 (−1 outside the window) and ``out_acts`` (NaN outside)."""
     _, topk = _compile_fill()
     topk(flat_rows, act, ids, lengths, int(before), int(width), out_tokens, out_acts)
+
+
+_GATHER = None
+
+
+def gather_pair(a: np.ndarray, b: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """``concatenate([a, b], axis=1)`` taken along axis 1 at ``sel`` [R, k], without the concatenation.
+
+    ``a`` [R, ka, ...], ``b`` [R, kb, ...] of one dtype; returns [R, k, ...]. A compiled row copy: the merges
+    move every payload (context tokens and activations) this way.
+    """
+    global _GATHER
+    if _GATHER is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True, boundscheck=False)
+        def gather(a, b, sel, out):  # pragma: no cover - compiled
+            R, k = sel.shape
+            ka = a.shape[1]
+            for r in range(R):
+                for q in range(k):
+                    s = sel[r, q]
+                    if s < ka:
+                        out[r, q, :] = a[r, s, :]
+                    else:
+                        out[r, q, :] = b[r, s - ka, :]
+            return 0
+
+        _GATHER = gather
+    R, k = sel.shape
+    tail = a.shape[2:]
+    out = np.empty((R, k) + tail, dtype=a.dtype)
+    x = int(np.prod(tail)) if tail else 1
+    _GATHER(np.ascontiguousarray(a).reshape(R, a.shape[1], x), np.ascontiguousarray(b, dtype=a.dtype).reshape(R, b.shape[1], x),
+            np.ascontiguousarray(sel, dtype=np.int64), out.reshape(R, k, x))
+    return out

@@ -129,92 +129,49 @@ def topk_order(value: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarra
     return np.take_along_axis(idx, np.argsort(neg, axis=-1, kind="stable"), -1)
 
 
-def _merge_topk_rows(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
+def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
     """Top-k of the union (value desc, document asc, position asc; one entry per document when ``per_doc``: a
-    document both sides hold keeps its better entry). Both sides sorted; the selection runs compiled
-    (``lens.scan.fused.topk_select``) and equals a stable sort of the concatenation."""
-    from lens.scan.fused import topk_select
+    document both sides hold keeps its better entry). Both sides are sorted (every state is a merge result or
+    a worker's sorted partial), so the selection is a compiled two-pointer merge (``lens.scan.fused``) equal to
+    a stable sort of the concatenation; payloads are copied once, never concatenated."""
+    from lens.scan.fused import gather_pair, topk_select
 
-    nd = a[prefix + "value"].ndim
-    both = {key: np.concatenate([a[key], b[key]], axis=nd - 1) for key in a if key.startswith(prefix)}
-    value = both[prefix + "value"]
-    lead, width = value.shape[:-1], value.shape[-1]
-    flat = lambda x: x.reshape(-1, width)
-    sel, dead = topk_select(flat(value), flat(both[prefix + "doc"]), flat(both[prefix + "pos"]),
-                            a[prefix + "value"].shape[-1], k, per_doc, EMPTY_DOC)
-    keep, dead = sel.reshape(lead + (k,)), dead.reshape(lead + (k,))
+    va, vb = a[prefix + "value"], b[prefix + "value"]
+    nd = va.ndim
+    lead, ka = va.shape[:-1], va.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    pair = lambda key: np.concatenate([a[key].reshape(rows, -1), b[key].reshape(rows, -1)], axis=1)
+    sel, dead = topk_select(pair(prefix + "value"), pair(prefix + "doc"), pair(prefix + "pos"), ka, k, per_doc, EMPTY_DOC)
     out = {}
-    for key, arr in both.items():
-        sel_k = keep.reshape(keep.shape + (1,) * (arr.ndim - nd))
-        out[key] = np.take_along_axis(arr, np.broadcast_to(sel_k, keep.shape + arr.shape[nd:]), nd - 1)
+    for key in a:
+        if key.startswith(prefix):
+            x, y = a[key], b[key]
+            out[key] = gather_pair(x.reshape((rows,) + x.shape[nd - 1 :]), y.reshape((rows,) + y.shape[nd - 1 :]),
+                                   sel).reshape(lead + (k,) + x.shape[nd:])
     if dead.any():  # a document's later entry, kept only as an empty slot
-        out[prefix + "value"] = np.where(dead, -np.inf, out[prefix + "value"]).astype(value.dtype)
+        dead = dead.reshape(lead + (k,))
+        out[prefix + "value"] = np.where(dead, -np.inf, out[prefix + "value"]).astype(va.dtype)
         out[prefix + "doc"] = np.where(dead, EMPTY_DOC, out[prefix + "doc"])
     return out
 
 
-def _merge_reservoir_rows(a: dict, b: dict, prefix: str, r: int) -> dict:
-    from lens.scan.fused import reservoir_select
+def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
+    """The ``r`` lowest priorities of two ascending reservoirs (ties keep ``a`` first, as a stable sort does)."""
+    from lens.scan.fused import gather_pair, reservoir_select
 
-    pri = np.concatenate([a[prefix + "priority"], b[prefix + "priority"]], -1)
-    nd = pri.ndim
-    order = reservoir_select(pri.reshape(-1, pri.shape[-1]), a[prefix + "priority"].shape[-1], r)
-    order = order.reshape(pri.shape[:-1] + (r,))
+    pa = a[prefix + "priority"]
+    nd = pa.ndim
+    lead, ka = pa.shape[:-1], pa.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    pri = np.concatenate([pa.reshape(rows, -1), b[prefix + "priority"].reshape(rows, -1)], axis=1)
+    sel = reservoir_select(pri, ka, r)
     out = {}
     for key in a:
-        if not key.startswith(prefix):
-            continue
-        both = np.concatenate([a[key], b[key]], axis=nd - 1)
-        sel = order.reshape(order.shape + (1,) * (both.ndim - nd))
-        out[key] = np.take_along_axis(both, np.broadcast_to(sel, order.shape + both.shape[nd:]), nd - 1)
+        if key.startswith(prefix):
+            x, y = a[key], b[key]
+            out[key] = gather_pair(x.reshape((rows,) + x.shape[nd - 1 :]), y.reshape((rows,) + y.shape[nd - 1 :]),
+                                   sel).reshape(lead + (r,) + x.shape[nd:])
     return out
-
-
-def _by_rows(a: dict, b: dict, prefix: str, keep_a: np.ndarray, take_b: np.ndarray, merge_rows) -> dict:
-    """Merge per leading index (neuron): ``a`` where ``keep_a``, ``b`` where ``take_b``, else ``merge_rows``.
-
-    Both sides are sorted (every state is a merge result or a worker's sorted partial), so when every entry
-    of one side ranks after the other side's last entry, the merge is that other side unchanged: only the
-    neurons a batch can still change are merged (once the top-k fills, few are).
-    """
-    keys = [key for key in a if key.startswith(prefix)]
-    lead = keep_a.shape
-    both = ~(keep_a | take_b)
-    if both.all():
-        return merge_rows(a, b)
-    out = {}
-    for key in keys:
-        x = a[key].copy()
-        if take_b.any():
-            x[take_b] = b[key][take_b]
-        out[key] = x
-    if both.any():
-        merged = merge_rows({key: a[key][both] for key in keys}, {key: b[key][both] for key in keys})
-        for key in keys:
-            out[key][both] = merged[key]
-    assert all(out[key].shape[: len(lead)] == lead for key in keys)
-    return out
-
-
-def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
-    """Top-k of the union of two sorted top-k states (see ``_merge_topk_rows``), skipping neurons one side wins."""
-    va, vb = a[prefix + "value"], b[prefix + "value"]
-    if va.shape[-1] != k or vb.shape[-1] == 0:
-        return _merge_topk_rows(a, b, prefix, k, per_doc)
-    # strictly below the other side's k-th value: ranks after it whatever the document and position
-    keep_a = (vb < va[..., -1:]).all(-1)
-    take_b = ~keep_a & (vb.shape[-1] == k) & (va < vb[..., -1:]).all(-1)
-    return _by_rows(a, b, prefix, keep_a, take_b, lambda x, y: _merge_topk_rows(x, y, prefix, k, per_doc))
-
-
-def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
-    """The ``r`` lowest priorities of two sorted reservoirs, skipping cells one side wins (ties keep ``a``)."""
-    pa, pb = a[prefix + "priority"], b[prefix + "priority"]
-    if pa.shape[-1] != r or pb.shape[-1] != r or r == 0:
-        return _merge_reservoir_rows(a, b, prefix, r)
-    keep_a = pb.min(-1) >= pa[..., -1]
-    take_b = ~keep_a & (pa.min(-1) > pb[..., -1])
-    return _by_rows(a, b, prefix, keep_a, take_b, lambda x, y: _merge_reservoir_rows(x, y, prefix, r))
 
 
 def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: int, samples: int) -> dict[str, np.ndarray]:
