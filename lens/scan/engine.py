@@ -39,7 +39,7 @@ def run_local(worker, shard_iter, state, on_shard, progress) -> dict[str, np.nda
     cfg = worker.cfg
     for index, docs in shard_iter:
         part, info = worker.run_shard(index, docs, progress=progress)
-        state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+        state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
         on_shard(state, info)
     return state
 
@@ -150,7 +150,7 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
             done[int(row["shard"])] = (load_state(bytes(row["state"])), json.loads(row["info"]))
         for index, _ in pending:  # merge in shard order, whatever order the actors finished in
             part, info = done[index]
-            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
             if progress is not None:
                 progress(info["tokens"])
             on_shard(state, info)

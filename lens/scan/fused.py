@@ -330,34 +330,58 @@ def fill_topk(flat_rows, act, ids, lengths, before: int, width: int, out_tokens,
 _GATHER = None
 
 
-def gather_pair(a: np.ndarray, b: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    """``concatenate([a, b], axis=1)`` taken along axis 1 at ``sel`` [R, k], without the concatenation.
-
-    ``a`` [R, ka, ...], ``b`` [R, kb, ...] of one dtype; returns [R, k, ...]. A compiled row copy: the merges
-    move every payload (context tokens and activations) this way.
-    """
+def _compile_gather():
     global _GATHER
     if _GATHER is None:
         import numba
 
         @numba.njit(cache=True, nogil=True, boundscheck=False)
-        def gather(a, b, sel, out):  # pragma: no cover - compiled
+        def gather(a, b, sel, out, inplace):  # pragma: no cover - compiled
             R, k = sel.shape
-            ka = a.shape[1]
+            ka, X = a.shape[1], a.shape[2]
+            row = np.empty((ka, X), a.dtype)
             for r in range(R):
+                src = a[r]
+                if inplace:  # out is a: rows the merge leaves as they are cost nothing
+                    same = True
+                    for q in range(k):
+                        if sel[r, q] != q:
+                            same = False
+                            break
+                    if same:
+                        continue
+                    for s in range(ka):
+                        for x in range(X):
+                            row[s, x] = a[r, s, x]
+                    src = row
                 for q in range(k):
                     s = sel[r, q]
                     if s < ka:
-                        out[r, q, :] = a[r, s, :]
+                        for x in range(X):
+                            out[r, q, x] = src[s, x]
                     else:
-                        out[r, q, :] = b[r, s - ka, :]
+                        for x in range(X):
+                            out[r, q, x] = b[r, s - ka, x]
             return 0
 
         _GATHER = gather
+    return _GATHER
+
+
+def gather_pair(a: np.ndarray, b: np.ndarray, sel: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """``concatenate([a, b], axis=1)`` taken along axis 1 at ``sel`` [R, k], without the concatenation.
+
+    ``a`` [R, ka, ...], ``b`` [R, kb, ...] of one dtype; returns [R, k, ...]. A compiled row copy: the merges
+    move every payload (context tokens and activations) this way. ``inplace`` (needs ``k == ka`` and a
+    writable C-contiguous ``a``) writes into ``a`` and skips the rows the selection leaves unchanged.
+    """
+    gather = _compile_gather()
     R, k = sel.shape
     tail = a.shape[2:]
-    out = np.empty((R, k) + tail, dtype=a.dtype)
     x = int(np.prod(tail)) if tail else 1
-    _GATHER(np.ascontiguousarray(a).reshape(R, a.shape[1], x), np.ascontiguousarray(b, dtype=a.dtype).reshape(R, b.shape[1], x),
-            np.ascontiguousarray(sel, dtype=np.int64), out.reshape(R, k, x))
+    inplace = inplace and k == a.shape[1] and a.flags.c_contiguous and a.flags.writeable
+    out = a if inplace else np.empty((R, k) + tail, dtype=a.dtype)
+    gather(a.reshape(R, a.shape[1], x) if inplace else np.ascontiguousarray(a).reshape(R, a.shape[1], x),
+           np.ascontiguousarray(b, dtype=a.dtype).reshape(R, b.shape[1], x), np.ascontiguousarray(sel, dtype=np.int64),
+           out.reshape(R, k, x), inplace)
     return out

@@ -129,7 +129,7 @@ def topk_order(value: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarra
     return np.take_along_axis(idx, np.argsort(neg, axis=-1, kind="stable"), -1)
 
 
-def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
+def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool, inplace: bool = False) -> dict:
     """Top-k of the union (value desc, document asc, position asc; one entry per document when ``per_doc``: a
     document both sides hold keeps its better entry). Both sides are sorted (every state is a merge result or
     a worker's sorted partial), so the selection is a compiled two-pointer merge (``lens.scan.fused``) equal to
@@ -147,7 +147,7 @@ def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
         if key.startswith(prefix):
             x, y = a[key], b[key]
             out[key] = gather_pair(x.reshape((rows,) + x.shape[nd - 1 :]), y.reshape((rows,) + y.shape[nd - 1 :]),
-                                   sel).reshape(lead + (k,) + x.shape[nd:])
+                                   sel, inplace).reshape(lead + (k,) + x.shape[nd:])
     if dead.any():  # a document's later entry, kept only as an empty slot
         dead = dead.reshape(lead + (k,))
         out[prefix + "value"] = np.where(dead, -np.inf, out[prefix + "value"]).astype(va.dtype)
@@ -155,7 +155,7 @@ def _merge_topk(a: dict, b: dict, prefix: str, k: int, per_doc: bool) -> dict:
     return out
 
 
-def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
+def _merge_reservoir(a: dict, b: dict, prefix: str, r: int, inplace: bool = False) -> dict:
     """The ``r`` lowest priorities of two ascending reservoirs (ties keep ``a`` first, as a stable sort does)."""
     from lens.scan.fused import gather_pair, reservoir_select
 
@@ -170,12 +170,18 @@ def _merge_reservoir(a: dict, b: dict, prefix: str, r: int) -> dict:
         if key.startswith(prefix):
             x, y = a[key], b[key]
             out[key] = gather_pair(x.reshape((rows,) + x.shape[nd - 1 :]), y.reshape((rows,) + y.shape[nd - 1 :]),
-                                   sel).reshape(lead + (r,) + x.shape[nd:])
+                                   sel, inplace).reshape(lead + (r,) + x.shape[nd:])
     return out
 
 
-def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: int, samples: int) -> dict[str, np.ndarray]:
-    """Merge two partial scan states (see :mod:`lens.scan.state` for the keys); neither input is modified."""
+def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: int, samples: int,
+                inplace: bool = False) -> dict[str, np.ndarray]:
+    """Merge two partial scan states (see :mod:`lens.scan.state` for the keys).
+
+    Neither input is modified unless ``inplace``: then ``a``'s writable arrays are reused for the result (the
+    engines, which drop the previous state anyway), and top-k and reservoir rows that ``b`` cannot change are
+    not touched at all. The result is the same either way.
+    """
     if not a:
         return dict(b)
     if not b:
@@ -192,21 +198,22 @@ def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: in
     for prefix in ("topk.", "route_topk."):
         if prefix + "value" in a:
             out.update(_merge_topk(a, b, prefix, top_k if prefix == "topk." else a[prefix + "value"].shape[-1],
-                                   per_doc=prefix == "topk."))
+                                   per_doc=prefix == "topk.", inplace=inplace))
             done.update(k for k in a if k.startswith(prefix))
     if "sample.priority" in a:
-        out.update(_merge_reservoir(a, b, "sample.", samples))
+        out.update(_merge_reservoir(a, b, "sample.", samples, inplace=inplace))
         done.update(k for k in a if k.startswith("sample."))
     for key, va in a.items():
         if key in done:
             continue
         vb = b[key]
+        into = va if inplace and va.flags.writeable and va.shape == np.broadcast_shapes(va.shape, vb.shape) else None
         if key.endswith(".min"):
-            out[key] = np.minimum(va, vb)
+            out[key] = np.minimum(va, vb, out=into)
         elif key.endswith(".max"):
-            out[key] = np.maximum(va, vb)
+            out[key] = np.maximum(va, vb, out=into)
         else:  # counts, histograms, sums
-            out[key] = va + vb
+            out[key] = np.add(va, vb, out=into)
     return out
 
 

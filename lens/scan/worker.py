@@ -190,7 +190,7 @@ class ShardWorker:
         for i in range(0, len(all_windows), cfg.batch_size):
             batch_windows = all_windows[i : i + cfg.batch_size]
             part = self._run_batch(batch_windows)
-            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
             counted = sum(len(w.ids) - w.keep for w in batch_windows)
             tokens += counted
             if progress is not None:
