@@ -50,8 +50,13 @@ def test_any_sharding_in_any_order_equals_brute_force(setup, parts):
                 state = merge_state(state, per_doc[d], top_k=cfg.top_k, samples=cfg.samples)
             shards.append(state)
         state = empty_state(lm, cfg)
+        into = empty_state(lm, cfg)  # the engines' in-place merge gives the same state
         for i in rng.permutation(len(shards)):  # any order
             state = merge_state(state, shards[i], top_k=cfg.top_k, samples=cfg.samples)
+            into = merge_state(into, {k: v.copy() for k, v in shards[i].items()}, top_k=cfg.top_k,
+                               samples=cfg.samples, inplace=True)
+        for key in state:
+            np.testing.assert_array_equal(into[key], state[key], err_msg=key)
         assert (state["neuron.count"] == ref["count"]).all()
         np.testing.assert_allclose(state["neuron.mean"], ref["mean"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(state["neuron.m2"] / ref["count"], ref["var"], rtol=1e-8, atol=1e-12)
@@ -113,3 +118,36 @@ def test_chan_merge_matches_numpy():
     for p in parts:
         n, mean, m2 = moments_merge(n, mean, m2, len(p), p.mean(), ((p - p.mean()) ** 2).sum())
     assert n == 1000 and np.isclose(mean, x.mean()) and np.isclose(m2 / n, x.var())
+
+
+def test_compiled_reducers_equal_torch_on_edges_and_extremes():
+    """The compiled pass (lens.scan.fused) bins by a 16-bit lookup table: it must equal hist_bins (a binary search
+    over the float32 edges) for values at, just above and just below every edge, ±0, ±inf, subnormals, and
+    random values over 12 decades; its moments, extremes and per-document best equal numpy's."""
+    from lens.scan.fused import reduce_layer
+    from lens.scan.reducers import RESERVOIR_GROUPS, hist_bins
+
+    rng = np.random.default_rng(0)
+    e = HIST_EDGES
+    up, down = np.nextafter(e, np.float32(np.inf)), np.nextafter(e, np.float32(0))
+    special = np.concatenate([e, -e, up, -up, down, -down, [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3e38, -3e38]])
+    noise = rng.standard_normal((400, 300)) * 10 ** rng.uniform(-6, 6, (400, 300))
+    a = np.concatenate([noise, np.resize(special, 600).reshape(2, 300)]).astype(np.float32)
+    finite = np.where(np.isfinite(a), a, 0).astype(np.float32)
+    n = a.shape[0]
+    doc = np.repeat(np.arange(3), [150, 150, n - 300])
+    pos = np.arange(n)
+    r = reduce_layer(a, np.arange(n), doc, pos, 3, 2, RESERVOIR_GROUPS, HIST_EDGES, BIN_TO_GROUP, ZERO_BIN, N_BINS)
+    bins = hist_bins(torch.from_numpy(a)).numpy()
+    want = np.stack([np.bincount(bins[:, m], minlength=N_BINS) for m in range(a.shape[1])])
+    np.testing.assert_array_equal(r["hist"], want)
+    np.testing.assert_array_equal(r["positive"], (a > 0).sum(0))
+    np.testing.assert_array_equal(r["min"], a.min(0))
+    np.testing.assert_array_equal(r["max"], a.max(0))
+    r = reduce_layer(finite, np.arange(n), doc, pos, 3, 2, RESERVOIR_GROUPS, HIST_EDGES, BIN_TO_GROUP, ZERO_BIN, N_BINS)
+    x = finite.astype(np.float64)
+    np.testing.assert_allclose(r["mean"], x.mean(0), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(r["m2"], ((x - x.mean(0)) ** 2).sum(0), rtol=1e-9)
+    for d in range(3):
+        rows = np.flatnonzero(doc == d)
+        np.testing.assert_array_equal(r["docbest"][d], rows[np.argmax(finite[rows], axis=0)])  # first maximum wins

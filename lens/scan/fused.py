@@ -37,10 +37,9 @@ def _compile():
         ) from exc
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def kernel(a, order, docl, pos, edges, bin_to_group, zero_bin, n_docs, samples,
+    def kernel(a, bits, order, docl, pos, cell_low, cell_edge, bin_to_group, zero_bin, n_docs, samples,
                mean, m2, mn, mx, positive, hist, docmax, docbest, chosen):  # pragma: no cover - compiled
         n, m_count = a.shape
-        n_edges = edges.shape[0]
         bins = np.empty((n, m_count), np.uint8)
         total = np.zeros(m_count, np.float64)
         for i in range(n):
@@ -53,15 +52,11 @@ def _compile():
                     mn[m] = x
                 if x > mx[m]:
                     mx[m] = x
-                # histogram bin: magnitude = number of edges ≤ |x| (binary search), signed around the zero bin
-                ax = abs(x)
-                lo, hi = 0, n_edges
-                while lo < hi:
-                    mid = (lo + hi) >> 1
-                    if edges[mid] <= ax:
-                        lo = mid + 1
-                    else:
-                        hi = mid
+                # histogram bin: magnitude = number of edges ≤ |x|, read from the top 16 bits of |x| (a table of
+                # 32768 cells, each holding at most one edge, see _cells), signed around the zero bin
+                u = bits[i, m] & 0x7FFFFFFF
+                c = u >> 16
+                lo = cell_low[c] + (1 if u >= cell_edge[c] else 0)
                 if x > 0:
                     b = zero_bin + 1 + lo
                     positive[m] += 1
@@ -103,6 +98,30 @@ def _compile():
     return kernel
 
 
+_CELLS = None
+
+
+def _cells(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each value of the top 16 bits of a non-negative float32 (sign bit clear: 32768 cells): how many edges
+    lie at or below the cell's smallest value, and the bit pattern of the one edge strictly inside the cell (2³¹:
+    none). Consecutive edges differ by 10^¼, far more than a cell's relative width 2⁻⁷, so a cell holds at most
+    one: ``count(edges ≤ |x|) = low[c] + (bits(|x|) ≥ edge[c])`` exactly, for every float32 including ±inf."""
+    global _CELLS
+    key = edges.tobytes()
+    if _CELLS is not None and _CELLS[0] == key:
+        return _CELLS[1], _CELLS[2]
+    e_bits = np.asarray(edges, dtype=np.float32).view(np.uint32).astype(np.int64)
+    assert np.all(np.diff(e_bits) > 1 << 16), "histogram edges closer than a lookup cell"
+    starts = np.arange(1 << 15, dtype=np.int64) << 16
+    low = np.searchsorted(e_bits, starts, side="right").astype(np.int64)  # edges ≤ the cell's first value
+    inside = np.searchsorted(e_bits, starts + (1 << 16), side="left")  # edges below the next cell
+    edge = np.full(1 << 15, 1 << 31, dtype=np.int64)
+    has = inside > low
+    edge[has] = e_bits[low[has]]
+    _CELLS = (key, low, edge)
+    return low, edge
+
+
 def reduce_layer(a: np.ndarray, order: np.ndarray, docl: np.ndarray, pos: np.ndarray, n_docs: int, samples: int,
                  groups: int, edges: np.ndarray, bin_to_group: np.ndarray, zero_bin: int, n_bins: int) -> dict:
     """Every neuron reducer of one layer over the ``N`` counted tokens of a batch.
@@ -130,9 +149,11 @@ def reduce_layer(a: np.ndarray, order: np.ndarray, docl: np.ndarray, pos: np.nda
         "docbest": np.full((n_docs, m_count), -1, np.int64),
         "chosen": np.full((m_count, groups, max(samples, 0)), -1, np.int64),
     }
-    kernel(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(order, dtype=np.int64),
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    low, edge = _cells(np.asarray(edges, dtype=np.float32))
+    kernel(a, a.view(np.uint32), np.ascontiguousarray(order, dtype=np.int64),
            np.ascontiguousarray(docl, dtype=np.int64), np.ascontiguousarray(pos, dtype=np.int64),
-           np.ascontiguousarray(edges, dtype=np.float32), np.ascontiguousarray(bin_to_group, dtype=np.int64),
+           low, edge, np.ascontiguousarray(bin_to_group, dtype=np.int64),
            int(zero_bin), int(n_docs), int(samples), out["mean"], out["m2"], out["min"], out["max"],
            out["positive"], out["hist"], out["docmax"], out["docbest"], out["chosen"])
     return out
