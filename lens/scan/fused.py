@@ -313,12 +313,38 @@ def _compile_fill():
                         context(rows[i], ids, lengths, before, width, out_tokens[m, g, s])
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def topk(flat_rows, act, ids, lengths, before, width, out_tokens, out_acts):  # pragma: no cover - compiled
-        M, w = flat_rows.shape
+    def topk(docmax, docbest, d0, empty_doc, pos, rows, act, ids, lengths, before, width,
+             out_value, out_doc, out_pos, out_row, out_tokens, out_acts):  # pragma: no cover - compiled
+        D, M = docmax.shape
+        w = out_value.shape[1]
         T = ids.shape[1]
+        order = np.empty(D, np.int64)
         for m in range(M):
+            # documents by (value desc, document asc), absent ones last in document order (a stable insertion sort)
+            for d in range(D):
+                t = d
+                present = docbest[d, m] >= 0
+                while t > 0:
+                    e = order[t - 1]
+                    if not present or (docbest[e, m] >= 0 and docmax[e, m] >= docmax[d, m]):
+                        break
+                    order[t] = e
+                    t -= 1
+                order[t] = d
             for s in range(w):
-                row = flat_rows[m, s]
+                d = order[s]
+                i = docbest[d, m]
+                if i >= 0:
+                    out_value[m, s] = docmax[d, m]
+                    out_doc[m, s] = d0 + d
+                    out_pos[m, s] = pos[i]
+                    row = rows[i]
+                else:  # fewer documents than slots: an empty entry (its context is read, never shown)
+                    out_value[m, s] = -np.inf
+                    out_doc[m, s] = empty_doc
+                    out_pos[m, s] = 0
+                    row = rows[0]
+                out_row[m, s] = row
                 context(row, ids, lengths, before, width, out_tokens[m, s])
                 b, t = row // T, row % T
                 for c in range(width):
@@ -341,11 +367,21 @@ def fill_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before: int,
             out["priority"], out["value"], out["doc"], out["pos"], out["tokens"])
 
 
-def fill_topk(flat_rows, act, ids, lengths, before: int, width: int, out_tokens, out_acts) -> None:
-    """Context tokens and activations around each top-k entry: ``flat_rows`` [M, w] (b·T + t), ``act`` [B·T, M]
-    float32; writes ``out_tokens`` [M, w, C] int32 (−1 outside the window) and ``out_acts`` (NaN outside)."""
+def fill_topk(docmax, docbest, d0: int, empty_doc: int, pos, rows, act, ids, lengths, before: int, width: int,
+              out: dict) -> np.ndarray:
+    """The batch's top-k entries of one layer, sorted by (value desc, document asc), with their contexts.
+
+    ``docmax``/``docbest`` [D, M]: each document's best value and its counted-token index (−1: the document has
+    no token here); ``pos``, ``rows`` (flat b·T + t) per counted token; ``act`` [B·T, M] float32; ``ids`` [B, T]
+    (−1 padded), ``lengths`` [B]. Writes the first w = ``out["value"].shape[1]`` documents into ``out``'s
+    ``value``, ``doc``, ``pos`` [M, w] and ``tokens``, ``acts`` [M, w, C] (−1 / NaN outside the window); returns
+    the flat rows [M, w] of the entries (for their attention flags).
+    """
     _, topk = _compile_fill()
-    topk(flat_rows, act, ids, lengths, int(before), int(width), out_tokens, out_acts)
+    flat_rows = np.empty(out["value"].shape, np.int64)
+    topk(docmax, docbest, int(d0), int(empty_doc), pos, rows, act, ids, lengths, int(before), int(width),
+         out["value"], out["doc"], out["pos"], flat_rows, out["tokens"], out["acts"])
+    return flat_rows
 
 
 _GATHER = None

@@ -34,9 +34,13 @@ SEQ_BINS = 20  # histograms of sink scores and normalized entropies: 20 equal bi
 _I64MAX = np.iinfo(np.int64).max
 
 
-def empty_state(lm, cfg: ScanConfig) -> dict[str, np.ndarray]:
-    """The identity of ``merge_state``: every array at its fixed shape, nothing counted."""
+def empty_state(lm, cfg: ScanConfig, top_width: int | None = None) -> dict[str, np.ndarray]:
+    """The identity of ``merge_state``: every array at its fixed shape, nothing counted.
+
+    ``top_width``: slots of the neuron top-k arrays (default ``top_k``); a batch's partial state holds only as
+    many as it has documents."""
     L, M, k, C = len(cfg.layers), lm.d_mlp, cfg.top_k, cfg.width
+    kt = k if top_width is None else top_width
     G, r = RESERVOIR_GROUPS, cfg.samples
     n_layers, H = lm.n_layers, lm.n_heads
     s: dict[str, np.ndarray] = {
@@ -66,14 +70,14 @@ def empty_state(lm, cfg: ScanConfig) -> dict[str, np.ndarray]:
             "neuron.max": np.full((L, M), -np.inf, np.float32),
             "neuron.positive": np.zeros((L, M), np.int64),
             "neuron.hist": np.zeros((L, M, N_BINS), np.int64),
-            "topk.value": np.full((L, M, k), -np.inf, np.float32),
-            "topk.doc": np.full((L, M, k), EMPTY_DOC, np.int64),
-            "topk.pos": np.zeros((L, M, k), np.int64),
-            "topk.tokens": np.full((L, M, k, C), -1, np.int32),
-            "topk.acts": np.full((L, M, k, C), np.nan, np.float32),
-            "topk.mass": np.zeros((L, M, k), np.float32),
-            "topk.sink": np.zeros((L, M, k), np.uint8),
-            "topk.massive": np.zeros((L, M, k), np.float32),
+            "topk.value": np.full((L, M, kt), -np.inf, np.float32),
+            "topk.doc": np.full((L, M, kt), EMPTY_DOC, np.int64),
+            "topk.pos": np.zeros((L, M, kt), np.int64),
+            "topk.tokens": np.full((L, M, kt, C), -1, np.int32),
+            "topk.acts": np.full((L, M, kt, C), np.nan, np.float32),
+            "topk.mass": np.zeros((L, M, kt), np.float32),
+            "topk.sink": np.zeros((L, M, kt), np.uint8),
+            "topk.massive": np.zeros((L, M, kt), np.float32),
         })
         if r:
             s.update({
@@ -121,6 +125,7 @@ class _Batch:
     doc_np: np.ndarray  # [N] ``doc`` as numpy
     pos_np: np.ndarray  # [N] ``pos`` as numpy
     ids_np: np.ndarray  # [B, T] ``ids`` as numpy
+    rows_np: np.ndarray  # [N] ``rows`` as numpy
     lengths_np: np.ndarray  # [B] tokens of each window
 
 
@@ -230,12 +235,14 @@ class ShardWorker:
         d_np, p_np = d.numpy(), p.numpy()
         priority = token_priority(d_np, p_np)
         return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()], priority,
-                      np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), (ids >= 0).sum(1).numpy())
+                      np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), rows.numpy(),
+                      (ids >= 0).sum(1).numpy())
 
     def _run_batch(self, ws: list[Window]) -> dict:
         lm, cfg = self.lm, self.cfg
         batch = self._layout(ws)
-        part = empty_state(lm, cfg)
+        documents = int(batch.doc.max() - batch.doc.min()) + 1 if len(batch.doc) else 1
+        part = empty_state(lm, cfg, top_width=min(documents, cfg.top_k))
         self._pending = []
         handles = []
         for li, layer in enumerate(cfg.layers):
@@ -292,48 +299,26 @@ class ShardWorker:
         part["neuron.max"][li] = r["max"]
         part["neuron.positive"][li] = r["positive"]
         part["neuron.hist"][li] = r["hist"]
-        self._topk(li, act, torch.from_numpy(r["docmax"]), torch.from_numpy(r["docbest"]), d0, batch, part)
+        self._topk(li, act, r["docmax"], r["docbest"], d0, batch, part)
         if cfg.samples:
             self._samples(li, a, torch.from_numpy(r["chosen"]), batch, part)
 
-    def _topk(self, li: int, act: torch.Tensor, docmax: torch.Tensor, docbest: torch.Tensor, d0: int, batch: _Batch,
+    def _topk(self, li: int, act: torch.Tensor, docmax: np.ndarray, docbest: np.ndarray, d0: int, batch: _Batch,
               part: dict) -> None:
         """The best token of each document of the batch (``docbest``: its counted-token index, −1 for none),
-        sorted by (value desc, document asc, position asc), with contexts; at most ``top_k`` documents."""
-        k = self.cfg.top_k
-        D, M = docmax.shape
-        present = docbest >= 0
-        idx = docbest.clamp_min(0)
-        row = batch.rows[idx]  # [D, M] flat b·T + t
-        value = torch.where(present, docmax, -torch.inf).T  # [M, D]
-        doc = torch.where(present, torch.arange(d0, d0 + D)[:, None], EMPTY_DOC).T
-        posv = torch.where(present, batch.pos[idx], 0).T
-        from lens.scan.reducers import topk_order
-
-        # sorted, so that the merge can tell from the k-th entry alone whether a batch changes a neuron
-        order = torch.as_tensor(topk_order(value.numpy(), doc.numpy(), posv.numpy())[:, :k])
-        value, doc, posv = value.gather(1, order), doc.gather(1, order), posv.gather(1, order)
-        row = row.T.gather(1, order)
-        width = value.shape[1]
-        part["topk.value"][li, :, :width] = value.float().numpy()
-        part["topk.doc"][li, :, :width] = doc.numpy()
-        part["topk.pos"][li, :, :width] = posv.numpy()
-        B, T, _ = act.shape
-        fill_topk(row.numpy(), act.reshape(B * T, M).float().numpy(), batch.ids_np, batch.lengths_np,
-                  self.cfg.context[0], self.cfg.width, part["topk.tokens"][li], part["topk.acts"][li])
-        pad = k - width
-        def fit(x, fill):
-            if pad <= 0:
-                return x
-            shape = (x.shape[0], pad) + tuple(x.shape[2:])
-            return torch.cat([x, torch.full(shape, fill, dtype=x.dtype)], 1)
-        self._pending.append(("topk", li, fit(row, 0).numpy(), fit(doc, EMPTY_DOC).numpy() != EMPTY_DOC))
+        sorted by (value desc, document asc, position asc) — so that a merge can tell from the k-th entry alone
+        whether the batch changes a neuron — with contexts; the part holds min(documents, top_k) slots."""
+        B, T, M = act.shape
+        out = {name: part["topk." + name][li] for name in ("value", "doc", "pos", "tokens", "acts")}
+        rows = fill_topk(docmax, docbest, d0, EMPTY_DOC, batch.pos_np, batch.rows_np, act.reshape(B * T, M).float().numpy(),
+                         batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, out)
+        self._pending.append(("topk", li, rows, out["doc"] != EMPTY_DOC))
 
     def _samples(self, li: int, a: torch.Tensor, chosen: torch.Tensor, batch: _Batch, part: dict) -> None:
         """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position),
         as chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none)."""
         out = {name: part["sample." + name][li] for name in ("priority", "value", "doc", "pos", "tokens")}
-        fill_samples(chosen.numpy(), a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows.numpy(),
+        fill_samples(chosen.numpy(), a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows_np,
                      batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, _I64MAX, out)
 
     # -- MoE ----------------------------------------------------------------------------------------
