@@ -73,13 +73,15 @@ def logit_effects(lm, layers, k: int = 10, chunk: int = 512):
     for li, layer in enumerate(layers):
         w_out = _out_weight(lm.mlp_out_modules[layer]) * gamma[:, None]  # [d, M]
         for s in range(0, w_out.shape[1], chunk):
-            eff = w_u @ w_out[:, s : s + chunk]  # [V, c]
-            top = eff.topk(k, dim=0)
-            bot = (-eff).topk(k, dim=0)
-            up_i[li, s : s + chunk, :k] = top.indices.T.numpy()
-            up_v[li, s : s + chunk, :k] = top.values.T.numpy()
-            down_i[li, s : s + chunk, :k] = bot.indices.T.numpy()
-            down_v[li, s : s + chunk, :k] = -bot.values.T.numpy()
+            # [c, V], one neuron per contiguous row: top-k along rows is 2× faster than along columns of [V, c]
+            # (a 30-layer model's logit effects took longer than scanning 3·10³ tokens), with no negated copy
+            eff = w_out[:, s : s + chunk].T @ w_u.T
+            top = eff.topk(k, dim=1)
+            bot = eff.topk(k, dim=1, largest=False)
+            up_i[li, s : s + chunk, :k] = top.indices.numpy()
+            up_v[li, s : s + chunk, :k] = top.values.numpy()
+            down_i[li, s : s + chunk, :k] = bot.indices.numpy()
+            down_v[li, s : s + chunk, :k] = bot.values.numpy()
     return up_i, up_v, down_i, down_v
 
 

@@ -1,11 +1,13 @@
-"""The neuron reducers of one batch in one compiled pass (docs/definitions.md, "Corpus scans").
+"""The compiled loops of ``lens.scan``: neuron reducers, contexts and merges (docs/definitions.md, "Corpus scans").
 
 ``lens.scan`` reduces every activation of every scanned layer: moments, min/max, fraction > 0, the fixed-edge
 histogram, the best token of every document (for the top-k) and the quantile-sample reservoirs. Written as
 torch operations that was ~15 full passes over the [tokens, neurons] matrix per layer (a binary search per
-value for the histogram, one-hot ranks and sparse sorts for the reservoirs), 2–4× the forward pass itself.
-This module does the same arithmetic in two sweeps of a Numba-compiled loop (values stay in cache, nothing of
-size tokens × neurons is allocated except one byte per value for the histogram bin).
+value for the histogram, one-hot ranks and sparse sorts for the reservoirs) — more than the forward pass
+itself — and every merge sorted [neurons, 2k] three times. Here: ``reduce_layer`` does the reducers in two
+sweeps of a compiled loop (nothing of size tokens × neurons is allocated except one byte per value for the
+histogram bin); ``fill_topk`` / ``fill_samples`` write the entries with their contexts; ``topk_select`` /
+``reservoir_select`` merge two sorted states by two pointers and ``gather_pair`` moves their payloads.
 
 Hand-written because no library fuses per-column moments, fixed-edge histograms, per-segment arg-max with a
 tie rule and hash-priority reservoirs; Numba (the field's JIT for numpy loops) compiles it, cached on disk.
@@ -20,21 +22,26 @@ import numpy as np
 
 from lens.errors import MissingDependencyError
 
-__all__ = ["reduce_layer"]
+__all__ = ["reduce_layer", "fill_topk", "fill_samples", "topk_select", "reservoir_select", "gather_pair"]
 
 _KERNEL = None
 
 
-def _compile():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+def _numba():
     try:
         import numba
     except ImportError as exc:  # pragma: no cover - numba is in the scan extra
         raise MissingDependencyError(
             f"lens.scan compiles its neuron reducers with Numba ({exc}); install it with pip install 'lens-interp[scan]'"
         ) from exc
+    return numba
+
+
+def _compile():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def kernel(a, bits, order, docl, pos, cell_low, cell_edge, bin_to_group, zero_bin, n_docs, samples,
@@ -166,7 +173,7 @@ def _compile_merge():
     global _MERGE
     if _MERGE is not None:
         return _MERGE
-    import numba
+    numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def topk_select(value, doc, pos, ka, k, per_doc, empty_doc, sel, dead):  # pragma: no cover - compiled
@@ -281,7 +288,7 @@ def _compile_fill():
     global _FILL
     if _FILL is not None:
         return _FILL
-    import numba
+    numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def context(flat_row, ids, lengths, before, width, out):  # pragma: no cover - compiled
@@ -390,7 +397,7 @@ _GATHER = None
 def _compile_gather():
     global _GATHER
     if _GATHER is None:
-        import numba
+        numba = _numba()
 
         @numba.njit(cache=True, nogil=True, boundscheck=False)
         def gather(a, b, sel, out, inplace):  # pragma: no cover - compiled
