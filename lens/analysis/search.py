@@ -28,7 +28,7 @@ import torch
 
 from lens.errors import ConfigError
 
-__all__ = ["VectorStore", "exact_topk", "refine_topk", "normalize_queries", "merge_topk", "recall_at_k"]
+__all__ = ["VectorStore", "exact_topk", "refine_topk", "int8_candidates", "normalize_queries", "merge_topk", "recall_at_k"]
 
 DTYPES = ("float16", "int8")
 
@@ -212,10 +212,10 @@ def exact_topk(store: VectorStore, queries, k: int, *, ranges: Sequence[tuple[in
 
 
 def refine_topk(codes: VectorStore, rows: VectorStore, queries, k: int, *, depth: int | None = None,
-                ranges: Sequence[tuple[int, int]] | None = None, chunk_rows: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+                ranges: Sequence[tuple[int, int]] | None = None, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by a full int8 scan, refined: every row of ``codes`` (int8, the same rows as ``rows``) is scored
-    in integer arithmetic (queries quantized to int8 per row; ``torch._int_mm``: exact int32 dot products,
-    VNNI/AMX where the CPU has them), the best ``depth`` (default max(8k, 40)) per query are kept, and those are
+    in integer arithmetic (queries quantized to int8 per row, packed once: ``int8_candidates``, exact int32 dot
+    products by oneDNN's VNNI/AMX kernels), the best ``depth`` (default max(8k, 40)) per query are kept, and those are
     re-ranked by their exact cosine with ``rows`` (e.g. the bank's float16 rows, possibly memory-mapped) — FAISS's
     "refine" step (``IndexRefineFlat``, ``k_factor``) after a brute-force quantized first pass.
 
@@ -229,27 +229,58 @@ def refine_topk(codes: VectorStore, rows: VectorStore, queries, k: int, *, depth
         raise ConfigError("refine_topk needs int8 codes of the same rows as `rows` (store.astype('int8'))")
     q, ranges, total = _checked(rows, queries, k, ranges)
     depth = min(max(int(depth or max(8 * k, 40)), k), total)
-    prepared = codes.prepare(q)
-    q_scale = prepared.abs().amax(dim=1).clamp_min(1e-30) / 127.0
-    q_int = torch.round(prepared / q_scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    row_scale = torch.from_numpy(codes.scales)
-    best_s = torch.full((q.shape[0], 0), -torch.inf)
-    best_i = torch.full((q.shape[0], 0), -1, dtype=torch.long)
-    for start, stop in ranges:
-        for a in range(start, stop, chunk_rows):
-            b = min(a + chunk_rows, stop)
-            block = torch.from_numpy(np.ascontiguousarray(codes.data[a:b]))
-            approx = torch._int_mm(q_int, block.T).float().mul_(q_scale.unsqueeze(1)).mul_(row_scale[a:b].unsqueeze(0))
-            vals, idx = torch.topk(approx, min(depth, b - a), dim=1)
-            best_s, best_i = torch.cat([best_s, vals], 1), torch.cat([best_i, idx + a], 1)
-            if best_s.shape[1] > 4 * depth:  # keep the candidate list bounded
-                top = torch.topk(best_s, depth, dim=1).indices
-                best_s, best_i = best_s.gather(1, top), best_i.gather(1, top)
-    top = torch.topk(best_s, min(depth, best_s.shape[1]), dim=1).indices
-    cand = best_i.gather(1, top)
+    cand = int8_candidates(codes, q, depth, ranges=ranges, chunk_rows=chunk_rows)
     exact = torch.einsum("qd,qrd->qr", q, rows.take(cand.numpy()))
     s, i = _order(exact, cand, k)
     return s.numpy(), i.numpy()
+
+
+def int8_candidates(codes: VectorStore, q: torch.Tensor, depth: int, *, ranges, chunk_rows: int = 16384,
+                    group: int = 32) -> torch.Tensor:
+    """The ``depth`` best rows of ``codes`` (int8) per normalized query ``q`` ``[Q, d]`` by the int8 score
+    ``int8(q) · codes[r] · scales[r]`` (the query's own scale is a constant per query and is left out): ids
+    ``[Q, depth]`` int64.
+
+    Rows are scored a block at a time by ``lens.kernels.lowbit.Int8QueryScorer`` (the queries packed once).
+    Within a block, the best ``depth`` rows lie in the ``depth`` groups of ``group`` consecutive rows with the
+    highest maximum (a group holding one of them has a maximum at least the depth-th score, every other group
+    less), so a top-k runs over group maxima and over the rows of the chosen groups, never over a whole
+    ``[Q, rows]`` block.
+    """
+    from lens.kernels.lowbit.int8_scores import Int8QueryScorer
+
+    prepared = codes.prepare(q)
+    q_scale = prepared.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
+    scorer = Int8QueryScorer(torch.round(prepared / q_scale).clamp_(-127, 127).to(torch.int8))
+    row_scale = torch.from_numpy(codes.scales)
+    Q = q.shape[0]
+    cols = torch.arange(Q)
+    best_s = torch.full((Q, 0), -torch.inf)
+    best_i = torch.full((Q, 0), -1, dtype=torch.long)
+    for start, stop in ranges:
+        for a in range(start, stop, chunk_rows):
+            b = min(a + chunk_rows, stop)
+            scores = scorer.scores(torch.from_numpy(codes.data[a:b])).mul_(row_scale[a:b, None])  # [n, Q]
+            n = b - a
+            full = n - n % group
+            if full >= group * depth:  # enough groups: select by group maxima first
+                blocks = scores[:full].view(full // group, group, Q)
+                top_groups = blocks.amax(1).topk(depth, dim=0).indices  # [depth, Q]
+                rows_s = blocks[top_groups, :, cols].permute(1, 0, 2).reshape(Q, depth * group)  # [Q, depth·group]
+                rows_i = (top_groups.T[:, :, None] * group + torch.arange(group)).reshape(Q, depth * group)
+                if full < n:
+                    rows_s = torch.cat([rows_s, scores[full:].T], 1)
+                    rows_i = torch.cat([rows_i, torch.arange(full, n).expand(Q, n - full)], 1)
+            else:
+                rows_s, rows_i = scores.T, torch.arange(n).expand(Q, n)
+            vals, pos = rows_s.topk(min(depth, rows_s.shape[1]), dim=1)
+            best_s = torch.cat([best_s, vals], 1)
+            best_i = torch.cat([best_i, rows_i.gather(1, pos) + a], 1)
+            if best_s.shape[1] >= 2 * depth:  # keep the candidate list bounded
+                top = best_s.topk(depth, dim=1).indices
+                best_s, best_i = best_s.gather(1, top), best_i.gather(1, top)
+    top = best_s.topk(min(depth, best_s.shape[1]), dim=1).indices
+    return best_i.gather(1, top)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
