@@ -71,3 +71,42 @@ def test_group_selection_keeps_exactly_the_best_rows_of_the_int8_pass(chunk_rows
         kth = np.sort(scores[i])[::-1][depth - 1]
         assert np.sum(scores[i] >= kth) == depth, "the test needs a strict depth-th score"
         assert set(got[i].tolist()) == set(want.tolist())
+
+
+def test_structured_rotation_is_orthogonal_reproducible_and_spreads_a_massive_coordinate():
+    from lens.analysis.search import structured_rotation
+
+    for d in (1, 7, 384, 576):
+        r = structured_rotation(d, 0).double()
+        np.testing.assert_allclose((r @ r.T).numpy(), np.eye(d), atol=1e-5)
+    a, b = structured_rotation(576, 0), structured_rotation(576, 0)
+    assert torch.equal(a, b) and not torch.equal(a, structured_rotation(576, 1))
+    # a massive activation — all of a row's energy in one dimension — is spread over every dimension
+    spread = a.abs().amax(dim=1)  # row i of the matrix = where coordinate i goes
+    assert float(spread.max()) < 6 / np.sqrt(576)
+
+
+def test_centred_rotated_int8_keeps_more_neighbours_of_anisotropic_states_than_per_dimension_scales():
+    """States that share a large common direction and carry a massive dimension (as real hidden states do):
+    centring + rotation keeps more of the float32 top-5 than per-dimension scales, and rows stay unit."""
+    from lens.analysis.search import exact_topk, recall_at_k
+
+    g = np.random.default_rng(0)
+    n, d = 20000, 96
+    common = g.standard_normal(d)
+    x = 0.3 * g.standard_normal((n, d)) + common  # cosine with the common direction ≈ 0.85
+    x[:, 5] += 8 * g.random(n)  # a massive activation of varying size
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = g.standard_normal((200, d)) * 0.3 + common
+    truth = exact_topk(VectorStore("float16", x.astype(np.float32)), q, 5)[1]  # float32 rows, exact
+    new = VectorStore.from_float(x, "int8")
+    old = VectorStore.from_float(x, "int8", dim_scales=np.abs(x).max(axis=0))
+    np.testing.assert_allclose(np.linalg.norm(new.rows(0, n).numpy(), axis=1), 1.0, atol=1e-5)
+    rms = {name: float(np.sqrt(((st.rows(0, n).numpy() - x) ** 2).mean())) for name, st in (("new", new), ("old", old))}
+    r_new, r_old = recall_at_k(exact_topk(new, q, 5)[1], truth), recall_at_k(exact_topk(old, q, 5)[1], truth)
+    print(f"rms error {rms}; recall@5 vs float32: centred+rotated {r_new:.4f}, per-dimension scales {r_old:.4f}")
+    assert rms["new"] < 0.7 * rms["old"] and r_new >= r_old
+    # exact search on the int8 store reports cosines with its (unit) reconstructions
+    s, i = exact_topk(new, q[:3], 5)
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q[:3] / np.linalg.norm(q[:3], axis=1, keepdims=True),
+                                            new.take(i).numpy()), atol=1e-5)

@@ -111,15 +111,17 @@ class IVFIndex:
         if store.kind == dtype:
             codes = store.subset(order)
         else:
-            dims = None
-            if dtype == "int8":  # one per-dimension scale for the whole index (VectorStore's int8 layout)
-                dims = np.ones(d, dtype=np.float32) * 1e-30
+            shared = {}
+            if dtype == "int8":  # one mean and one rotation for the whole index (VectorStore's int8 layout)
+                total = np.zeros(d, dtype=np.float64)
                 for a in range(0, n, chunk_rows):
-                    dims = np.maximum(dims, store.rows(a, min(a + chunk_rows, n)).abs().amax(dim=0).numpy())
-            parts = [VectorStore.from_float(store.take(order[a : a + chunk_rows]).numpy(), dtype, dim_scales=dims)
+                    total += store.rows(a, min(a + chunk_rows, n)).double().sum(dim=0).numpy()
+                shared = {"mean": (total / n).astype(np.float32), "rotation": 0}
+            parts = [VectorStore.from_float(store.take(order[a : a + chunk_rows]).numpy(), dtype, **shared)
                      for a in range(0, n, chunk_rows)]
             codes = VectorStore(dtype, np.concatenate([p.data for p in parts]),
-                                None if parts[0].scales is None else np.concatenate([p.scales for p in parts]), dims)
+                                None if parts[0].scales is None else np.concatenate([p.scales for p in parts]),
+                                None, shared.get("mean"), shared.get("rotation"))
         return cls(centroids, order, offsets, codes, int(nprobe or max(8, nlist // 8)))
 
     def search(self, queries, k: int, *, nprobe: int | None = None, allowed: np.ndarray | None = None,
@@ -159,6 +161,7 @@ class IVFIndex:
         slot_of = by_list % nprobe
         ar = torch.arange(depth)
         prepared = self.codes.prepare(q)
+        shift = self.codes.offset(q)  # the mean's share of every cosine (int8 lists)
         if integer:
             q_scale = prepared.abs().amax(dim=1).clamp_min(1e-30) / 127.0
             q_int = torch.round(prepared / q_scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
@@ -174,7 +177,7 @@ class IVFIndex:
                 scores = torch._int_mm(q_int[qs], codes[lo:hi].T).float()
                 scores.mul_(q_scale[qs].unsqueeze(1)).mul_(row_scale[lo:hi].unsqueeze(0))
             else:
-                scores = self.codes.dot(prepared[qs], lo, hi)
+                scores = self.codes.dot(prepared[qs], lo, hi).add_(shift[qs].unsqueeze(1))
             if allowed is not None:
                 keep = torch.from_numpy(np.asarray(allowed)[self.order[lo:hi]])
                 if not bool(keep.any()):
@@ -208,12 +211,15 @@ class IVFIndex:
         out = {"ivf.centroids": self.centroids, "ivf.order": self.order, "ivf.list_offsets": self.list_offsets,
                "ivf.codes": self.codes.data}
         if self.codes.scales is not None:
-            out["ivf.scales"], out["ivf.dim_scales"] = self.codes.scales, self.codes.dim_scales
+            out["ivf.scales"] = self.codes.scales
+            out.update(self.codes.transform_arrays("ivf."))
         return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], nprobe: int) -> "IVFIndex":
         codes = arrays["ivf.codes"]
-        store = VectorStore("int8" if codes.dtype == np.int8 else "float16", codes, arrays.get("ivf.scales"),
-                            arrays.get("ivf.dim_scales"))
+        if codes.dtype == np.int8:
+            store = VectorStore.int8_from_arrays(codes, arrays["ivf.scales"], arrays, "ivf.")
+        else:
+            store = VectorStore("float16", codes)
         return cls(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"], store, int(nprobe))

@@ -12,7 +12,8 @@ Files (a folder; every file written atomically, the manifest last, each listed w
 ===========================  =================================================================================
 ``bank.json``                schema, model identity (id, shape, embedding signature), build settings, corpus
                              description, counts, and the name, size and sha256 of every other file
-``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] + ``dim_scales`` [d] float32 —
+``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] + ``int8.mean`` [d] +
+                             ``int8.rotation_seed`` [1] int64 (``dim_scales`` [d] in banks saved before them) —
                              and per entry ``layer`` int16, ``token_id`` int32, ``sentence`` int32,
                              ``position`` int32; optional ``vocab.*`` tables (``lens.analysis.vocab_lens``) and
                              ``ivf.*`` (``lens.analysis.ivf.IVFIndex``)
