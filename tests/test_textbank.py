@@ -173,10 +173,31 @@ def test_save_load_round_trip(minilm_bank, tmp_path, dtype):
     assert back.context(5) == bank.context(5)
     q = bank.store.rows(0, 4).numpy()
     np.testing.assert_array_equal(back.search(q, k=3).ids, bank.search(q, k=3).ids)
-    if dtype == "int8":  # int8 + one float32 scale per row (+ one per dimension): about half the float16 bytes
-        per_entry = bank.store.nbytes - bank.store.dim_scales.nbytes
+    if dtype == "int8":  # int8 + one float32 scale per row (+ the mean; the rotation is a seed): about half the bytes
+        per_entry = bank.store.nbytes - bank.store.mean.nbytes
         assert per_entry / minilm_bank.store.nbytes < 0.51
-        np.testing.assert_array_equal(back.store.dim_scales, bank.store.dim_scales)
+        np.testing.assert_array_equal(back.store.mean, bank.store.mean)
+        assert back.store.rotation == bank.store.rotation is not None and back.store.dim_scales is None
+        np.testing.assert_array_equal(back.store.rows(0, 9).numpy(), bank.store.rows(0, 9).numpy())
+
+
+def test_an_int8_bank_of_the_older_per_dimension_layout_still_loads_and_searches(minilm_bank, tmp_path):
+    """Banks saved before the rotation hold ``dim_scales``; they load and search exactly as they were saved."""
+    import dataclasses
+
+    from lens.analysis.search import VectorStore
+
+    vectors = minilm_bank.store.rows(0, len(minilm_bank)).numpy()
+    dims = np.abs(vectors).max(axis=0)
+    old = dataclasses.replace(minilm_bank, store=VectorStore.from_float(vectors, "int8", dim_scales=dims))
+    assert old.store.mean is None and old.store.rotation is None
+    old.save(tmp_path / "old")
+    back = TextBank.load(tmp_path / "old")
+    np.testing.assert_array_equal(back.store.dim_scales, old.store.dim_scales)
+    assert back.store.mean is None and back.store.rotation is None
+    np.testing.assert_allclose(np.linalg.norm(back.store.rows(0, len(back)).numpy(), axis=1), 1.0, atol=1e-5)
+    q = vectors[::53]
+    np.testing.assert_array_equal(back.search(q, k=5).ids, old.search(q, k=5).ids)
 
 
 def test_int8_bank_keeps_unit_rows_and_neighbours(minilm_bank):

@@ -68,7 +68,7 @@ def save_bank(bank, folder: str | os.PathLike) -> Path:
     }
     if bank.store.kind == "int8":
         arrays["codes"], arrays["scales"] = bank.store.data, bank.store.scales.astype(np.float32)
-        arrays["dim_scales"] = bank.store.dim_scales.astype(np.float32)
+        arrays.update(bank.store.transform_arrays())  # mean and rotation (dim_scales in banks saved before them)
     else:
         arrays["vectors"] = bank.store.data.astype(np.float16)
     if bank.lenses is not None:
@@ -219,7 +219,7 @@ def load_bank(folder: str | os.PathLike, *, mmap: bool = False):
     except Exception as exc:  # checksums matched, so this is a file lens did not write
         raise BankFormatError(f"{str(path)!r} could not be read ({type(exc).__name__}: {exc}); build the bank again") from exc
     if "codes" in arrays:
-        store = VectorStore("int8", arrays["codes"], arrays["scales"], arrays["dim_scales"])
+        store = VectorStore.int8_from_arrays(arrays["codes"], arrays["scales"], arrays)
     else:
         store = VectorStore("float16", arrays["vectors"])
     index = None

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lens.analysis.search import VectorStore, _chunk_topk, _order, normalize_queries
+from lens.analysis.search import VectorStore, _chunk_topk, _order, exact_topk, normalize_queries
 from lens.errors import ConfigError, MissingDependencyError
 
 __all__ = ["IVFIndex"]
@@ -57,6 +57,14 @@ class IVFIndex:
     ``centroids`` ``[nlist, d]`` float32 (unit rows); ``list_offsets`` ``[nlist + 1]`` int64: list ``j`` is rows
     ``list_offsets[j]:list_offsets[j + 1]`` of ``codes`` (a ``VectorStore``, list order) and of ``order``
     (``[n]`` int64, the bank row of each). ``nprobe``: lists scanned per query by default.
+
+    **Query guide** (optional, ``train(queries=...)``): ``guide_queries`` ``[t, d]`` float16 (unit rows) — sample
+    queries of the kind that will be asked, e.g. image tokens of a few images — and ``guide_lists`` ``[t, g]``
+    int32, the lists holding each one's exact ``g`` nearest rows. A query then also scans the lists of its
+    ``guide`` nearest sample queries' neighbours. Queries from another distribution than the bank (image tokens
+    against text states) have neighbours whose lists their centroid cosines rank poorly; the neighbours of
+    similar queries point at them instead — the idea of query-guided indexes for out-of-distribution queries
+    (RoarGraph, Chen et al., VLDB 2024), applied to inverted lists.
     """
 
     centroids: np.ndarray
@@ -64,6 +72,8 @@ class IVFIndex:
     list_offsets: np.ndarray
     codes: VectorStore
     nprobe: int = 32
+    guide_queries: np.ndarray | None = None
+    guide_lists: np.ndarray | None = None
 
     @property
     def nlist(self) -> int:
@@ -74,18 +84,22 @@ class IVFIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of everything approximate search reads: codes, scales, bank rows, centroids, offsets."""
-        return int(self.codes.nbytes + self.order.nbytes + self.centroids.nbytes + self.list_offsets.nbytes)
+        """Bytes of everything approximate search reads: codes, scales, bank rows, centroids, offsets, guide."""
+        guide = sum(a.nbytes for a in (self.guide_queries, self.guide_lists) if a is not None)
+        return int(self.codes.nbytes + self.order.nbytes + self.centroids.nbytes + self.list_offsets.nbytes + guide)
 
     @classmethod
     def train(cls, store: VectorStore, *, nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
-              sample: int = 65536, niter: int = 20, dtype: str = "int8", chunk_rows: int = 65536) -> "IVFIndex":
+              sample: int = 65536, niter: int = 20, dtype: str = "int8", chunk_rows: int = 65536,
+              queries=None, guide_k: int = 10) -> "IVFIndex":
         """Cluster ``store`` (the bank's unit rows) and lay its rows out list by list as ``dtype`` codes.
 
         ``nlist`` defaults to ≈ √n (FAISS's guideline for IVF: between √n and 16·√n lists; fewer lists keep
         training fast on CPU); k-means runs ``niter`` iterations on at most ``sample`` rows drawn with ``seed``
-        (and at least 39 per list). ``nprobe`` defaults to ``max(8, nlist // 8)``.
-        Raises ``ConfigError`` for an empty bank, ``MissingDependencyError`` without FAISS.
+        (and at least 39 per list). ``nprobe`` defaults to ``max(8, nlist // 8)``. ``queries``: optional sample
+        queries ``[t, d]`` for the query guide (their exact ``guide_k`` nearest rows are found once, here).
+        Raises ``ConfigError`` for an empty bank or sample queries of another width, ``MissingDependencyError``
+        without FAISS.
         """
         faiss = _faiss()
         n, d = len(store), store.dim
@@ -111,19 +125,41 @@ class IVFIndex:
         if store.kind == dtype:
             codes = store.subset(order)
         else:
-            dims = None
-            if dtype == "int8":  # one per-dimension scale for the whole index (VectorStore's int8 layout)
-                dims = np.ones(d, dtype=np.float32) * 1e-30
+            shared = {}
+            if dtype == "int8":  # one mean and one rotation for the whole index (VectorStore's int8 layout)
+                total = np.zeros(d, dtype=np.float64)
                 for a in range(0, n, chunk_rows):
-                    dims = np.maximum(dims, store.rows(a, min(a + chunk_rows, n)).abs().amax(dim=0).numpy())
-            parts = [VectorStore.from_float(store.take(order[a : a + chunk_rows]).numpy(), dtype, dim_scales=dims)
+                    total += store.rows(a, min(a + chunk_rows, n)).double().sum(dim=0).numpy()
+                shared = {"mean": (total / n).astype(np.float32), "rotation": 0}
+            parts = [VectorStore.from_float(store.take(order[a : a + chunk_rows]).numpy(), dtype, **shared)
                      for a in range(0, n, chunk_rows)]
             codes = VectorStore(dtype, np.concatenate([p.data for p in parts]),
-                                None if parts[0].scales is None else np.concatenate([p.scales for p in parts]), dims)
-        return cls(centroids, order, offsets, codes, int(nprobe or max(8, nlist // 8)))
+                                None if parts[0].scales is None else np.concatenate([p.scales for p in parts]),
+                                None, shared.get("mean"), shared.get("rotation"))
+        index = cls(centroids, order, offsets, codes, int(nprobe or max(8, nlist // 8)))
+        if queries is not None:
+            index.set_guide(store, queries, k=guide_k)
+        return index
+
+    def set_guide(self, store: VectorStore, queries, *, k: int = 10) -> None:
+        """Attach a query guide: ``queries`` ``[t, d]`` (sample queries) and the lists of their exact ``k``
+        nearest rows of ``store`` (the bank this index covers). Raises ``ConfigError`` for another width or an
+        empty sample."""
+        q = normalize_queries(queries)
+        if q.shape[1] != self.codes.dim or len(store) != len(self.order):
+            raise ConfigError(f"guide queries must be [t, {self.codes.dim}] for this index's bank; got {tuple(q.shape)}")
+        if q.shape[0] == 0:
+            raise ConfigError("the query guide needs at least one sample query")
+        _, rows = exact_topk(store, q, min(int(k), len(store)))
+        list_of = np.empty(len(self.order), dtype=np.int32)
+        for j in range(self.nlist):
+            list_of[self.order[self.list_offsets[j] : self.list_offsets[j + 1]]] = j
+        self.guide_queries = q.numpy().astype(np.float16)
+        self.guide_lists = list_of[rows]
 
     def search(self, queries, k: int, *, nprobe: int | None = None, allowed: np.ndarray | None = None,
-               rescore: VectorStore | None = None, depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               rescore: VectorStore | None = None, depth: int | None = None,
+               guide: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-``k``: ``scores`` float32 ``[q, k]`` (descending) and bank rows ``ids`` int64 ``[q, k]``
         (−1 where the probed lists held fewer than ``k`` allowed rows).
 
@@ -131,8 +167,9 @@ class IVFIndex:
         own rows (a ``VectorStore`` indexed by bank row, e.g. its float16 rows, possibly memory-mapped): the best
         ``depth`` candidates of the int8 pass (default max(8k, 40)) are rescored against them, so the scores are
         those exact search returns and a true neighbour is missed only when it was not a candidate — int8 rows
-        alone tie-break differently where neighbours lie within ~10⁻³ of each other. Memory:
-        O(queries × k × nprobe) for the candidates plus one list's scores at a time.
+        alone tie-break differently where neighbours lie within ~10⁻³ of each other. ``guide``: with a query
+        guide, the number of nearest sample queries whose neighbours' lists are scanned too (default 20; 0 turns
+        the guide off). Memory: O(queries × k × lists scanned) for the candidates plus one list's scores at a time.
         """
         q = normalize_queries(queries)
         if q.shape[1] != self.codes.dim:
@@ -140,6 +177,8 @@ class IVFIndex:
         nprobe = max(1, min(int(nprobe or self.nprobe), self.nlist))
         nq = q.shape[0]
         probes = torch.topk(q @ torch.from_numpy(self.centroids).T, nprobe, dim=1).indices.numpy()  # [nq, nprobe]
+        probes = self._guided(q, probes, 20 if guide is None else int(guide))  # [nq, P], −1 padded
+        nprobe = probes.shape[1]
         # int8 lists: a first pass in integer arithmetic (queries quantized to int8, torch._int_mm: exact int32
         # dot products, several times faster than widening the rows to float32) keeps `depth` candidates per
         # query, which are then rescored exactly against the stored rows
@@ -153,12 +192,14 @@ class IVFIndex:
         cand_p = torch.full((nq, nprobe * depth), -1, dtype=torch.long)  # positions in list order
         flat = probes.reshape(-1)
         by_list = np.argsort(flat, kind="stable")
+        by_list = by_list[flat[by_list] >= 0]  # padding
         lists = flat[by_list]
         bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
         query_of = by_list // nprobe
         slot_of = by_list % nprobe
         ar = torch.arange(depth)
         prepared = self.codes.prepare(q)
+        shift = self.codes.offset(q)  # the mean's share of every cosine (int8 lists)
         if integer:
             q_scale = prepared.abs().amax(dim=1).clamp_min(1e-30) / 127.0
             q_int = torch.round(prepared / q_scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
@@ -174,7 +215,7 @@ class IVFIndex:
                 scores = torch._int_mm(q_int[qs], codes[lo:hi].T).float()
                 scores.mul_(q_scale[qs].unsqueeze(1)).mul_(row_scale[lo:hi].unsqueeze(0))
             else:
-                scores = self.codes.dot(prepared[qs], lo, hi)
+                scores = self.codes.dot(prepared[qs], lo, hi).add_(shift[qs].unsqueeze(1))
             if allowed is not None:
                 keep = torch.from_numpy(np.asarray(allowed)[self.order[lo:hi]])
                 if not bool(keep.any()):
@@ -203,17 +244,41 @@ class IVFIndex:
         i[torch.isinf(s)] = -1
         return s.numpy(), i.numpy()
 
+    def _guided(self, q: torch.Tensor, probes: np.ndarray, guide: int) -> np.ndarray:
+        """The centroid probes of each query plus the lists of its ``guide`` nearest sample queries' neighbours,
+        without repeats, −1 padded to the longest row."""
+        if self.guide_queries is None or guide <= 0:
+            return probes
+        sample = torch.from_numpy(self.guide_queries.astype(np.float32))
+        near = torch.topk(q @ sample.T, min(guide, len(sample)), dim=1).indices.numpy()  # [nq, m]
+        extra = self.guide_lists[near].reshape(len(q), -1)  # [nq, m·g]
+        both = np.concatenate([probes, extra.astype(probes.dtype)], axis=1)
+        rows = []
+        for row in both:  # the centroid order first, then the guide's lists in order of first appearance
+            _, first = np.unique(row, return_index=True)
+            rows.append(row[np.sort(first)])
+        out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=probes.dtype)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
     # -- files --------------------------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"ivf.centroids": self.centroids, "ivf.order": self.order, "ivf.list_offsets": self.list_offsets,
                "ivf.codes": self.codes.data}
         if self.codes.scales is not None:
-            out["ivf.scales"], out["ivf.dim_scales"] = self.codes.scales, self.codes.dim_scales
+            out["ivf.scales"] = self.codes.scales
+            out.update(self.codes.transform_arrays("ivf."))
+        if self.guide_queries is not None:
+            out["ivf.guide_queries"], out["ivf.guide_lists"] = self.guide_queries, self.guide_lists
         return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], nprobe: int) -> "IVFIndex":
         codes = arrays["ivf.codes"]
-        store = VectorStore("int8" if codes.dtype == np.int8 else "float16", codes, arrays.get("ivf.scales"),
-                            arrays.get("ivf.dim_scales"))
-        return cls(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"], store, int(nprobe))
+        if codes.dtype == np.int8:
+            store = VectorStore.int8_from_arrays(codes, arrays["ivf.scales"], arrays, "ivf.")
+        else:
+            store = VectorStore("float16", codes)
+        return cls(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"], store, int(nprobe),
+                   arrays.get("ivf.guide_queries"), arrays.get("ivf.guide_lists"))

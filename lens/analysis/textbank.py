@@ -12,7 +12,8 @@ Files (a folder; every file written atomically, the manifest last, each listed w
 ===========================  =================================================================================
 ``bank.json``                schema, model identity (id, shape, embedding signature), build settings, corpus
                              description, counts, and the name, size and sha256 of every other file
-``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] + ``dim_scales`` [d] float32 —
+``vectors-<sha>.safetensors`` ``vectors`` [n, d] float16 — or ``codes`` [n, d] int8 + ``scales`` [n] + ``int8.mean`` [d] +
+                             ``int8.rotation_seed`` [1] int64 (``dim_scales`` [d] in banks saved before them) —
                              and per entry ``layer`` int16, ``token_id`` int32, ``sentence`` int32,
                              ``position`` int32; optional ``vocab.*`` tables (``lens.analysis.vocab_lens``) and
                              ``ivf.*`` (``lens.analysis.ivf.IVFIndex``)
@@ -431,13 +432,15 @@ class TextBank:
 
     # -- search -----------------------------------------------------------------------------------------
     def search(self, queries, k: int = 5, *, layers: Sequence[int] | None = None, method: str = "exact",
-               nprobe: int | None = None):
+               nprobe: int | None = None, guide: int | None = None):
         """Top-``k`` entries by cosine for each query, merged over the bank ``layers`` (default: all) into one
         global top-k (docs/definitions.md, "Visual tokens / LatentLens").
 
         ``queries``: ``[q, d]`` hidden states (any scale; normalized here). ``method``: "exact" (chunked matmul,
         ties broken by smaller row) or "approximate" (the IVF index, built on first use; ``nprobe`` lists per query;
-        its candidates rescored against the bank's rows, so scores equal exact search's) or "refine" (every row
+        its candidates rescored against the bank's rows, so scores equal exact search's; with a query guide —
+        ``build_index(queries=...)`` — also the lists of the ``guide`` nearest sample queries' neighbours) or
+        "refine" (every row
         scored in int8 integer arithmetic, the best 8k re-ranked exactly against the bank's rows: ``refine_topk``;
         a float16 bank makes its int8 codes on first use).
         Returns ``Neighbours`` (``.scores``, ``.ids``, ``.to_frame()``). Raises ``ConfigError`` for k larger than
@@ -472,7 +475,7 @@ class TextBank:
             allowed = None
             if set(chosen) != set(self.layers):
                 allowed = np.isin(self.layer, np.asarray(chosen))
-            scores, ids = self.index.search(q, k, nprobe=nprobe, allowed=allowed, rescore=self.store)
+            scores, ids = self.index.search(q, k, nprobe=nprobe, allowed=allowed, rescore=self.store, guide=guide)
             short = (ids < 0).any(axis=1)
             if short.any():  # fewer than k candidates in the probed lists: answer those queries exactly
                 s2, i2 = exact_topk(self.store, q[torch.from_numpy(short)], k, ranges=ranges)
@@ -481,9 +484,25 @@ class TextBank:
             raise ConfigError(f"method must be 'exact', 'refine' or 'approximate'; got {method!r}")
         return Neighbours(self, scores, ids, method="approximate" if method == "ivf" else method)
 
-    def build_index(self, *, nlist: int | None = None, nprobe: int | None = None, seed: int | None = None) -> IVFIndex:
-        """Train the IVF index for approximate search now (``search(method="approximate")`` does it on first use)."""
-        self.index = IVFIndex.train(self.store, nlist=nlist, nprobe=nprobe,
+    def build_index(self, *, nlist: int | None = None, nprobe: int | None = None, seed: int | None = None,
+                    queries=None, guide_k: int = 10) -> IVFIndex:
+        """Train the IVF index for approximate search now (``search(method="approximate")`` does it on first use).
+
+        ``queries``: sample queries ``[t, d]`` of the kind you will ask — e.g. the image-token states of a few
+        images at the bank's layers — for the index's query guide (``lens.analysis.ivf.IVFIndex``): image tokens
+        are far from the text states' centroids, and the guide finds their neighbours' lists where the centroid
+        order does not (``lens bench search``). Saved with the bank.
+
+        Example: ``bank.build_index(queries=np.concatenate([run.arrays[f"resid.hidden.{l}"][image] for l in bank.layers]))``.
+        """
+        if queries is not None:
+            q = normalize_queries(queries)
+            if q.shape[1] != self.d_model:
+                raise ConfigError(
+                    f"guide queries have {q.shape[1]} dimensions but this bank holds {self.d_model}-dimensional states "
+                    f"of {self.model['model_id']}; pass hidden states of that model"
+                )
+        self.index = IVFIndex.train(self.store, nlist=nlist, nprobe=nprobe, queries=queries, guide_k=guide_k,
                                     seed=int(self.meta.get("seed", 0) if seed is None else seed))
         return self.index
 
