@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lens
+from lens.analysis.ivf import IVFIndex
 from lens.analysis.search import VectorStore, exact_topk, recall_at_k, refine_topk
 from lens.analysis.textbank import TextBank, sample_corpus
 from lens.errors import BankMismatchError, ConfigError, InputError, LensError
@@ -158,10 +159,26 @@ def test_approximate_recall_at_5_on_a_real_smollm2_bank(smollm2, smollm2_bank, t
     assert set(bank.layer[one_layer.ids].ravel().tolist()) == {12}
     # int8 lists + row ids: about half the bytes of the float16 vectors; saved and loaded with the bank
     assert index.nbytes < 0.55 * bank16.store.nbytes
-    bank.save(tmp_path / "bank")
+    folder = bank.save(tmp_path / "bank")
     back = TextBank.load(tmp_path / "bank")
     assert back.index is not None and back.index.nlist == index.nlist
     np.testing.assert_array_equal(back.search(queries, k=5, method="approximate").ids, approx.ids)
+    # the index's lists are the bank's own int8 rows: the file holds them once (found by a fresh-user trial)
+    from safetensors import safe_open
+
+    vectors_file = next(p for p in folder.iterdir() if p.name.startswith("vectors-"))
+    with safe_open(str(vectors_file), framework="numpy") as fh:
+        assert "ivf.codes" not in fh.keys() and "codes" in fh.keys()
+    assert vectors_file.stat().st_size < 0.6 * bank16.store.nbytes + (bank16.lenses.nbytes if bank16.lenses else 0) + 2**20
+    mapped = TextBank.load(tmp_path / "bank", mmap=True)
+    np.testing.assert_array_equal(mapped.search(queries, k=5, method="approximate").ids, approx.ids)
+    assert repr(index).startswith(f"IVFIndex({len(bank)} rows in {index.nlist} int8 lists") and len(repr(index)) < 120
+    # an index whose lists are not the bank's rows (trained on the float16 bank) still saves its own
+    other = bank16._replace(index=IVFIndex.train(bank16.store, seed=0))
+    assert not other.index.shares_rows_of(other.store)
+    again = TextBank.load(other.save(tmp_path / "fp16"))
+    np.testing.assert_array_equal(again.search(queries, k=5, method="approximate").ids,
+                                  other.search(queries, k=5, method="approximate").ids)
 
 
 @pytest.mark.slow
@@ -326,3 +343,31 @@ def test_a_query_guide_finds_the_lists_of_image_token_neighbours_the_centroids_m
     np.testing.assert_array_equal(back.search(queries, k=5, method="approximate").ids, guided.ids)
     with pytest.raises(ConfigError, match="dimensions"):
         bank.build_index(queries=np.ones((3, bank.d_model + 1), np.float32))
+
+
+def test_bad_queries_and_search_options_get_clear_errors(minilm_bank):
+    """Found by a fresh-user trial: NaN queries returned punctuation as neighbours, nprobe=0 and guide=-1 were
+    accepted, guide=5 on an index without a guide was ignored, and == on two banks raised numpy's ValueError."""
+    pytest.importorskip("faiss")
+    from lens.errors import NumericalError
+
+    bank = minilm_bank
+    q = bank.store.rows(0, 3).numpy().copy()
+    q[1, 4] = np.nan
+    for method in ("exact", "refine", "approximate"):
+        with pytest.raises(NumericalError, match=r"queries \[1\] hold NaN"):
+            bank.search(q, k=3, method=method)
+    q[1, 4] = np.inf
+    with pytest.raises(NumericalError):
+        bank.search(q, k=3)
+    good = bank.store.rows(0, 3).numpy()
+    bank.build_index()
+    with pytest.raises(ConfigError, match="nprobe must be"):
+        bank.search(good, k=3, method="approximate", nprobe=0)
+    with pytest.raises(ConfigError, match="guide must be"):
+        bank.search(good, k=3, method="approximate", guide=-1)
+    with pytest.raises(ConfigError, match="no query guide"):
+        bank.search(good, k=3, method="approximate", guide=5)
+    with pytest.raises(NumericalError):
+        bank.build_index(queries=np.full((2, bank.d_model), np.nan, np.float32))
+    assert (bank == bank) and not (bank == bank.astype("int8"))

@@ -74,7 +74,7 @@ def save_bank(bank, folder: str | os.PathLike) -> Path:
     if bank.lenses is not None:
         arrays.update(bank.lenses.arrays())
     if bank.index is not None:
-        arrays.update(bank.index.arrays())
+        arrays.update(bank.index.arrays(bank.store))  # an index of an int8 bank stores its rows once
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     files = {"vectors": _write(folder, "vectors", "safetensors", lambda p: save_file(arrays, p))}
     texts = pa.table({
@@ -224,7 +224,7 @@ def load_bank(folder: str | os.PathLike, *, mmap: bool = False):
         store = VectorStore("float16", arrays["vectors"])
     index = None
     if "ivf.centroids" in arrays:
-        index = IVFIndex.from_arrays(arrays, int((manifest.get("index") or {}).get("nprobe") or 32))
+        index = IVFIndex.from_arrays(arrays, int((manifest.get("index") or {}).get("nprobe") or 32), store)
     lenses = VocabularyLenses.from_arrays(arrays, manifest["lenses"]) if manifest.get("lenses") else None
     columns = texts.to_pydict()
     bank = TextBank(

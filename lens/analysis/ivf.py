@@ -75,6 +75,11 @@ class IVFIndex:
     guide_queries: np.ndarray | None = None
     guide_lists: np.ndarray | None = None
 
+    def __repr__(self) -> str:
+        guide = f", guide of {len(self.guide_queries)} sample queries" if self.guide_queries is not None else ""
+        return (f"IVFIndex({len(self)} rows in {self.nlist} {self.codes.kind} lists, nprobe {self.nprobe}{guide}, "
+                f"{self.nbytes / 2**20:.1f} MB)")
+
     @property
     def nlist(self) -> int:
         return int(self.centroids.shape[0])
@@ -146,7 +151,7 @@ class IVFIndex:
         nearest rows of ``store`` (the bank this index covers). Raises ``ConfigError`` for another width or an
         empty sample."""
         q = normalize_queries(queries)
-        if q.shape[1] != self.codes.dim or len(store) != len(self.order):
+        if q.dim() != 2 or q.shape[1] != self.codes.dim or len(store) != len(self.order):
             raise ConfigError(f"guide queries must be [t, {self.codes.dim}] for this index's bank; got {tuple(q.shape)}")
         if q.shape[0] == 0:
             raise ConfigError("the query guide needs at least one sample query")
@@ -174,6 +179,13 @@ class IVFIndex:
         q = normalize_queries(queries)
         if q.shape[1] != self.codes.dim:
             raise ConfigError(f"queries have {q.shape[1]} dimensions but the index holds {self.codes.dim}")
+        if nprobe is not None and int(nprobe) < 1:
+            raise ConfigError(f"nprobe must be ≥ 1 (lists scanned per query); got {nprobe}")
+        if guide is not None and int(guide) < 0:
+            raise ConfigError(f"guide must be ≥ 0 (sample queries whose neighbours' lists are scanned); got {guide}")
+        if guide and self.guide_queries is None:
+            raise ConfigError("this index has no query guide: build it with build_index(queries=sample_states) "
+                              "(IVFIndex.train(..., queries=...)), or leave guide unset")
         nprobe = max(1, min(int(nprobe or self.nprobe), self.nlist))
         nq = q.shape[0]
         probes = torch.topk(q @ torch.from_numpy(self.centroids).T, nprobe, dim=1).indices.numpy()  # [nq, nprobe]
@@ -263,22 +275,47 @@ class IVFIndex:
         return out
 
     # -- files --------------------------------------------------------------------------------------------
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {"ivf.centroids": self.centroids, "ivf.order": self.order, "ivf.list_offsets": self.list_offsets,
-               "ivf.codes": self.codes.data}
-        if self.codes.scales is not None:
-            out["ivf.scales"] = self.codes.scales
-            out.update(self.codes.transform_arrays("ivf."))
+    def shares_rows_of(self, store: VectorStore | None) -> bool:
+        """True when this index's int8 lists are exactly ``store``'s rows in list order (an index trained on an
+        int8 bank): a saved bank then stores those rows once (``save_bank``). Checked row by row."""
+        c = self.codes
+        if store is None or store.kind != "int8" or c.kind != "int8" or len(store) != len(self.order):
+            return False
+        same = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))  # noqa: E731
+        if c.rotation != store.rotation or not same(c.mean, store.mean) or not same(c.dim_scales, store.dim_scales):
+            return False
+        if not np.array_equal(np.asarray(store.scales)[self.order], c.scales):
+            return False
+        step = 65536
+        return all(np.array_equal(np.asarray(store.data[np.sort(self.order[a : a + step])]),
+                                  np.asarray(c.data[a : a + step])[np.argsort(self.order[a : a + step], kind="stable")])
+                   for a in range(0, len(self.order), step))
+
+    def arrays(self, store: VectorStore | None = None) -> dict[str, np.ndarray]:
+        """The index as named arrays for the bank's safetensors file; when its lists are ``store``'s own int8
+        rows (``shares_rows_of``), only the order is written and ``from_arrays`` rebuilds them from the bank."""
+        out = {"ivf.centroids": self.centroids, "ivf.order": self.order, "ivf.list_offsets": self.list_offsets}
+        if self.shares_rows_of(store):
+            out["ivf.codes_from_bank"] = np.ones(1, dtype=np.int8)
+        else:
+            out["ivf.codes"] = self.codes.data
+            if self.codes.scales is not None:
+                out["ivf.scales"] = self.codes.scales
+                out.update(self.codes.transform_arrays("ivf."))
         if self.guide_queries is not None:
             out["ivf.guide_queries"], out["ivf.guide_lists"] = self.guide_queries, self.guide_lists
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], nprobe: int) -> "IVFIndex":
-        codes = arrays["ivf.codes"]
-        if codes.dtype == np.int8:
-            store = VectorStore.int8_from_arrays(codes, arrays["ivf.scales"], arrays, "ivf.")
+    def from_arrays(cls, arrays: dict[str, np.ndarray], nprobe: int, store: VectorStore | None = None) -> "IVFIndex":
+        """The index saved by ``arrays`` (``store``: the bank's rows, needed when the lists were its own)."""
+        if "ivf.codes_from_bank" in arrays:
+            if store is None or store.kind != "int8":
+                raise ConfigError("this index's lists are its bank's int8 rows: load it with the bank (TextBank.load)")
+            codes = store.subset(np.asarray(arrays["ivf.order"]))
+        elif arrays["ivf.codes"].dtype == np.int8:
+            codes = VectorStore.int8_from_arrays(arrays["ivf.codes"], arrays["ivf.scales"], arrays, "ivf.")
         else:
-            store = VectorStore("float16", codes)
-        return cls(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"], store, int(nprobe),
+            codes = VectorStore("float16", arrays["ivf.codes"])
+        return cls(arrays["ivf.centroids"], arrays["ivf.order"], arrays["ivf.list_offsets"], codes, int(nprobe),
                    arrays.get("ivf.guide_queries"), arrays.get("ivf.guide_lists"))

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lens.errors import ConfigError
+from lens.errors import ConfigError, NumericalError
 
 __all__ = ["VectorStore", "structured_rotation", "exact_topk", "refine_topk", "int8_candidates", "normalize_queries", "merge_topk", "recall_at_k"]
 
@@ -242,12 +242,18 @@ class VectorStore:
 
 
 def normalize_queries(queries) -> torch.Tensor:
-    """Queries ``[q, d]`` (or ``[d]``) as L2-normalized float32 rows; zero rows stay zero."""
+    """Queries ``[q, d]`` (or ``[d]``) as L2-normalized float32 rows; zero rows stay zero. Raises ``ConfigError``
+    for another shape, ``NumericalError`` for NaN or inf values."""
     q = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries).float()
     if q.dim() == 1:
         q = q.unsqueeze(0)
     if q.dim() != 2:
         raise ConfigError(f"queries must be [n, d] or [d]; got shape {tuple(q.shape)}")
+    bad = ~torch.isfinite(q).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise NumericalError(f"queries {rows[:8]}{' …' if len(rows) > 8 else ''} hold NaN or inf values; they have no "
+                             "neighbours — drop those rows (or find where the model produced them)")
     norm = q.norm(dim=1, keepdim=True)
     return q / torch.where(norm > 0, norm, torch.ones_like(norm))
 

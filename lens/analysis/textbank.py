@@ -16,7 +16,8 @@ Files (a folder; every file written atomically, the manifest last, each listed w
                              ``int8.rotation_seed`` [1] int64 (``dim_scales`` [d] in banks saved before them) —
                              and per entry ``layer`` int16, ``token_id`` int32, ``sentence`` int32,
                              ``position`` int32; optional ``vocab.*`` tables (``lens.analysis.vocab_lens``) and
-                             ``ivf.*`` (``lens.analysis.ivf.IVFIndex``)
+                             ``ivf.*`` (``lens.analysis.ivf.IVFIndex``; an index of an int8 bank stores
+                             only its order — its lists are the bank's rows, rebuilt at load)
 ``texts-<sha>.parquet``      one row per sentence: ``sentence``, ``text``, ``token_start``/``token_end`` (character
                              offsets of every token of the sentence as the model tokenized it)
 ``tokens-<sha>.parquet``     ``token_id`` → ``token`` (the tokenizer's decoding of that one id)
@@ -213,7 +214,7 @@ def _context_keys(ids: list[int], causal: bool) -> np.ndarray:
 # -- the bank -------------------------------------------------------------------------------------------
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)  # arrays have no truth value: == is identity (compare .to_frame() or files)
 class TextBank:
     """Contextual text-token states of one model at a few layers (see the module docstring).
 

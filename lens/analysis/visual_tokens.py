@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lens.errors import ConfigError, InputError
+from lens.errors import ConfigError, InputError, MissingDependencyError
 
 __all__ = ["visual_tokens", "VisualTokens", "METHODS", "IMAGE_MODALITY"]
 
@@ -186,8 +186,12 @@ class VisualTokens:
         """
         if self.run is None:
             raise ConfigError("show() needs the run: compute the result with lens.visual_tokens(run, bank)")
-        import ipywidgets
-
+        try:
+            import ipywidgets
+        except ImportError as exc:
+            raise MissingDependencyError(
+                'show() draws the image with widgets: pip install "lens-interp[widgets]" (to_frame() needs nothing more)'
+            ) from exc
         from lens.widgets import PatchOverlay
 
         overlay = PatchOverlay(self.run, image=image, stat=stat, layer=self.layers[0] if layer is None else layer)
@@ -272,9 +276,10 @@ def visual_tokens(run, bank, k: int = 5, layers: Sequence[int] | int | None = No
     chosen = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(x) for x in layers]
     missing = [x for x in chosen if x not in kept]
     if missing or not chosen:
+        want = sorted(set(chosen) | set(kept)) or list(bank.layers)  # nothing kept: the bank's layers are the natural ask
         raise ConfigError(
-            f"the run kept no hidden states at layers {missing or '[]'} (it kept {kept}); trace again with "
-            f"keep_hidden={sorted(set(chosen) | set(kept))}"
+            f"the run kept no hidden states at layers {missing or chosen or '(none asked)'} (it kept {kept or 'none'}); "
+            f"trace again with keep_hidden={want}, e.g. lens.trace(vlm, inputs, keep_hidden={want})"
         )
     states = {layer: np.asarray(run.arrays[f"resid.hidden.{layer}"])[tokens["token"]] for layer in chosen}
     result = VisualTokens.from_states(states, tokens, bank, k=k, method=method, baselines=baselines,
