@@ -235,15 +235,16 @@ def _epsilon_recall(store, queries, ids, truth_scores, epsilon: float = 1e-3) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lens bench search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--entries", type=int, default=10**6)
-    parser.add_argument("--scenes", type=int, default=8)
-    parser.add_argument("--nprobe", default="8,16,32,64")
-    parser.add_argument("--nlist", type=int, default=None)
-    parser.add_argument("--guide-scenes", type=int, default=16)
-    parser.add_argument("--guide-nprobe", default="4,8,16")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path("bench-search.json"))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--entries", type=int, default=10**6, help="bank size: (layer, token) states (default 10^6; built once, cached)")
+    parser.add_argument("--scenes", type=int, default=8, help="held-out demo-VLM images whose 36 image tokens are the queries")
+    parser.add_argument("--nprobe", default="8,16,32,64", help="IVF lists scanned per query, comma-separated sweep")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ≈ √entries)")
+    parser.add_argument("--guide-scenes", type=int, default=16, help="other held-out images whose image tokens form the query guide")
+    parser.add_argument("--guide-nprobe", default="4,8,16", help="nprobe sweep of the query-guided index")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the query batches (median time reported)")
+    parser.add_argument("--json", type=Path, default=Path("bench-search.json"), help="where to write the full results")
+    parser.add_argument("--quick", action="store_true",
+                        help="a 20,000-entry smoke test: its ratios are not comparable with the 10^6 benchmark")
     args = parser.parse_args(argv)
     options = dict(entries=args.entries, scenes=args.scenes, nprobe=tuple(int(x) for x in args.nprobe.split(",")),
                    nlist=args.nlist, repeats=args.repeats, guide_scenes=args.guide_scenes,
@@ -258,6 +259,12 @@ def main(argv=None) -> int:
           f"{out['index']['guide_queries']} sample image tokens in {out['index']['guide_seconds']} s); "
           f"machine {out['machine']}")
     print(pd.DataFrame(out["table"]).to_string(index=False))
+    # the target (docs/benchmarks.md): rows stored in ≤ 0.55× the float16 bytes are int8 banks, whose exact
+    # search is the int8 one
+    met = [r["method"] for r in out["table"] if r["speedup_vs_package"] >= 10 and r["stored_bytes_vs_fp16"] <= 0.55
+           and (r["recall@5_vs_exact_int8"] or 0) >= 0.99]
+    print("target (≥ 10× the package, recall@5 ≥ 0.99 vs exact search on the same bank, stored ≤ 0.55× float16): "
+          + (f"met by {', '.join(met)}" if met else "not met") + (" [--quick: a smoke test]" if args.quick else ""))
     from lens.atomic import atomic_write_text
 
     atomic_write_text(args.json, json.dumps(out, indent=1, default=str))
