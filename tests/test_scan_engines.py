@@ -87,6 +87,19 @@ def test_ray_engine_equals_local_engine(tiny_gpt2, local_scan, ray_cluster, tmp_
     remote = lens.scan(tiny_gpt2, SCAN_CORPUS, out=tmp_path / "ray", engine="ray", workers=2, threads=1, **OPTIONS)
     assert remote.manifest["engine"] == "ray" and local_scan.manifest["engine"] == "local"
     assert_same_scan(local_scan, remote)
+    # shards submitted a few at a time (several Datasets, each with its own actor pool) give the same scan
+    import functools
+
+    from lens.scan import engine, run_scan
+
+    narrow = functools.partial(engine.run_ray, window=3)
+    original, run_scan.run_ray = run_scan.run_ray, narrow
+    try:
+        windowed = lens.scan(tiny_gpt2, SCAN_CORPUS, out=tmp_path / "ray3", engine="ray", workers=2, threads=1, **OPTIONS)
+    finally:
+        run_scan.run_ray = original
+    assert len(windowed.manifest["shards"]) > 3
+    assert_same_scan(local_scan, windowed)
 
 
 def test_scan_is_readable_queryable_and_checked(local_scan, tmp_path):

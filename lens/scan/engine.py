@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lens.errors import ConfigError, MissingDependencyError
+from lens.errors import ConfigError, MissingDependencyError, ScanError
 from lens.scan.reducers import merge_state
 
 __all__ = ["shards", "run_local", "run_ray", "model_spec"]
@@ -109,7 +109,7 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
             threads: int, window: int | None = None) -> dict[str, np.ndarray]:
     """Run shards on Ray Data: ``map_batches`` over an actor pool (one model per actor), one shard per batch.
 
-    Shards are submitted ``window`` at a time (default 2 × workers) so the driver never holds more than that
+    Shards are submitted ``window`` at a time (default 64 × workers) so the driver never holds more than that
     many; results are merged and checkpointed in shard order. ``address``: an existing cluster
     (``"auto"``, ``"ray://host:10001"``); None starts or reuses a local one.
     """
@@ -135,7 +135,11 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
     ctx.enable_progress_bars = False
     spec = model_spec(lm)
     cfg_json = cfg.to_json()
-    window = window or 2 * workers
+    # Every window is one Dataset and one actor pool, i.e. one model load per actor: a wide window keeps the
+    # loads rare (it was 2 × workers shards — a load per actor every two shards each), while the driver still
+    # holds only the window's texts (shard_size documents each), never the corpus. Partial states are merged as
+    # they stream out in shard order (preserve_order), so at most a few are held at once.
+    window = window or 64 * workers
     pending = list(itertools.islice(shard_iter, window))
     while pending:
         items = [{"shard": index, "docs": json.dumps(docs)} for index, docs in pending]
@@ -145,14 +149,21 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))), num_cpus=threads,
             batch_format="numpy",
         )
-        done = {}
+        order = iter([index for index, _ in pending])
+        expected = next(order, None)
+        early = {}  # results that arrive before their turn (none when the order is preserved)
         for row in results.iter_rows():
-            done[int(row["shard"])] = (load_state(bytes(row["state"])), json.loads(row["info"]))
-        for index, _ in pending:  # merge in shard order, whatever order the actors finished in
-            part, info = done[index]
-            state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
-            if progress is not None:
-                progress(info["tokens"])
-            on_shard(state, info)
+            early[int(row["shard"])] = (bytes(row["state"]), row["info"])
+            while expected is not None and expected in early:  # merge in shard order
+                raw, info_json = early.pop(expected)
+                info = json.loads(info_json)
+                state = merge_state(state, load_state(raw), top_k=cfg.top_k, samples=cfg.samples, inplace=True)
+                if progress is not None:
+                    progress(info["tokens"])
+                on_shard(state, info)
+                expected = next(order, None)
+        if expected is not None or early:
+            raise ScanError(f"the Ray engine lost shard {expected}: its actors returned {sorted(early)} out of order "
+                            "and never that one; run again (resume=True keeps the shards already checkpointed)")
         pending = list(itertools.islice(shard_iter, window))
     return state
