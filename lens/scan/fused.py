@@ -18,14 +18,13 @@ maxima, arg-maxima and reservoirs equal the brute force bit for bit, and the flo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from lens.errors import MissingDependencyError
 
 __all__ = ["reduce_layer", "fill_topk", "fill_samples", "topk_select", "reservoir_select", "gather_pair"]
-
-_KERNEL = None
-
 
 def _numba():
     try:
@@ -37,10 +36,8 @@ def _numba():
     return numba
 
 
+@functools.cache  # compiled once per process (and cached on disk by Numba)
 def _compile():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -101,7 +98,6 @@ def _compile():
                             filled[m, g] = f + 1
         return 0
 
-    _KERNEL = kernel
     return kernel
 
 
@@ -166,13 +162,8 @@ def reduce_layer(a: np.ndarray, order: np.ndarray, docl: np.ndarray, pos: np.nda
     return out
 
 
-_MERGE = None
-
-
+@functools.cache
 def _compile_merge():
-    global _MERGE
-    if _MERGE is not None:
-        return _MERGE
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -249,8 +240,7 @@ def _compile_merge():
                     j += 1
         return 0
 
-    _MERGE = (topk_select, reservoir_select)
-    return _MERGE
+    return topk_select, reservoir_select
 
 
 def topk_select(value: np.ndarray, doc: np.ndarray, pos: np.ndarray, ka: int, k: int, per_doc: bool,
@@ -281,13 +271,8 @@ def reservoir_select(priority: np.ndarray, ka: int, r: int) -> np.ndarray:
     return sel
 
 
-_FILL = None
-
-
+@functools.cache
 def _compile_fill():
-    global _FILL
-    if _FILL is not None:
-        return _FILL
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -358,8 +343,7 @@ def _compile_fill():
                     col = t - before + c
                     out_acts[m, s, c] = act[b * T + col, m] if 0 <= col < lengths[b] else np.nan
 
-    _FILL = (samples, topk)
-    return _FILL
+    return samples, topk
 
 
 def fill_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before: int, width: int, empty_priority: int,
@@ -391,45 +375,40 @@ def fill_topk(docmax, docbest, d0: int, empty_doc: int, pos, rows, act, ids, len
     return flat_rows
 
 
-_GATHER = None
-
-
+@functools.cache
 def _compile_gather():
-    global _GATHER
-    if _GATHER is None:
-        numba = _numba()
+    numba = _numba()
 
-        @numba.njit(cache=True, nogil=True, boundscheck=False)
-        def gather(a, b, sel, out, inplace):  # pragma: no cover - compiled
-            R, k = sel.shape
-            ka, X = a.shape[1], a.shape[2]
-            row = np.empty((ka, X), a.dtype)
-            for r in range(R):
-                src = a[r]
-                if inplace:  # out is a: rows the merge leaves as they are cost nothing
-                    same = True
-                    for q in range(k):
-                        if sel[r, q] != q:
-                            same = False
-                            break
-                    if same:
-                        continue
-                    for s in range(ka):
-                        for x in range(X):
-                            row[s, x] = a[r, s, x]
-                    src = row
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def gather(a, b, sel, out, inplace):  # pragma: no cover - compiled
+        R, k = sel.shape
+        ka, X = a.shape[1], a.shape[2]
+        row = np.empty((ka, X), a.dtype)
+        for r in range(R):
+            src = a[r]
+            if inplace:  # out is a: rows the merge leaves as they are cost nothing
+                same = True
                 for q in range(k):
-                    s = sel[r, q]
-                    if s < ka:
-                        for x in range(X):
-                            out[r, q, x] = src[s, x]
-                    else:
-                        for x in range(X):
-                            out[r, q, x] = b[r, s - ka, x]
-            return 0
+                    if sel[r, q] != q:
+                        same = False
+                        break
+                if same:
+                    continue
+                for s in range(ka):
+                    for x in range(X):
+                        row[s, x] = a[r, s, x]
+                src = row
+            for q in range(k):
+                s = sel[r, q]
+                if s < ka:
+                    for x in range(X):
+                        out[r, q, x] = src[s, x]
+                else:
+                    for x in range(X):
+                        out[r, q, x] = b[r, s - ka, x]
+        return 0
 
-        _GATHER = gather
-    return _GATHER
+    return gather
 
 
 def gather_pair(a: np.ndarray, b: np.ndarray, sel: np.ndarray, inplace: bool = False) -> np.ndarray:
