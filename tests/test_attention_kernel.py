@@ -88,3 +88,6 @@ def test_plan_keeps_memory_bounded():
     rows, heads = kernel.plan_chunks(1, 12, 1, 32768, 32768)
     assert rows * heads * 32768 <= 2 * kernel._TARGET_CHUNK_ELEMENTS
     assert kernel.plan_chunks(1, 12, 1, 2048, 2048) == (64, 12)
+    # a short batch goes whole (one matmul, one softmax), still within the same bound
+    assert kernel.plan_chunks(8, 12, 1, 134, 134) == (134, 12)
+    assert kernel.plan_chunks(8, 12, 1, 256, 256) == (64, 12)
