@@ -91,3 +91,53 @@ def test_plan_keeps_memory_bounded():
     # a short batch goes whole (one matmul, one softmax), still within the same bound
     assert kernel.plan_chunks(8, 12, 1, 134, 134) == (134, 12)
     assert kernel.plan_chunks(8, 12, 1, 256, 256) == (64, 12)
+
+
+@pytest.mark.parametrize("case", ["right_padded", "left_padded", "causal_padded", "float_bias", "all_padding"])
+def test_a_padded_batch_computed_per_element_span_equals_the_whole_batch(case, monkeypatch):
+    """Each element over its own rectangle (query rows that attend something × keys something attends) gives the
+    statistics and the output — of every query, padding included — of the whole batch, and both equal the
+    float64 dense computation."""
+    gen = torch.Generator().manual_seed(2)
+    b, h, h_kv, t, d = 4, 4, 2, 40, 8
+    q = torch.randn(b, h, t, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, h_kv, t, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, h_kv, t, d, generator=gen, dtype=torch.float64)
+    lengths = [40, 9, 23, 0 if case == "all_padding" else 3]
+    keys = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    if case == "left_padded":
+        keys = keys.flip(-1)
+    allowed = keys[:, None, None, :].expand(-1, 1, t, t)
+    if case in ("causal_padded", "left_padded"):
+        allowed = allowed & torch.tril(torch.ones(t, t, dtype=torch.bool))
+    mask = allowed
+    if case == "float_bias":  # an additive mask with a real bias (ALiBi-like) on the allowed entries
+        slope = -0.1 * (torch.arange(t)[:, None] - torch.arange(t)[None, :]).abs().to(torch.float64)
+        mask = torch.where(allowed, slope, torch.finfo(torch.float64).min)
+    weights = torch.rand(b, 2, t, generator=gen, dtype=torch.float64)  # query groups, on padding too
+    calls = []
+    spans = kernel._padding_spans
+    monkeypatch.setattr(kernel, "_padding_spans", lambda *a: calls.append(spans(*a)) or calls[-1])
+    monkeypatch.setattr(kernel, "_MIN_SPAN_ELEMENTS", 0)
+    out, stats = kernel.attention_with_stats(q, k, v, attention_mask=mask, pattern_heads=(1, 3), query_weights=weights)
+    # element 1 (9 tokens): rows that attend something × its 9 keys; padding rows of a bidirectional or causal
+    # right-padded mask attend the real keys, left-padding rows (before the text) attend nothing
+    expected = {"left_padded": (31, 40, 31, 40), "causal_padded": (0, 40, 0, 9)}.get(case, (0, 40, 0, 9))
+    assert calls[0] is not None and calls[0][1] == expected and calls[0][0] == (0, 40, 0, 40)
+    if case == "all_padding":
+        assert calls[0][3] == (0, 0, 0, 0)
+    monkeypatch.setattr(kernel, "_MIN_SPAN_ELEMENTS", 1 << 62)  # the same call, whole batch
+    ref_out, ref = kernel.attention_with_stats(q, k, v, attention_mask=mask, pattern_heads=(1, 3), query_weights=weights)
+    valid = stats.query_valid
+    assert torch.equal(valid, ref.query_valid) and valid.sum(1).tolist() == lengths
+    torch.testing.assert_close(out, ref_out)
+    for name in ("key_mass", "query_count", "uniform_sum", "group_key_mass", "group_uniform", "patterns"):
+        torch.testing.assert_close(getattr(stats, name), getattr(ref, name), msg=name)
+    # and against the independent dense reference
+    group = h // h_kv
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ kk.transpose(-1, -2) * d**-0.5 + (mask if case == "float_bias" else 0)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    torch.testing.assert_close(out, probs @ vv)
+    torch.testing.assert_close(stats.key_mass, (probs * valid[:, None, :, None]).sum(2).float())
+    torch.testing.assert_close(stats.group_key_mass, torch.einsum("bgq,bhqk->bghk", weights, probs).float())
