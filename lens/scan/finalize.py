@@ -30,6 +30,16 @@ class TokenText:
         table = np.array([self.cache[int(i)] for i in unique], dtype=object)
         return table[np.searchsorted(unique, ids)] if ids.size else np.array([], dtype=object)
 
+    def arrow(self, ids: np.ndarray):
+        """The same strings as a pyarrow string array, built from a dictionary of the distinct ids in C++ (a scan
+        writes ~10⁶ context tokens; a Python object per token cost most of its finalize)."""
+        import pyarrow as pa
+
+        ids = np.asarray(ids).reshape(-1)
+        unique, index = np.unique(ids, return_inverse=True)
+        words = pa.array(self(unique).tolist(), type=pa.string())
+        return pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32)), words).dictionary_decode()
+
 
 def _lists(values: np.ndarray, width: int, pa_type):
     import pyarrow as pa
@@ -105,9 +115,9 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
             "layer": layers[li], "neuron": n.astype(np.int64), "rank": rank.astype(np.int32),
             "value": state["topk.value"][live], "doc": state["topk.doc"][live], "position": state["topk.pos"][live],
             "token_id": ids[:, cfg.context[0]].astype(np.int64),
-            "token": text(ids[:, cfg.context[0]]).tolist(),
+            "token": text.arrow(ids[:, cfg.context[0]]),
             "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
-            "context_tokens": _lists(text(ids).reshape(-1).astype(object), C, _pa("string")),
+            "context_tokens": _token_lists(text, ids, C),
             "context_acts": _lists(state["topk.acts"][live].astype(np.float32), C, _pa("float32")),
             "mass": state["topk.mass"][live], "is_sink": state["topk.sink"][live].astype(bool),
             "massive_ratio": state["topk.massive"][live],
@@ -123,9 +133,9 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
             "group_lower": bounds[g, 0], "group_upper": bounds[g, 1], "slot": slot.astype(np.int32),
             "value": state["sample.value"][live], "doc": state["sample.doc"][live],
             "position": state["sample.pos"][live], "priority": state["sample.priority"][live],
-            "token": text(ids[:, cfg.context[0]]).tolist(),
+            "token": text.arrow(ids[:, cfg.context[0]]),
             "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
-            "context_tokens": _lists(text(ids).reshape(-1).astype(object), C, _pa("string")),
+            "context_tokens": _token_lists(text, ids, C),
         })
         files.append("samples.parquet")
     if "route_topk.value" in state:
@@ -135,7 +145,7 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
             "layer": np.asarray(cfg.moe_layers, dtype=np.int64)[li], "expert": e.astype(np.int64),
             "rank": rank.astype(np.int32), "gate": state["route_topk.value"][live],
             "doc": state["route_topk.doc"][live], "position": state["route_topk.pos"][live],
-            "token_id": state["route_topk.token"][live], "token": text(state["route_topk.token"][live]).tolist(),
+            "token_id": state["route_topk.token"][live], "token": text.arrow(state["route_topk.token"][live]),
         })
         files.append("routing.parquet")
     effects = _effects = None
@@ -149,17 +159,27 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
         for direction, ids, vals in (("up", up_i, up_v), ("down", down_i, down_v)):
             cols["layer"].append(layers[li.reshape(-1)])
             cols["neuron"].append(n.reshape(-1))
-            cols["direction"].append(np.full(li.size, direction, dtype=object))
+            cols["direction"].append(np.full(li.size, 0 if direction == "up" else 1, dtype=np.int32))
             cols["rank"].append(rank.reshape(-1).astype(np.int32))
             cols["token_id"].append(ids.reshape(-1))
-            cols["token"].append(text(ids.reshape(-1)))
+            cols["token"].append(ids.reshape(-1))
             cols["effect"].append(vals.reshape(-1))
-        write_parquet(folder / "logits.parquet", {
-            k: (np.concatenate(v).tolist() if k in ("direction", "token") else np.concatenate(v)) for k, v in cols.items()
-        })
+        import pyarrow as pa
+
+        columns = {k: np.concatenate(v) for k, v in cols.items()}
+        columns["direction"] = pa.DictionaryArray.from_arrays(pa.array(columns["direction"]),
+                                                               pa.array(["up", "down"])).dictionary_decode()
+        columns["token"] = text.arrow(columns["token"])
+        write_parquet(folder / "logits.parquet", columns)
         files.append("logits.parquet")
     del _effects
     return files
+
+
+def _token_lists(text: TokenText, ids: np.ndarray, width: int):
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(text.arrow(ids), width)
 
 
 def _pa(name: str):
