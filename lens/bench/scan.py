@@ -106,7 +106,8 @@ def _throughput(model, tokens: int, repeats: int, batch_size: int) -> dict:
         def reducers():
             state = empty_state(lm, cfg)
             for ws in batches:
-                state = merge_state(state, worker._run_batch(ws), top_k=cfg.top_k, samples=cfg.samples, inplace=True)
+                state = merge_state(state, worker._run_batch(ws, state), top_k=cfg.top_k, samples=cfg.samples,
+                                    inplace=True)
 
         def whole():
             with tempfile.TemporaryDirectory() as out:

@@ -200,9 +200,13 @@ def merge_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, top_k: in
             out.update(_merge_topk(a, b, prefix, top_k if prefix == "topk." else a[prefix + "value"].shape[-1],
                                    per_doc=prefix == "topk.", inplace=inplace))
             done.update(k for k in a if k.startswith(prefix))
-    if "sample.priority" in a:
+    if "sample.priority" in a and "sample.priority" in b:
         out.update(_merge_reservoir(a, b, "sample.", samples, inplace=inplace))
-        done.update(k for k in a if k.startswith("sample."))
+    elif "sample.priority" in a:  # a batch's partial state: its samples went straight into its shard's state
+        out.update({k: v for k, v in a.items() if k.startswith("sample.")})
+    elif "sample.priority" in b:
+        out.update({k: v for k, v in b.items() if k.startswith("sample.")})
+    done.update(k for k in a if k.startswith("sample."))
     for key, va in a.items():
         if key in done:
             continue

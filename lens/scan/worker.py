@@ -22,7 +22,7 @@ from lens.capture.trace import trace
 from lens.errors import CaptureError, ScanError
 from lens.scan.config import ScanConfig
 from lens.scan.corpus import Window, text_digest, windows
-from lens.scan.fused import fill_samples, fill_topk, reduce_layer
+from lens.scan.fused import fill_topk, merge_samples, reduce_layer
 from lens.scan.reducers import (
     BIN_TO_GROUP, EMPTY_DOC, HIST_EDGES, N_BINS, RESERVOIR_GROUPS, ZERO_BIN, merge_state, moments_merge,
     token_priority,
@@ -34,11 +34,12 @@ SEQ_BINS = 20  # histograms of sink scores and normalized entropies: 20 equal bi
 _I64MAX = np.iinfo(np.int64).max
 
 
-def empty_state(lm, cfg: ScanConfig, top_width: int | None = None) -> dict[str, np.ndarray]:
+def empty_state(lm, cfg: ScanConfig, top_width: int | None = None, samples: bool = True) -> dict[str, np.ndarray]:
     """The identity of ``merge_state``: every array at its fixed shape, nothing counted.
 
     ``top_width``: slots of the neuron top-k arrays (default ``top_k``); a batch's partial state holds only as
-    many as it has documents."""
+    many as it has documents. ``samples=False`` leaves out the reservoirs (a batch merges its own straight into
+    its shard's state)."""
     L, M, k, C = len(cfg.layers), lm.d_mlp, cfg.top_k, cfg.width
     kt = k if top_width is None else top_width
     G, r = RESERVOIR_GROUPS, cfg.samples
@@ -79,7 +80,7 @@ def empty_state(lm, cfg: ScanConfig, top_width: int | None = None) -> dict[str, 
             "topk.sink": np.zeros((L, M, kt), np.uint8),
             "topk.massive": np.zeros((L, M, kt), np.float32),
         })
-        if r:
+        if r and samples:
             s.update({
                 "sample.priority": np.full((L, M, G, r), _I64MAX, np.int64),
                 "sample.value": np.full((L, M, G, r), np.nan, np.float32),
@@ -194,7 +195,7 @@ class ShardWorker:
         tokens = 0
         for i in range(0, len(all_windows), cfg.batch_size):
             batch_windows = all_windows[i : i + cfg.batch_size]
-            part = self._run_batch(batch_windows)
+            part = self._run_batch(batch_windows, state)
             state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
             counted = sum(len(w.ids) - w.keep for w in batch_windows)
             tokens += counted
@@ -238,15 +239,18 @@ class ShardWorker:
                       np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), rows.numpy(),
                       (ids >= 0).sum(1).numpy())
 
-    def _run_batch(self, ws: list[Window]) -> dict:
+    def _run_batch(self, ws: list[Window], state: dict) -> dict:
+        """The partial state of one batch of windows, except its reservoir samples: those are merged straight
+        into ``state`` (the shard's state, modified in place), the only thing ``merge_state(state, part)`` would
+        have done with them."""
         lm, cfg = self.lm, self.cfg
         batch = self._layout(ws)
         documents = int(batch.doc.max() - batch.doc.min()) + 1 if len(batch.doc) else 1
-        part = empty_state(lm, cfg, top_width=min(documents, cfg.top_k))
+        part = empty_state(lm, cfg, top_width=min(documents, cfg.top_k), samples=False)
         self._pending = []
         handles = []
         for li, layer in enumerate(cfg.layers):
-            handles.append(lm.mlp_out_modules[layer].register_forward_pre_hook(self._mlp_hook(li, batch, part)))
+            handles.append(lm.mlp_out_modules[layer].register_forward_pre_hook(self._mlp_hook(li, batch, part, state)))
         moe = MoEHooks(lm, self._moe_callback(batch, part)) if cfg.moe_layers else None
         try:
             if moe is not None:
@@ -267,7 +271,7 @@ class ShardWorker:
         return part
 
     # -- neurons ------------------------------------------------------------------------------------
-    def _mlp_hook(self, li: int, batch: _Batch, part: dict):
+    def _mlp_hook(self, li: int, batch: _Batch, part: dict, state: dict):
         def hook(module, args):
             act = args[0]
             if act.dim() == 2 and act.shape[0] == batch.ids.numel():  # flattened tokens (Qwen2-MoE's shared expert)
@@ -277,11 +281,11 @@ class ShardWorker:
                     f"the MLP of layer {self.cfg.layers[li]} saw a batch of shape {tuple(act.shape[:2])}, expected "
                     f"{tuple(batch.ids.shape)}; lens.trace changed how it batches — report this as a lens bug"
                 )
-            self._reduce_neurons(li, act, batch, part)
+            self._reduce_neurons(li, act, batch, part, state)
 
         return hook
 
-    def _reduce_neurons(self, li: int, act: torch.Tensor, batch: _Batch, part: dict) -> None:
+    def _reduce_neurons(self, li: int, act: torch.Tensor, batch: _Batch, part: dict, state: dict) -> None:
         cfg = self.cfg
         B, T, M = act.shape
         a = act.reshape(B * T, M)[batch.rows].float()  # [N, M]
@@ -301,7 +305,7 @@ class ShardWorker:
         part["neuron.hist"][li] = r["hist"]
         self._topk(li, act, r["docmax"], r["docbest"], d0, batch, part)
         if cfg.samples:
-            self._samples(li, a, torch.from_numpy(r["chosen"]), batch, part)
+            self._samples(li, a, r["chosen"], batch, state)
 
     def _topk(self, li: int, act: torch.Tensor, docmax: np.ndarray, docbest: np.ndarray, d0: int, batch: _Batch,
               part: dict) -> None:
@@ -314,12 +318,13 @@ class ShardWorker:
                          batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, out)
         self._pending.append(("topk", li, rows, out["doc"] != EMPTY_DOC))
 
-    def _samples(self, li: int, a: torch.Tensor, chosen: torch.Tensor, batch: _Batch, part: dict) -> None:
-        """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position),
-        as chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none)."""
-        out = {name: part["sample." + name][li] for name in ("priority", "value", "doc", "pos", "tokens")}
-        fill_samples(chosen.numpy(), a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows_np,
-                     batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, _I64MAX, out)
+    def _samples(self, li: int, a: torch.Tensor, chosen: np.ndarray, batch: _Batch, state: dict) -> None:
+        """Per (neuron, group): the ``samples`` counted tokens of lowest priority (hash of document, position), as
+        chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none), merged
+        into the state's reservoirs of this layer; only the tokens that enter get their context written."""
+        into = {name: state["sample." + name][li] for name in ("priority", "value", "doc", "pos", "tokens")}
+        merge_samples(chosen, a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows_np, batch.ids_np,
+                      batch.lengths_np, self.cfg.context[0], self.cfg.width, into)
 
     # -- MoE ----------------------------------------------------------------------------------------
     def _moe_callback(self, batch: _Batch, part: dict):
