@@ -191,7 +191,7 @@ def _padding_spans(allowed, query_weights, batch: int, heads: int, q_len: int, k
     attend (padding excluded both ways) — or None when the batch is better computed whole."""
     if allowed is None or allowed.shape[0] != batch or batch * heads * q_len * k_len < _MIN_SPAN_ELEMENTS:
         return None
-    union = allowed.any(dim=1)  # [B, Tq, Tk] over mask heads
+    union = allowed[:, 0] if allowed.shape[1] == 1 else allowed.any(dim=1)  # [B, Tq, Tk] over mask heads
     rows, cols = union.any(dim=2), union.any(dim=1)  # [B, Tq], [B, Tk]
     def bounds(used, n):
         pos = torch.arange(n, device=used.device)

@@ -35,8 +35,14 @@ class TokenText:
         writes ~10⁶ context tokens; a Python object per token cost most of its finalize)."""
         import pyarrow as pa
 
-        ids = np.asarray(ids).reshape(-1)
-        unique, index = np.unique(ids, return_inverse=True)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and ids.min() >= -1 and ids.max() < 1 << 24:  # token ids: distinct ones by a table, not a sort
+            present = np.zeros(int(ids.max()) + 2, dtype=bool)
+            present[ids + 1] = True
+            unique = np.flatnonzero(present) - 1
+            index = (np.cumsum(present) - 1)[ids + 1]
+        else:
+            unique, index = np.unique(ids, return_inverse=True)
         words = pa.array(self(unique).tolist(), type=pa.string())
         return pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32)), words).dictionary_decode()
 
