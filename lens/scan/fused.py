@@ -429,19 +429,17 @@ def _compile_gather():
         row = np.empty((ka, X), a.dtype)
         for r in range(R):
             src = a[r]
-            if inplace:  # out is a: rows the merge leaves as they are cost nothing
-                same = True
-                for q in range(k):
-                    if sel[r, q] != q:
-                        same = False
-                        break
-                if same:
+            first = 0
+            if inplace:  # out is a: the slots before the first one the merge changes stay as they are
+                while first < k and sel[r, first] == first:
+                    first += 1
+                if first == k:
                     continue
-                for s in range(ka):
+                for s in range(first, ka):  # later slots only ever read slots at or after `first`
                     for x in range(X):
                         row[s, x] = a[r, s, x]
                 src = row
-            for q in range(k):
+            for q in range(first, k):
                 s = sel[r, q]
                 if s < ka:
                     for x in range(X):
