@@ -82,13 +82,11 @@ def _throughput(model, tokens: int, repeats: int, batch_size: int) -> dict:
         cfg = parse_config(lm, layers=None, top_k=20, context=(8, 4), samples=3, epsilon=0.3, tau=5.0,
                            massive_abs=100.0, massive_rel=1000.0, prepend_bos=None, **options)
         worker = ShardWorker(lm, cfg)
-        from lens.scan.corpus import windows as cut
+        # the scan's own batches: each shard's windows longest first, batch_size at a time
+        from lens.scan.engine import shards
 
-        all_windows = []
-        for doc, ids in enumerate(worker.tokenize(docs)):
-            all_windows.extend(cut(doc, ids, cfg.max_len, cfg.stride, repeat_first=ids[0] in worker.specials))
-        batches = [sorted(all_windows[i : i + batch_size], key=lambda w: -len(w.ids))
-                   for i in range(0, len(all_windows), batch_size)]
+        batches = [b for _, shard in shards(list(enumerate(docs)), cfg.shard_size) for b in worker.batches(shard)]
+        all_windows = [w for b in batches for w in b]
         n_tokens = sum(len(w.ids) - w.keep for w in all_windows)
         pad = lm.tokenizer.pad_token_id or 0
 

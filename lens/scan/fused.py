@@ -292,7 +292,7 @@ def _compile_fill():
             out[c] = ids[b, col] if 0 <= col < lengths[b] else -1
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def topk(docmax, docbest, d0, empty_doc, pos, rows, act, ids, lengths, before, width,
+    def topk(docmax, docbest, doc_ids, empty_doc, pos, rows, act, ids, lengths, before, width,
              out_value, out_doc, out_pos, out_row, out_tokens, out_acts):  # pragma: no cover - compiled
         D, M = docmax.shape
         w = out_value.shape[1]
@@ -315,7 +315,7 @@ def _compile_fill():
                 i = docbest[d, m]
                 if i >= 0:
                     out_value[m, s] = docmax[d, m]
-                    out_doc[m, s] = d0 + d
+                    out_doc[m, s] = doc_ids[d]
                     out_pos[m, s] = pos[i]
                     row = rows[i]
                 else:  # fewer documents than slots: an empty entry (its context is read, never shown)
@@ -401,20 +401,20 @@ def merge_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before: int
           state["priority"], state["value"], state["doc"], state["pos"], state["tokens"])
 
 
-def fill_topk(docmax, docbest, d0: int, empty_doc: int, pos, rows, act, ids, lengths, before: int, width: int,
+def fill_topk(docmax, docbest, doc_ids, empty_doc: int, pos, rows, act, ids, lengths, before: int, width: int,
               out: dict) -> np.ndarray:
     """The batch's top-k entries of one layer, sorted by (value desc, document asc), with their contexts.
 
     ``docmax``/``docbest`` [D, M]: each document's best value and its counted-token index (−1: the document has
-    no token here); ``pos``, ``rows`` (flat b·T + t) per counted token; ``act`` [B·T, M] float32; ``ids`` [B, T]
+    no token here); ``doc_ids`` [D] int64: the ascending document ids those rows stand for; ``pos``, ``rows`` (flat b·T + t) per counted token; ``act`` [B·T, M] float32; ``ids`` [B, T]
     (−1 padded), ``lengths`` [B]. Writes the first w = ``out["value"].shape[1]`` documents into ``out``'s
     ``value``, ``doc``, ``pos`` [M, w] and ``tokens``, ``acts`` [M, w, C] (−1 / NaN outside the window); returns
     the flat rows [M, w] of the entries (for their attention flags).
     """
     topk, _ = _compile_fill()
     flat_rows = np.empty(out["value"].shape, np.int64)
-    topk(docmax, docbest, int(d0), int(empty_doc), pos, rows, act, ids, lengths, int(before), int(width),
-         out["value"], out["doc"], out["pos"], flat_rows, out["tokens"], out["acts"])
+    topk(docmax, docbest, np.ascontiguousarray(doc_ids, dtype=np.int64), int(empty_doc), pos, rows, act, ids, lengths,
+         int(before), int(width), out["value"], out["doc"], out["pos"], flat_rows, out["tokens"], out["acts"])
     return flat_rows
 
 

@@ -128,6 +128,8 @@ class _Batch:
     ids_np: np.ndarray  # [B, T] ``ids`` as numpy
     rows_np: np.ndarray  # [N] ``rows`` as numpy
     lengths_np: np.ndarray  # [B] tokens of each window
+    docs: np.ndarray  # [D] the distinct documents of the batch, ascending
+    docl: np.ndarray  # [N] index of each counted token's document in ``docs``
 
 
 class ShardWorker:
@@ -171,13 +173,11 @@ class ShardWorker:
         return out
 
     # -- one shard ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run_shard(self, shard: int, docs: list[tuple[int, str]], progress=None) -> tuple[dict, dict]:
-        """Partial state of one shard and its record (documents, tokens, windows, text digest)."""
+    def batches(self, docs: list[tuple[int, str]]) -> list[list[Window]]:
+        """The windows of a shard's documents in the batches ``run_shard`` runs: longest first (stably), then
+        ``batch_size`` at a time — so a batch pads little (at the docstring corpus, 28 k padded tokens per 20 k
+        real instead of 56 k in corpus order), and every engine batches a shard the same way."""
         cfg = self.cfg
-        digest = hashlib.sha256()
-        for doc, text in docs:
-            digest.update(doc.to_bytes(8, "little") + text_digest(text))
         all_windows: list[Window] = []
         for (doc, _), ids in zip(docs, self.tokenize([t for _, t in docs])):
             if not ids:
@@ -191,10 +191,20 @@ class ShardWorker:
                     "Raise max_len (up to the model's positions), shorten the documents, or use positions=None"
                 )
             all_windows.extend(cut)
+        all_windows.sort(key=lambda w: -len(w.ids))
+        return [all_windows[i : i + cfg.batch_size] for i in range(0, len(all_windows), cfg.batch_size)]
+
+    @torch.inference_mode()
+    def run_shard(self, shard: int, docs: list[tuple[int, str]], progress=None) -> tuple[dict, dict]:
+        """Partial state of one shard and its record (documents, tokens, windows, text digest)."""
+        cfg = self.cfg
+        digest = hashlib.sha256()
+        for doc, text in docs:
+            digest.update(doc.to_bytes(8, "little") + text_digest(text))
+        batches = self.batches(docs)
         state = empty_state(self.lm, cfg)
         tokens = 0
-        for i in range(0, len(all_windows), cfg.batch_size):
-            batch_windows = all_windows[i : i + cfg.batch_size]
+        for batch_windows in batches:
             part = self._run_batch(batch_windows, state)
             state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
             counted = sum(len(w.ids) - w.keep for w in batch_windows)
@@ -206,7 +216,7 @@ class ShardWorker:
             "documents": len(docs),
             "first_doc": docs[0][0] if docs else None,
             "last_doc": docs[-1][0] if docs else None,
-            "windows": len(all_windows),
+            "windows": sum(len(b) for b in batches),
             "tokens": tokens,
             "sha256": digest.hexdigest(),
         }
@@ -235,9 +245,10 @@ class ShardWorker:
         p = pos.reshape(-1)[rows]
         d_np, p_np = d.numpy(), p.numpy()
         priority = token_priority(d_np, p_np)
+        docs, docl = np.unique(d_np, return_inverse=True)
         return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()], priority,
                       np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), rows.numpy(),
-                      (ids >= 0).sum(1).numpy())
+                      (ids >= 0).sum(1).numpy(), docs.astype(np.int64), docl.astype(np.int64).reshape(-1))
 
     def _run_batch(self, ws: list[Window], state: dict) -> dict:
         """The partial state of one batch of windows, except its reservoir samples: those are merged straight
@@ -245,7 +256,7 @@ class ShardWorker:
         have done with them."""
         lm, cfg = self.lm, self.cfg
         batch = self._layout(ws)
-        documents = int(batch.doc.max() - batch.doc.min()) + 1 if len(batch.doc) else 1
+        documents = max(len(batch.docs), 1)
         part = empty_state(lm, cfg, top_width=min(documents, cfg.top_k), samples=False)
         self._pending = []
         handles = []
@@ -292,9 +303,7 @@ class ShardWorker:
         N = a.shape[0]
         if N == 0:
             return
-        d0 = int(batch.doc.min())
-        D = int(batch.doc.max()) - d0 + 1
-        r = reduce_layer(a.numpy(), batch.order, batch.doc_np - d0, batch.pos_np, D, cfg.samples, RESERVOIR_GROUPS,
+        r = reduce_layer(a.numpy(), batch.order, batch.docl, batch.pos_np, len(batch.docs), cfg.samples, RESERVOIR_GROUPS,
                          HIST_EDGES, BIN_TO_GROUP, ZERO_BIN, N_BINS)
         part["neuron.count"][li] = N
         part["neuron.mean"][li] = r["mean"]
@@ -303,18 +312,18 @@ class ShardWorker:
         part["neuron.max"][li] = r["max"]
         part["neuron.positive"][li] = r["positive"]
         part["neuron.hist"][li] = r["hist"]
-        self._topk(li, act, r["docmax"], r["docbest"], d0, batch, part)
+        self._topk(li, act, r["docmax"], r["docbest"], batch, part)
         if cfg.samples:
             self._samples(li, a, r["chosen"], batch, state)
 
-    def _topk(self, li: int, act: torch.Tensor, docmax: np.ndarray, docbest: np.ndarray, d0: int, batch: _Batch,
+    def _topk(self, li: int, act: torch.Tensor, docmax: np.ndarray, docbest: np.ndarray, batch: _Batch,
               part: dict) -> None:
         """The best token of each document of the batch (``docbest``: its counted-token index, −1 for none),
         sorted by (value desc, document asc, position asc) — so that a merge can tell from the k-th entry alone
         whether the batch changes a neuron — with contexts; the part holds min(documents, top_k) slots."""
         B, T, M = act.shape
         out = {name: part["topk." + name][li] for name in ("value", "doc", "pos", "tokens", "acts")}
-        rows = fill_topk(docmax, docbest, d0, EMPTY_DOC, batch.pos_np, batch.rows_np, act.reshape(B * T, M).float().numpy(),
+        rows = fill_topk(docmax, docbest, batch.docs, EMPTY_DOC, batch.pos_np, batch.rows_np, act.reshape(B * T, M).float().numpy(),
                          batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, out)
         self._pending.append(("topk", li, rows, out["doc"] != EMPTY_DOC))
 
