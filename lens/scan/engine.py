@@ -8,6 +8,9 @@ state, the shards in flight and nothing else.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import time
 from typing import Any, Callable, Iterator
@@ -34,13 +37,37 @@ def shards(corpus, size: int, skip: int = 0, check: Callable[[int, list], None] 
         yield index, docs
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system after a shard (glibc ``malloc_trim``; elsewhere nothing).
+
+    A scan allocates large temporaries of every size (batches of 8 windows of 20 to 512 tokens); glibc keeps
+    their freed pages and the heap fragments, so peak RSS crept up with the corpus (1.22× from 10⁴ to 10⁵
+    tokens on MiniLM) while lens's own data did not grow. Trimming once per shard keeps it flat — the practice
+    Dask and Ray workers use for the same reason; no Python library wraps it.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def run_local(worker, shard_iter, state, on_shard, progress) -> dict[str, np.ndarray]:
     """Run every shard here; ``on_shard(state, info)`` checkpoints after each."""
     cfg = worker.cfg
     for index, docs in shard_iter:
         part, info = worker.run_shard(index, docs, progress=progress)
         state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
+        del part
         on_shard(state, info)
+        release_free_memory()
     return state
 
 
@@ -101,6 +128,8 @@ class _ShardActor:
             out_state.append(save({k: np.ascontiguousarray(v) for k, v in state.items()}))
             out_info.append(json.dumps(info))
             out_shard.append(int(index))
+            del state
+            release_free_memory()
         return {"shard": np.asarray(out_shard), "state": np.asarray(out_state, dtype=object),
                 "info": np.asarray(out_info, dtype=object)}
 
@@ -161,6 +190,7 @@ def run_ray(lm, cfg, shard_iter, state, on_shard, progress, *, address: str | No
                 if progress is not None:
                     progress(info["tokens"])
                 on_shard(state, info)
+                release_free_memory()
                 expected = next(order, None)
         if expected is not None or early:
             raise ScanError(f"the Ray engine lost shard {expected}: its actors returned {sorted(early)} out of order "

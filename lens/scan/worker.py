@@ -22,6 +22,7 @@ from lens.capture.trace import trace
 from lens.errors import CaptureError, ScanError
 from lens.scan.config import ScanConfig
 from lens.scan.corpus import Window, text_digest, windows
+from lens.scan.engine import release_free_memory
 from lens.scan.fused import fill_topk, merge_samples, reduce_layer
 from lens.scan.reducers import (
     BIN_TO_GROUP, EMPTY_DOC, HIST_EDGES, N_BINS, RESERVOIR_GROUPS, ZERO_BIN, merge_state, moments_merge,
@@ -207,6 +208,8 @@ class ShardWorker:
         for batch_windows in batches:
             part = self._run_batch(batch_windows, state)
             state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples, inplace=True)
+            del part
+            release_free_memory()  # batches of every size fragment the C heap (see release_free_memory)
             counted = sum(len(w.ids) - w.keep for w in batch_windows)
             tokens += counted
             if progress is not None:
