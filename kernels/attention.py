@@ -193,6 +193,7 @@ def _padding_spans(allowed, query_weights, batch: int, heads: int, q_len: int, k
         return None
     union = allowed[:, 0] if allowed.shape[1] == 1 else allowed.any(dim=1)  # [B, Tq, Tk] over mask heads
     rows, cols = union.any(dim=2), union.any(dim=1)  # [B, Tq], [B, Tk]
+
     def bounds(used, n):
         pos = torch.arange(n, device=used.device)
         first = torch.where(used, pos, n).amin(dim=1).tolist()

@@ -47,12 +47,13 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system after a shard (glibc ``malloc_trim``; elsewhere nothing).
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
 
     A scan allocates large temporaries of every size (batches of 8 windows of 20 to 512 tokens); glibc keeps
     their freed pages and the heap fragments, so peak RSS crept up with the corpus (1.22× from 10⁴ to 10⁵
-    tokens on MiniLM) while lens's own data did not grow. Trimming once per shard keeps it flat — the practice
-    Dask and Ray workers use for the same reason; no Python library wraps it.
+    tokens on MiniLM) while lens's own data did not grow. Trimming after every batch and shard keeps it at
+    1.02–1.05× for 0.6 % of the scan's time — the practice Dask and Ray workers use for the same reason; no
+    Python library wraps it.
     """
     trim = _malloc_trim()
     if trim is not None:
