@@ -4,7 +4,8 @@
   against a kernel that runs the eager masked reference on the same selection;
 * the dense fallback: a selection that keeps every block runs dense SDPA, and the run's provenance says
   so (and says which paths ran otherwise);
-* the residual probe's background reduction against the same reduction in the forward's thread;
+* the residual probe's background reduction (a worker thread, or split over the forward's threads) against the
+  same reduction in the forward's thread, and the errors of either;
 * the default spectra against float64 SVDs of the hidden states: |ΔH| ≤ 1e-3 (normalized by log rank)
   and |Δ anisotropy| ≤ 1e-3 on MiniLM, planted massive activations and the embedded SmolLM2 decoder.
 
@@ -118,12 +119,23 @@ RESIDUAL_ARRAYS = ("resid.norm", "resid.cos2_first", "resid.median_abs", "resid.
                    "resid.top_dim", "resid.spectrum_raw", "resid.spectrum_normalized")
 
 
-def test_background_reduction_equals_the_forward_thread(gpt2_folder, long_inputs, minilm, minilm_texts, monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["worker-thread", "split-over-2-threads"])
+def torch_threads(request):
+    """One torch thread (the residual probe reduces in a background worker) or two (it splits each layer's
+    sequences over two single-threaded threads at once)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_background_reduction_equals_the_forward_thread(gpt2_folder, long_inputs, minilm, minilm_texts, monkeypatch,
+                                                        torch_threads):
     for lm, inputs in ((lens.load(gpt2_folder), long_inputs), (minilm, minilm_texts)):
-        background = lens.trace(lm, inputs, capture=("residual",), batch_size=2, keep_hidden=[1], progress=False)
+        background = lens.trace(lm, inputs, capture=("residual",), batch_size=3, keep_hidden=[1], progress=False)
         with monkeypatch.context() as patch:
             _synchronous(patch)
-            foreground = lens.trace(lm, inputs, capture=("residual",), batch_size=2, keep_hidden=[1], progress=False)
+            foreground = lens.trace(lm, inputs, capture=("residual",), batch_size=3, keep_hidden=[1], progress=False)
         for name in RESIDUAL_ARRAYS + ("resid.hidden.1",):
             a, b = background.arrays[name], foreground.arrays[name]
             if a.dtype.kind == "f":
@@ -214,3 +226,27 @@ def test_default_spectra_error_against_float64_svd(source, minilm, minilm_texts,
     if source == "planted_massive":
         # the spike is ~500 against unit rows: fp32 Gram matrices still give the entropy to 1e-5
         assert max(worst.values()) <= 1e-4, worst
+
+
+def test_run_parallel_waits_for_every_group_and_raises_the_earliest_error(torch_threads):
+    import threading
+    import time
+
+    from lens.capture.background import run_parallel
+
+    done, seen = [], []
+
+    def work(group):
+        seen.append((group, torch.get_num_threads(), torch.is_inference_mode_enabled(), threading.get_ident()))
+        if group in (1, 3):
+            time.sleep(0.05 if group == 1 else 0.0)  # the later group fails first in time
+            raise ValueError(f"group {group}")
+        done.append(group)
+
+    with pytest.raises(ValueError, match="group 1"):
+        run_parallel(work, [0, 1, 2, 3, 4])
+    assert sorted(done) == [0, 2, 4]  # every other group still ran to the end
+    assert all(threads == 1 and inference for _, threads, inference, _ in seen)
+    used = {ident for *_, ident in seen}
+    assert (threading.get_ident() in used) == (torch_threads == 1)  # one thread: the caller's own
+    assert torch.get_num_threads() == torch_threads  # the caller keeps its threads

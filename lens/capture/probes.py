@@ -193,10 +193,12 @@ class ResidualProbe:
 
     ``spectra``: ``"exact"`` (every eigenvalue of both Gram matrices, ``lens.capture.spectra``) or
     ``"none"`` (no spectra: norms and massive activations only; ``lens.valley`` then says what is
-    missing). ``background``: reduce each layer in a background thread (``lens.capture.background``)
-    on a copy of its hidden state, so the eigen-solves and Gram products overlap the next layers'
-    forward instead of holding it up; the numbers are the same as reducing in the forward's thread
-    (up to the summation order of a multi-threaded matrix product, ~1e-7 relative).
+    missing). ``background``: when torch runs the forward on one thread, reduce each layer in a background
+    thread (``lens.capture.background``) on a copy of its hidden state, so the eigen-solves and Gram products
+    overlap the next layers' forward on another core instead of holding it up; when the forward uses several
+    threads (no core is idle), reduce each layer at once, its sequences split over as many single-threaded
+    threads. The numbers are the same as reducing in the forward's thread (up to the summation order of a
+    multi-threaded matrix product, ~1e-7 relative).
 
     ``modality``: [N] uint8 per flat token (0 text, 1 image, 2 special; ``lens.capture.vision``), given only
     for runs with image tokens. Then, per layer and sequence, the same two spectra are also computed on the
@@ -228,6 +230,7 @@ class ResidualProbe:
         self.handles: list = []
         self.background = background
         self.worker = None
+        self.parallel = 1
 
     def _init_subsets(self, modality: np.ndarray | None, offsets: np.ndarray | None, n_res: int) -> None:
         """Per-modality spectra (image inputs only): the rows of X_ℓ of each sequence's image and text tokens."""
@@ -276,10 +279,13 @@ class ResidualProbe:
         self.batch = batch
 
     def attach(self) -> None:
+        self.parallel = 1
         if self.background:
-            from lens.capture.background import Worker
+            from lens.capture.background import Worker, parallel_threads
 
-            self.worker = Worker(max_pending=2)
+            self.parallel = parallel_threads()
+            if self.parallel == 1:
+                self.worker = Worker(max_pending=2)
         for layer, block in enumerate(self.lm.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
         self.handles.append(self.lm.blocks[-1].register_forward_hook(self._post_hook(self.lm.n_layers)))
@@ -319,6 +325,14 @@ class ResidualProbe:
         batch = self.batch
         rows = [(seq, n, start, hidden[row, :n]) for row, (seq, n, start) in
                 enumerate(zip(batch.sequences, batch.lengths, batch.starts))]
+        if self.parallel > 1:  # the sequences split over single-threaded threads, longest first, dealt in turn
+            from lens.capture.background import run_parallel
+
+            rows.sort(key=lambda r: -r[1])
+            groups = [[(seq, n, start, x.float()) for seq, n, start, x in rows[i :: self.parallel]]
+                      for i in range(min(self.parallel, len(rows)))]
+            run_parallel(lambda group: self._reduce(layer, batch.sequences, group), groups)
+            return
         if self.worker is None:
             self._reduce(layer, batch.sequences, [(seq, n, start, x.float()) for seq, n, start, x in rows])
             return

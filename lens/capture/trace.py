@@ -165,7 +165,8 @@ def trace(
     hidden states to keep. ``track_neurons``: ``(layer, neuron)`` pairs whose per-token activation to keep.
     ``truncate``: cut inputs longer than the model's positions instead of raising ``InputTooLongError``.
     ``spectra``: ``"exact"`` (default) keeps every eigenvalue of both Gram matrices per layer — exact,
-    computed in a background thread while the forward pass continues (``lens.capture.background``) —
+    computed beside the forward pass (in a background thread, or split over the forward's threads:
+    ``lens.capture.background``) —
     or ``"none"`` to skip them (norms and massive activations only; ``lens.valley`` needs them).
     ``interventions``: ``lens.Ablate`` / ``lens.Clamp`` / ``lens.Patch`` / ``lens.ScaleAttention`` objects
     applied during the forward pass (see ``lens.capture.interventions``); the probes observe the intervened
