@@ -112,37 +112,12 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
     dense["route.layers"] = np.asarray(cfg.moe_layers, dtype=np.int64)
     write_stats(folder, dense, {"layers": list(cfg.layers), "moe_layers": list(cfg.moe_layers)})
     files = [STATS]
-    C = cfg.width
+    # a layer at a time: the contexts' strings of every layer at once were the scan's peak memory
     if "topk.value" in state:
-        live = state["topk.doc"] != EMPTY_DOC
-        li, n, rank = np.nonzero(live)
-        ids = state["topk.tokens"][live]  # [R, C]
-        write_parquet(folder / "examples.parquet", {
-            "layer": layers[li], "neuron": n.astype(np.int64), "rank": rank.astype(np.int32),
-            "value": state["topk.value"][live], "doc": state["topk.doc"][live], "position": state["topk.pos"][live],
-            "token_id": ids[:, cfg.context[0]].astype(np.int64),
-            "token": text.arrow(ids[:, cfg.context[0]]),
-            "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
-            "context_tokens": _token_lists(text, ids, C),
-            "context_acts": _lists(state["topk.acts"][live].astype(np.float32), C, _pa("float32")),
-            "mass": state["topk.mass"][live], "is_sink": state["topk.sink"][live].astype(bool),
-            "massive_ratio": state["topk.massive"][live],
-        })
+        write_parquet(folder / "examples.parquet", (_examples(state, li, layers, cfg, text) for li in range(len(layers))))
         files.append("examples.parquet")
     if "sample.priority" in state:
-        live = state["sample.doc"] >= 0
-        li, n, g, slot = np.nonzero(live)
-        bounds = np.asarray(group_bounds())
-        ids = state["sample.tokens"][live]
-        write_parquet(folder / "samples.parquet", {
-            "layer": layers[li], "neuron": n.astype(np.int64), "group": g.astype(np.int32),
-            "group_lower": bounds[g, 0], "group_upper": bounds[g, 1], "slot": slot.astype(np.int32),
-            "value": state["sample.value"][live], "doc": state["sample.doc"][live],
-            "position": state["sample.pos"][live], "priority": state["sample.priority"][live],
-            "token": text.arrow(ids[:, cfg.context[0]]),
-            "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
-            "context_tokens": _token_lists(text, ids, C),
-        })
+        write_parquet(folder / "samples.parquet", (_samples(state, li, layers, cfg, text) for li in range(len(layers))))
         files.append("samples.parquet")
     if "route_topk.value" in state:
         live = state["route_topk.doc"] != EMPTY_DOC
@@ -180,6 +155,44 @@ def finalize(folder: Path, lm, cfg, state: dict[str, np.ndarray], *, logit_effec
         files.append("logits.parquet")
     del _effects
     return files
+
+
+def _examples(state: dict[str, np.ndarray], li: int, layers: np.ndarray, cfg, text: TokenText) -> dict:
+    """The top-k rows of layer index ``li`` (neuron, then rank)."""
+    C = cfg.width
+    live = state["topk.doc"][li] != EMPTY_DOC  # [M, k]
+    n, rank = np.nonzero(live)
+    ids = state["topk.tokens"][li][live]  # [R, C]
+    return {
+        "layer": np.full(len(n), layers[li], dtype=np.int64), "neuron": n.astype(np.int64),
+        "rank": rank.astype(np.int32), "value": state["topk.value"][li][live], "doc": state["topk.doc"][li][live],
+        "position": state["topk.pos"][li][live],
+        "token_id": ids[:, cfg.context[0]].astype(np.int64),
+        "token": text.arrow(ids[:, cfg.context[0]]),
+        "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
+        "context_tokens": _token_lists(text, ids, C),
+        "context_acts": _lists(state["topk.acts"][li][live].astype(np.float32), C, _pa("float32")),
+        "mass": state["topk.mass"][li][live], "is_sink": state["topk.sink"][li][live].astype(bool),
+        "massive_ratio": state["topk.massive"][li][live],
+    }
+
+
+def _samples(state: dict[str, np.ndarray], li: int, layers: np.ndarray, cfg, text: TokenText) -> dict:
+    """The quantile-sample rows of layer index ``li`` (neuron, group, slot)."""
+    C = cfg.width
+    live = state["sample.doc"][li] >= 0  # [M, G, samples]
+    n, g, slot = np.nonzero(live)
+    bounds = np.asarray(group_bounds())
+    ids = state["sample.tokens"][li][live]
+    return {
+        "layer": np.full(len(n), layers[li], dtype=np.int64), "neuron": n.astype(np.int64),
+        "group": g.astype(np.int32), "group_lower": bounds[g, 0], "group_upper": bounds[g, 1],
+        "slot": slot.astype(np.int32), "value": state["sample.value"][li][live], "doc": state["sample.doc"][li][live],
+        "position": state["sample.pos"][li][live], "priority": state["sample.priority"][li][live],
+        "token": text.arrow(ids[:, cfg.context[0]]),
+        "context_ids": _lists(ids.astype(np.int32), C, _pa("int32")),
+        "context_tokens": _token_lists(text, ids, C),
+    }
 
 
 def _token_lists(text: TokenText, ids: np.ndarray, width: int):

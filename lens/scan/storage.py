@@ -85,14 +85,31 @@ def write_stats(folder: Path, arrays: dict[str, np.ndarray], header: dict[str, A
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata={_META: _json(header)})
 
 
-def write_parquet(path: Path, columns: dict[str, Any]) -> None:
-    """One Parquet file (pyarrow, zstd), written atomically."""
+def write_parquet(path: Path, columns) -> None:
+    """One Parquet file (pyarrow, zstd), written atomically.
+
+    ``columns``: a dict of columns (one table), or an iterable of such dicts with the same columns and types,
+    written one after another (a row group each), so that only one part is in memory at a time — a scan's
+    examples and samples are written a layer at a time (their contexts as strings are ~10⁷ values).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(columns)
+    parts = [columns] if isinstance(columns, dict) else columns
     with atomic_path(path) as tmp:
-        pq.write_table(table, str(tmp), compression="zstd")
+        writer = None
+        try:
+            for part in parts:
+                table = pa.table(part)
+                if writer is None:
+                    writer = pq.ParquetWriter(str(tmp), table.schema, compression="zstd")
+                writer.write_table(table)
+                del table
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"no columns to write to {str(path)!r}")
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any], files: list[str]) -> None:
