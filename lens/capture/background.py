@@ -137,4 +137,3 @@ def run_parallel(fn, groups: list, *args) -> None:
             first = first or exc
     if first is not None:
         raise first
-
