@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-__all__ = ["Worker", "run_parallel", "parallel_threads"]
+__all__ = ["Worker", "parallel_threads", "run_parallel"]
 
 
 def _single_threaded() -> None:

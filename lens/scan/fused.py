@@ -20,6 +20,7 @@ maxima, arg-maxima and reservoirs equal the brute force bit for bit, and the flo
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def reduce_layer(a: np.ndarray, order: np.ndarray, docl: np.ndarray, pos: np.nda
         kernel(*args)
         return out
     cuts = [m_count * t // threads // 16 * 16 for t in range(threads)] + [m_count]
-    run_parallel(_reduce_range, list(zip(cuts[:-1], cuts[1:])), kernel, args, out)
+    run_parallel(_reduce_range, list(itertools.pairwise(cuts)), kernel, args, out)
     return out
 
 
