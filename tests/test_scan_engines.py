@@ -280,3 +280,28 @@ def test_long_documents_are_windowed_never_cut(tiny_gpt2, tmp_path):
     s = lens.scan(tiny_gpt2, [long], out=tmp_path / "long", **OPTIONS)
     n_tokens = len(tiny_gpt2.tokenizer(long)["input_ids"]) + 1  # + the BOS lens prepends for GPT-2
     assert s.tokens == n_tokens and s.windows > 1
+
+
+def test_reductions_split_over_threads_give_the_same_scan(minilm, tmp_path, monkeypatch):
+    """On 2 torch threads a scan's probe reductions run split over single-threaded pool threads (each layer's
+    sequences, the neuron pass's column ranges: MiniLM has 1,536 neurons a layer). With the forward on the same 2
+    threads but every reduction in one thread (the background worker, the whole neuron pass), the scan is
+    identical: every array, every Parquet row."""
+    from lens.capture import background
+    from lens.scan import fused
+
+    corpus = SCAN_CORPUS * 2
+    options = dict(OPTIONS, max_len=24, stride=16, batch_size=4, shard_size=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert background.parallel_threads() == 2
+        split = lens.scan(minilm, corpus, out=tmp_path / "split", **options)
+        with monkeypatch.context() as patch:
+            patch.setattr(background, "parallel_threads", lambda: 1)
+            patch.setattr(fused, "parallel_threads", lambda: 1)
+            one = lens.scan(minilm, corpus, out=tmp_path / "one", **options)
+    finally:
+        torch.set_num_threads(before)
+    assert split.tokens == one.tokens > 100
+    assert_same_scan(split, one)
