@@ -5,7 +5,7 @@
 * the dense fallback: a selection that keeps every block runs dense SDPA, and the run's provenance says
   so (and says which paths ran otherwise);
 * the residual probe's background reduction (a worker thread, or split over the forward's threads) against the
-  same reduction in the forward's thread, and the errors of either;
+  same reduction in the forward's thread, and how the split reports errors;
 * the default spectra against float64 SVDs of the hidden states: |ΔH| ≤ 1e-3 (normalized by log rank)
   and |Δ anisotropy| ≤ 1e-3 on MiniLM, planted massive activations and the embedded SmolLM2 decoder.
 
