@@ -94,29 +94,25 @@ def entropy_from_spectrum(eigenvalues: np.ndarray, alpha: float = 1.0) -> tuple[
 
 
 def lower_median(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of a 1-D tensor — exactly ``values.median()`` — about twice as fast on large inputs.
+    """The lower median of a 1-D tensor — exactly ``values.median()`` (NaN if any value is NaN) — 2–9× faster on CPU.
 
-    ``torch.median`` selects over all n values; this brackets the median with a random sample, counts what
-    lies below the bracket, and selects only inside it (usually ~1% of the values), falling back to
-    ``torch.median`` whenever the bracket misses. It runs once per layer and sequence in every trace
-    (massive activations are defined relative to the median, docs/definitions.md).
+    ``torch.median`` sorts its way to the middle; NumPy's ``partition`` (introselect, O(n)) selects it: 0.09 vs
+    0.74 ms for a 250×384 layer, 5.6 vs 22 ms at 2048×768 (one thread, this machine). It runs once per layer
+    and sequence in every trace (massive activations are defined relative to the median,
+    docs/definitions.md), so in a corpus scan of short windows it was the residual probe's largest cost
+    after the spectra. Tensors on other devices, or of dtypes NumPy lacks (bfloat16 is widened to float32,
+    exactly), take the same path or ``torch.median``.
 
     Example: ``lower_median(torch.tensor([3., 1., 2., 4.]))`` → ``tensor(2.)``.
     """
     n = values.numel()
-    k = (n - 1) // 2  # 0-based rank of the lower median
-    if n < 1 << 16:
+    if values.device.type != "cpu" or n == 0 or not values.is_floating_point():
         return values.median()
-    # a random sample, not a strided one: a stride that divides the hidden size would sample only a few
-    # dimensions of a flattened [T, d] layer and miss the bracket (a fixed seed keeps runs repeatable)
-    picks = torch.randint(n, (4096,), generator=torch.Generator().manual_seed(0), device=values.device)
-    sample = values[picks].sort().values
-    m = sample.numel()
-    centre = int(k / n * m)
-    margin = 4 * int(m**0.5) + 8
-    low, high = sample[max(0, centre - margin)], sample[min(m - 1, centre + margin)]
-    below = int((values < low).sum())
-    inside = values[(values >= low) & (values <= high)]
-    if below <= k < below + inside.numel():
-        return inside.kthvalue(k - below + 1).values
-    return values.median()
+    k = (n - 1) // 2  # 0-based rank of the lower median
+    v = values.detach().reshape(-1)
+    if v.dtype == torch.bfloat16:
+        v = v.float()  # every bfloat16 is a float32: the median is the same value
+    a = v.numpy()
+    if np.isnan(a.max()):  # max propagates NaN (5 µs); a second kth for it would make partition 10× slower
+        return torch.tensor(float("nan"), dtype=values.dtype)
+    return torch.tensor(np.partition(a, k)[k], dtype=values.dtype)
