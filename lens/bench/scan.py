@@ -5,8 +5,9 @@ docstrings, ``lens.scan.corpora``) and the embedded all-MiniLM-L6-v2 unless ``--
 
 1. **Throughput**: tokens/s of the whole scan (every neuron of every layer, sinks, entropies, massive
    activations, top-k, samples, checkpoints) ÷ tokens/s of the plain forward over the *same* windows and
-   batches; with the breakdown forward → + attention/residual probes (``lens.trace``) → + neuron reducers →
-   whole ``lens.scan``; and, for reference, the plain forward over the same windows in corpus order (what a
+   batches; with the breakdown forward → + attention probe → + residual probe without spectra → + the exact
+   entropy spectra (``lens.trace``) → + neuron reducers → whole ``lens.scan`` (merges, checkpoints, logit effects,
+   files), each stage's cost printed as a fraction of the forward's time; and, for reference, the plain forward over the same windows in corpus order (what a
    loop over the corpus would run; the scan batches each shard's windows longest first). Methods alternate,
    fastest of ``--repeats`` each.
 2. **Memory**: peak RSS of a whole scan of 10⁴ tokens and of 10⁵ tokens (each in a fresh process, corpus
@@ -109,10 +110,10 @@ def _throughput(model, tokens: int, repeats: int, batch_size: int) -> dict:
                 ids, mask = pad_batch([list(w.ids) for w in ws], pad)
                 lm.base(input_ids=ids, attention_mask=mask, **({"use_cache": False} if lm.causal else {}))
 
-        def probes():
+        def probes(capture=("attention", "residual"), spectra="exact"):
             for ws in batches:
-                lens.trace(lm, [list(w.ids) for w in ws], capture=("attention", "residual"), batch_size=len(ws),
-                           progress=False, prepend_bos=None)
+                lens.trace(lm, [list(w.ids) for w in ws], capture=capture, batch_size=len(ws), progress=False,
+                           prepend_bos=None, spectra=spectra)
 
         def reducers():
             state = empty_state(lm, cfg)
@@ -124,7 +125,10 @@ def _throughput(model, tokens: int, repeats: int, batch_size: int) -> dict:
             with tempfile.TemporaryDirectory() as out:
                 lens.scan(lm, str(path), out=Path(out) / "s", progress=False, **options)
 
-        methods = {"forward": forward, "+ attention/residual probes": probes, "+ neuron reducers": reducers,
+        # each stage adds one part of the scan to the one before it, so the differences say where the time goes
+        methods = {"forward": forward, "+ attention probe": lambda: probes(("attention",)),
+                   "+ residual probe, no spectra": lambda: probes(spectra="none"),
+                   "+ entropy spectra": probes, "+ neuron reducers": reducers,
                    "whole lens.scan": whole, "(forward in corpus order)": lambda: forward(naive)}
         times = {name: [] for name in methods}
         for _ in range(repeats):  # interleaved, so load changes on a shared machine hit every method alike
@@ -231,8 +235,13 @@ def format_table(result: dict) -> str:
         lines.append(f"throughput: skipped ({t['skipped']})")
     else:
         lines.append(f"1. throughput over {t['tokens']:,} tokens ({t['windows']} windows, {t['batches']} batches):")
+        seconds, previous = t["seconds"], None
         for name, tps in t["tokens_per_s"].items():
-            lines.append(f"   {name:<30}{tps:>10,.0f} tokens/s  {t['ratio_to_forward'][name]:>6.2f}× the forward")
+            adds = ""
+            if previous is not None and not name.startswith("("):
+                adds = f"   adds {(seconds[name] - seconds[previous]) / seconds['forward']:+.2f}× the forward's time"
+            lines.append(f"   {name:<30}{tps:>10,.0f} tokens/s  {t['ratio_to_forward'][name]:>6.2f}× the forward{adds}")
+            previous = name
         naive = t["tokens_per_s"].get("(forward in corpus order)")
         if naive:
             lines.append(f"   the ratio is to the forward on the scan's own batches (longest windows first); to a plain "
