@@ -8,6 +8,7 @@ prints each stage's added cost. No timing asserts: the figures are quoted in the
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_the_table_prints_what_each_stage_adds(throughput):
     rows = {name: line for line in table.splitlines() for name in STAGES if line.strip().startswith(name)}
     assert set(rows) == set(STAGES)
     seconds, forward = throughput["seconds"], throughput["seconds"]["forward"]
-    for before, name in zip(STAGES, STAGES[1:-1]):
+    for before, name in itertools.pairwise(STAGES[:-1]):
         added = float(re.search(r"adds ([+-]\d+\.\d+)× the forward's time", rows[name]).group(1))
         assert added == pytest.approx((seconds[name] - seconds[before]) / forward, abs=0.006)
     assert "adds" not in rows["forward"] and "adds" not in rows["(forward in corpus order)"]

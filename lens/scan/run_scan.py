@@ -5,12 +5,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,23 +18,30 @@ from lens.scan.corpus import read_corpus
 from lens.scan.engine import run_local, run_ray, shards
 from lens.scan.finalize import finalize
 from lens.scan.result import Scan
-from lens.scan.storage import CHECKPOINT, MANIFEST, SCHEMA, read_checkpoint, write_checkpoint, write_manifest
+from lens.scan.storage import (
+    CHECKPOINT,
+    MANIFEST,
+    SCHEMA,
+    read_checkpoint,
+    write_checkpoint,
+    write_manifest,
+)
 from lens.scan.worker import ShardWorker, empty_state
 
-__all__ = ["scan", "model_identity"]
+__all__ = ["model_identity", "scan"]
 
 
 def model_identity(lm) -> dict[str, Any]:
-    """What makes two models the same for a resumed scan: shape, deployment and a sha256 of the weights."""
+    """What makes two models the same for a resumed scan: shape, deployment and a sha256 of the weights.
+
+    Every tensor of the state dict is hashed by its bytes; a tensor subclass (torchao's ``Int8Tensor`` of
+    ``quant="int8"``, which has no byte view and no reshape) by its inner tensors and its metadata, through
+    PyTorch's ``__tensor_flatten__`` protocol. Raises ``ScanError`` for a tensor whose bytes cannot be read.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(lm.model.state_dict().items()):
         digest.update(name.encode())
-        t = tensor.detach().cpu().reshape(-1).contiguous()
-        try:
-            raw = t.view(torch.uint8).numpy().tobytes()
-        except (RuntimeError, TypeError):  # a tensor subclass (e.g. torchao's) without a byte view
-            raw = repr(t).encode()
-        digest.update(raw)
+        _hash_tensor(digest, name, tensor)
     prov = lm.provenance()
     return {
         "model_id": lm.model_id,
@@ -49,6 +54,26 @@ def model_identity(lm) -> dict[str, Any]:
         "dtype": prov.get("dtype"),
         "weights_sha256": digest.hexdigest(),
     }
+
+
+def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    """Feed one tensor's dtype, shape and bytes to ``digest``; a wrapper subclass through its inner tensors."""
+    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        inner, meta = tensor.__tensor_flatten__()
+        # the metadata (block size, dtype, ...) decides how the inner tensors decode: part of the identity
+        digest.update(f"{type(tensor).__qualname__}|{meta!r}".encode())
+        for attr in inner:
+            digest.update(attr.encode())
+            _hash_tensor(digest, f"{name}.{attr}", getattr(tensor, attr))
+        return
+    try:  # (a plain tensor is hashed exactly as before subclasses were handled: old checkpoints still resume)
+        raw = tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        raise ScanError(
+            f"lens.scan cannot read the bytes of weight {name!r} ({type(tensor).__name__}: {exc}), so it cannot "
+            "fingerprint the model for resume; dequantize that layer or load the model without this quantization"
+        ) from exc
+    digest.update(raw)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
