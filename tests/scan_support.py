@@ -50,8 +50,9 @@ def brute_force(lm, cfg, corpus: list[str]) -> dict[str, np.ndarray]:
                 for t in range(w.keep, len(w.ids)):
                     docs.append(doc)
                     poss.append(w.position(t))
-                    lo, hi = t - cfg.context[0], t + cfg.context[1]
-                    ctx_ids.append([w.ids[c] if 0 <= c < len(w.ids) else -1 for c in range(lo, hi + 1)])
+                    # the document's tokens around the position, wherever the windows were cut
+                    lo, hi = w.position(t) - cfg.context[0], w.position(t) + cfg.context[1]
+                    ctx_ids.append([ids[q] if 0 <= q < len(ids) else -1 for q in range(lo, hi + 1)])
     finally:
         for h in hooks:
             h.remove()

@@ -10,7 +10,17 @@ from scan_support import SCAN_CORPUS, brute_force, reference_state, topk_from_st
 
 import lens
 from lens.scan.config import parse_config
-from lens.scan.reducers import BIN_TO_GROUP, HIST_EDGES, N_BINS, ZERO_BIN, bin_edges, merge_state, moments_merge
+from lens.scan.corpus import windows
+from lens.scan.reducers import (
+    BIN_TO_GROUP,
+    EMPTY_DOC,
+    HIST_EDGES,
+    N_BINS,
+    ZERO_BIN,
+    bin_edges,
+    merge_state,
+    moments_merge,
+)
 from lens.scan.worker import ShardWorker, empty_state
 
 
@@ -180,3 +190,53 @@ def test_compiled_reducers_split_over_threads_are_bit_identical(threads):
     for name in one:
         np.testing.assert_array_equal(split[name], one[name], err_msg=name)
     assert (one["chosen"] >= 0).sum() > m  # the reservoirs did pick tokens
+
+
+@pytest.fixture(scope="module")
+def contexts(setup):
+    """Every counted token's document context (from the brute force), and the window that counts it."""
+    lm, cfg, per_doc, _ = setup
+    bf = brute_force(lm, cfg, SCAN_CORPUS)
+    ctx = {(int(d), int(p)): list(c) for d, p, c in zip(bf["doc"], bf["pos"], bf["ctx"])}
+    worker = ShardWorker(lm, cfg)
+    counted_by = {}
+    for doc, ids in enumerate(worker.tokenize(SCAN_CORPUS)):
+        for w in windows(doc, ids, cfg.max_len, cfg.stride, repeat_first=ids[0] in worker.specials):
+            for t in range(w.keep, len(w.ids)):
+                counted_by[(doc, w.position(t))] = w
+    return ctx, counted_by
+
+
+def test_contexts_are_the_documents_tokens_wherever_the_windows_were_cut(setup, contexts):
+    """Top-k and sample contexts hold the document's tokens around the position — also beside a window's edge,
+    where the tokens after it are held only by the next window (found by a new-user trial at stop 24: the
+    context was cut from the window, so the after-context of a token at a window's end came back empty and
+    continuation windows showed their repeated BOS mid-document); context activations are the counting
+    window's own, NaN where only another window holds the token."""
+    lm, cfg, per_doc, _ = setup
+    ctx, counted_by = contexts
+    state = empty_state(lm, cfg)
+    for part in per_doc:
+        state = merge_state(state, part, top_k=cfg.top_k, samples=cfg.samples)
+    before = cfg.context[0]
+    L, M = state["neuron.mean"].shape
+    at_edges = checked = 0
+    for l in range(L):
+        for m in range(M):
+            live = state["topk.doc"][l, m] != EMPTY_DOC
+            for s in np.nonzero(live)[0]:
+                d, p = int(state["topk.doc"][l, m, s]), int(state["topk.pos"][l, m, s])
+                assert list(state["topk.tokens"][l, m, s]) == ctx[(d, p)], (l, m, s)
+                w = counted_by[(d, p)]
+                acts = state["topk.acts"][l, m, s]
+                for c, q in enumerate(range(p - before, p - before + cfg.width)):
+                    inside = w.start <= q < w.start + len(w.ids) - w.prefix
+                    assert np.isnan(acts[c]) != inside, (l, m, s, c)
+                    at_edges += ctx[(d, p)][c] >= 0 and not inside
+                assert acts[before] == state["topk.value"][l, m, s]
+                checked += 1
+            ok = state["sample.priority"][l, m] < np.iinfo(np.int64).max
+            for g, r in zip(*np.nonzero(ok)):
+                key = (int(state["sample.doc"][l, m, g, r]), int(state["sample.pos"][l, m, g, r]))
+                assert list(state["sample.tokens"][l, m, g, r]) == ctx[key], (l, m, g, r)
+    assert checked > 1000 and at_edges > 100, "the corpus should put many examples beside a window's edge"

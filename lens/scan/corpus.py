@@ -231,6 +231,9 @@ class Window:
     prefix: int
     ids: tuple[int, ...]
     keep: int
+    # the whole document's token ids (one tuple shared by its windows): contexts are cut from the document, so a
+    # token near a window's edge still gets the tokens around it that other windows hold
+    document: tuple[int, ...] = dc_field(compare=False, repr=False)
 
     def position(self, i: int) -> int:
         return self.start + i - self.prefix if i >= self.prefix else -1
@@ -250,10 +253,11 @@ def windows(doc: int, ids: list[int], max_len: int, stride: int, *, repeat_first
     """
     if not 1 <= stride <= max_len:
         raise ValueError(f"stride must be in 1..{max_len}; got {stride}")
+    whole = tuple(ids)
     if len(ids) <= max_len:
-        return [Window(doc, 0, 0, tuple(ids), 0)]
+        return [Window(doc, 0, 0, whole, 0, whole)]
     prefix = 1 if repeat_first else 0
-    out = [Window(doc, 0, 0, tuple(ids[:max_len]), 0)]
+    out = [Window(doc, 0, 0, whole[:max_len], 0, whole)]
     counted = max_len
     start = 0
     room = max_len - prefix
@@ -264,6 +268,6 @@ def windows(doc: int, ids: list[int], max_len: int, stride: int, *, repeat_first
         if end <= counted:  # the stride leaves no new token: move on to the first uncounted one
             start = counted - room + 1
             end = min(start + room, len(ids))
-        out.append(Window(doc, start, prefix, tuple(ids[:prefix]) + tuple(ids[start:end]), prefix + counted - start))
+        out.append(Window(doc, start, prefix, whole[:prefix] + whole[start:end], prefix + counted - start, whole))
         counted = end
     return out

@@ -312,19 +312,18 @@ def _compile_fill():
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def context(flat_row, ids, lengths, before, width, out):  # pragma: no cover - compiled
-        T = ids.shape[1]
-        b, t = flat_row // T, flat_row % T
+    def context(d, p, doc_tokens, doc_offset, before, width, out):  # pragma: no cover - compiled
+        # the document's tokens around position p (−1 beyond its ends), wherever its windows were cut
+        off, n = doc_offset[d], doc_offset[d + 1] - doc_offset[d]
         for c in range(width):
-            col = t - before + c
-            out[c] = ids[b, col] if 0 <= col < lengths[b] else -1
+            q = p - before + c
+            out[c] = doc_tokens[off + q] if 0 <= q < n else -1
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def topk(docmax, docbest, doc_ids, empty_doc, pos, rows, act, ids, lengths, before, width,
-             out_value, out_doc, out_pos, out_row, out_tokens, out_acts):  # pragma: no cover - compiled
+    def topk(docmax, docbest, doc_ids, empty_doc, pos, rows, act, T, prefix, lengths, doc_tokens, doc_offset, before,
+             width, out_value, out_doc, out_pos, out_row, out_tokens, out_acts):  # pragma: no cover - compiled
         D, M = docmax.shape
         w = out_value.shape[1]
-        T = ids.shape[1]
         order = np.empty(D, np.int64)
         for m in range(M):
             # documents by (value desc, document asc), absent ones last in document order (a stable insertion sort)
@@ -346,20 +345,24 @@ def _compile_fill():
                     out_doc[m, s] = doc_ids[d]
                     out_pos[m, s] = pos[i]
                     row = rows[i]
+                    p = pos[i]
                 else:  # fewer documents than slots: an empty entry (its context is read, never shown)
                     out_value[m, s] = -np.inf
                     out_doc[m, s] = empty_doc
                     out_pos[m, s] = 0
                     row = rows[0]
+                    p = pos[0]
                 out_row[m, s] = row
-                context(row, ids, lengths, before, width, out_tokens[m, s])
+                context(d, p, doc_tokens, doc_offset, before, width, out_tokens[m, s])
+                # activations only where this window computed them: its document tokens (not the repeated
+                # prefix); context tokens held only by other windows get NaN
                 b, t = row // T, row % T
                 for c in range(width):
                     col = t - before + c
-                    out_acts[m, s, c] = act[b * T + col, m] if 0 <= col < lengths[b] else np.nan
+                    out_acts[m, s, c] = act[b * T + col, m] if prefix[b] <= col < lengths[b] else np.nan
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def merge_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before, width,
+    def merge_samples(chosen, a, priority, doc, pos, docl, doc_tokens, doc_offset, before, width,
                       st_priority, st_value, st_doc, st_pos, st_tokens):  # pragma: no cover - compiled
         M, G, R = chosen.shape
         r = st_priority.shape[2]
@@ -411,37 +414,46 @@ def _compile_fill():
                         st_value[m, g, n] = a[t, m]
                         st_doc[m, g, n] = doc[t]
                         st_pos[m, g, n] = pos[t]
-                        context(rows[t], ids, lengths, before, width, st_tokens[m, g, n])
+                        context(docl[t], pos[t], doc_tokens, doc_offset, before, width, st_tokens[m, g, n])
 
     return topk, merge_samples
 
 
-def merge_samples(chosen, a, priority, doc, pos, rows, ids, lengths, before: int, width: int, state: dict) -> None:
+def merge_samples(chosen, a, priority, doc, pos, docl, doc_tokens, doc_offset, before: int, width: int,
+                  state: dict) -> None:
     """Merge one layer's batch reservoir candidates straight into the state's reservoirs, in place.
 
     ``chosen`` [M, G, r_b] counted-token indices by priority (−1: none), as ``reduce_layer`` returns them;
+    ``docl`` [N] each counted token's document index into ``doc_offset`` [D + 1], the offsets of the batch's
+    documents' whole token ids in ``doc_tokens`` (int64; contexts are cut from the document, not the window);
     ``state`` holds that layer's ``priority``, ``value``, ``doc``, ``pos`` [M, G, r] and ``tokens`` [M, G, r, C]
     slices. The result equals ``merge_state`` of the state with the batch's partial reservoirs (the ``r``
     lowest priorities, ties to the state) — without building those partials, whose contexts mostly lose.
     """
     _, merge = _compile_fill()
-    merge(chosen, a, priority, doc, pos, rows, ids, lengths, int(before), int(width),
+    merge(chosen, a, priority, doc, pos, docl, doc_tokens, doc_offset, int(before), int(width),
           state["priority"], state["value"], state["doc"], state["pos"], state["tokens"])
 
 
-def fill_topk(docmax, docbest, doc_ids, empty_doc: int, pos, rows, act, ids, lengths, before: int, width: int,
-              out: dict) -> np.ndarray:
+def fill_topk(docmax, docbest, doc_ids, empty_doc: int, pos, rows, act, T: int, prefix, lengths, doc_tokens, doc_offset,
+              before: int, width: int, out: dict) -> np.ndarray:
     """The batch's top-k entries of one layer, sorted by (value desc, document asc), with their contexts.
 
     ``docmax``/``docbest`` [D, M]: each document's best value and its counted-token index (−1: the document has
-    no token here); ``doc_ids`` [D] int64: the ascending document ids those rows stand for; ``pos``, ``rows`` (flat b·T + t) per counted token; ``act`` [B·T, M] float32; ``ids`` [B, T]
-    (−1 padded), ``lengths`` [B]. Writes the first w = ``out["value"].shape[1]`` documents into ``out``'s
-    ``value``, ``doc``, ``pos`` [M, w] and ``tokens``, ``acts`` [M, w, C] (−1 / NaN outside the window); returns
-    the flat rows [M, w] of the entries (for their attention flags).
+    no token here); ``doc_ids`` [D] int64: the ascending document ids those rows stand for; ``pos``, ``rows``
+    (flat b·T + t) per counted token; ``act`` [B·T, M] float32; ``prefix``, ``lengths`` [B] int64: each window's
+    repeated leading tokens and its length; ``doc_tokens``/``doc_offset`` [D + 1]: the D documents' whole token
+    ids (int64), concatenated. Writes the first w = ``out["value"].shape[1]`` documents into ``out``'s ``value``,
+    ``doc``, ``pos`` [M, w] and ``tokens``, ``acts`` [M, w, C]: the tokens are the document's around the
+    position (−1 beyond its ends, wherever its windows were cut), the activations those this window computed
+    (NaN for context held only by other windows). Returns the flat rows [M, w] of the entries (for their
+    attention flags).
     """
     topk, _ = _compile_fill()
     flat_rows = np.empty(out["value"].shape, np.int64)
-    topk(docmax, docbest, np.ascontiguousarray(doc_ids, dtype=np.int64), int(empty_doc), pos, rows, act, ids, lengths,
+    topk(docmax, docbest, np.ascontiguousarray(doc_ids, dtype=np.int64), int(empty_doc), pos, rows, act, int(T),
+         np.ascontiguousarray(prefix, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
+         np.ascontiguousarray(doc_tokens, dtype=np.int64), np.ascontiguousarray(doc_offset, dtype=np.int64),
          int(before), int(width), out["value"], out["doc"], out["pos"], flat_rows, out["tokens"], out["acts"])
     return flat_rows
 

@@ -131,6 +131,9 @@ class _Batch:
     lengths_np: np.ndarray  # [B] tokens of each window
     docs: np.ndarray  # [D] the distinct documents of the batch, ascending
     docl: np.ndarray  # [N] index of each counted token's document in ``docs``
+    prefix_np: np.ndarray  # [B] repeated leading tokens of each window (context only, not at their position)
+    doc_tokens: np.ndarray  # the whole token ids of the D documents, concatenated (contexts are cut from these)
+    doc_offset: np.ndarray  # [D + 1] where each document's ids start in ``doc_tokens``
 
 
 class ShardWorker:
@@ -249,9 +252,14 @@ class ShardWorker:
         d_np, p_np = d.numpy(), p.numpy()
         priority = token_priority(d_np, p_np)
         docs, docl = np.unique(d_np, return_inverse=True)
+        whole = {w.doc: w.document for w in ws}
+        lengths = [len(whole[int(x)]) for x in docs]
+        doc_offset = np.cumsum([0, *lengths]).astype(np.int64)
+        doc_tokens = np.fromiter((t for x in docs for t in whole[int(x)]), dtype=np.int64, count=int(doc_offset[-1]))
         return _Batch(ws, ids, owned, rows, d, p, flat.reshape(-1)[rows.numpy()], priority,
                       np.argsort(priority, kind="stable"), d_np, p_np, ids.numpy(), rows.numpy(),
-                      (ids >= 0).sum(1).numpy(), docs.astype(np.int64), docl.astype(np.int64).reshape(-1))
+                      (ids >= 0).sum(1).numpy(), docs.astype(np.int64), docl.astype(np.int64).reshape(-1),
+                      np.array([w.prefix for w in ws], dtype=np.int64), doc_tokens, doc_offset)
 
     def _run_batch(self, ws: list[Window], state: dict) -> dict:
         """The partial state of one batch of windows, except its reservoir samples: those are merged straight
@@ -326,8 +334,9 @@ class ShardWorker:
         whether the batch changes a neuron — with contexts; the part holds min(documents, top_k) slots."""
         B, T, M = act.shape
         out = {name: part["topk." + name][li] for name in ("value", "doc", "pos", "tokens", "acts")}
-        rows = fill_topk(docmax, docbest, batch.docs, EMPTY_DOC, batch.pos_np, batch.rows_np, act.reshape(B * T, M).float().numpy(),
-                         batch.ids_np, batch.lengths_np, self.cfg.context[0], self.cfg.width, out)
+        rows = fill_topk(docmax, docbest, batch.docs, EMPTY_DOC, batch.pos_np, batch.rows_np,
+                         act.reshape(B * T, M).float().numpy(), T, batch.prefix_np, batch.lengths_np, batch.doc_tokens,
+                         batch.doc_offset, self.cfg.context[0], self.cfg.width, out)
         self._pending.append(("topk", li, rows, out["doc"] != EMPTY_DOC))
 
     def _samples(self, li: int, a: torch.Tensor, chosen: np.ndarray, batch: _Batch, state: dict) -> None:
@@ -335,8 +344,8 @@ class ShardWorker:
         chosen by the fused kernel (``chosen``: [M, G, r] counted-token indices by priority, −1 for none), merged
         into the state's reservoirs of this layer; only the tokens that enter get their context written."""
         into = {name: state["sample." + name][li] for name in ("priority", "value", "doc", "pos", "tokens")}
-        merge_samples(chosen, a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.rows_np, batch.ids_np,
-                      batch.lengths_np, self.cfg.context[0], self.cfg.width, into)
+        merge_samples(chosen, a.numpy(), batch.priority, batch.doc_np, batch.pos_np, batch.docl, batch.doc_tokens,
+                      batch.doc_offset, self.cfg.context[0], self.cfg.width, into)
 
     # -- MoE ----------------------------------------------------------------------------------------
     def _moe_callback(self, batch: _Batch, part: dict):
