@@ -305,3 +305,20 @@ def test_reductions_split_over_threads_give_the_same_scan(minilm, tmp_path, monk
         torch.set_num_threads(before)
     assert split.tokens == one.tokens > 100
     assert_same_scan(split, one)
+
+
+def test_resume_of_a_finished_scan_checks_the_corpus(tiny_gpt2, tmp_path):
+    """A finished scan resumed with another corpus is refused (a new-user trial found it returned the old scan
+    for a 3-document corpus after 22 were scanned); the same corpus returns it untouched, without a forward."""
+    out = tmp_path / "done"
+    corpus = list(SCAN_CORPUS) * 2
+    finished = lens.scan(tiny_gpt2, corpus, out=out, **OPTIONS)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    for other, match in [(corpus[:3], "longer corpus"), (corpus[:-1], "longer corpus"),
+                         (corpus + ["one more document"], "different corpus"),
+                         (corpus[:4] + ["changed"] + corpus[5:], "different corpus .*shard 1, documents 3–5"),
+                         (corpus[::-1], "different corpus .*shard 0, documents 0–2")]:
+        with pytest.raises(ScanError, match=match):
+            lens.scan(tiny_gpt2, other, out=out, resume=True, **OPTIONS)
+    same = lens.scan(tiny_gpt2, iter(corpus), out=out, resume=True, **OPTIONS)
+    assert same.tokens == finished.tokens and (out / "manifest.json").stat().st_mtime_ns == stamp

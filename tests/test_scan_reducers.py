@@ -195,7 +195,7 @@ def test_compiled_reducers_split_over_threads_are_bit_identical(threads):
 @pytest.fixture(scope="module")
 def contexts(setup):
     """Every counted token's document context (from the brute force), and the window that counts it."""
-    lm, cfg, per_doc, _ = setup
+    lm, cfg, _, _ = setup
     bf = brute_force(lm, cfg, SCAN_CORPUS)
     ctx = {(int(d), int(p)): list(c) for d, p, c in zip(bf["doc"], bf["pos"], bf["ctx"])}
     worker = ShardWorker(lm, cfg)

@@ -187,6 +187,7 @@ def scan(
                     f"resume=True, but {str(folder)!r} holds a finished scan with a different model or options "
                     f"({', '.join(changed)}); scan into another out= directory"
                 )
+            _check_finished_corpus(finished, docs, cfg.shard_size, folder)
             return finished
         state, saved = existing
         changed = _differences(saved["model"], identity)
@@ -214,12 +215,7 @@ def scan(
 
     def verify(index: int, shard_docs: list) -> None:
         record = header["shards"][index]
-        digest = hashlib.sha256()
-        from lens.scan.corpus import text_digest
-
-        for doc, text in shard_docs:
-            digest.update(doc.to_bytes(8, "little") + text_digest(text))
-        if digest.hexdigest() != record["sha256"]:
+        if _shard_digest(shard_docs) != record["sha256"]:
             raise ScanError(
                 f"shard {index} of the corpus differs from the one checkpointed in {str(folder)!r} (documents "
                 f"{record['first_doc']}–{record['last_doc']}); resume with the same corpus. The checkpoint is untouched"
@@ -265,6 +261,37 @@ def scan(
     write_manifest(folder, manifest, files)
     (folder / CHECKPOINT).unlink(missing_ok=True)
     return Scan.load(folder)
+
+
+def _shard_digest(shard_docs: list) -> str:
+    """sha256 of one shard's (document id, text) pairs, as ``ShardWorker.run_shard`` records it."""
+    from lens.scan.corpus import text_digest
+
+    digest = hashlib.sha256()
+    for doc, text in shard_docs:
+        digest.update(doc.to_bytes(8, "little") + text_digest(text))
+    return digest.hexdigest()
+
+
+def _check_finished_corpus(finished, docs, shard_size: int, folder: Path) -> None:
+    """Raise ``ScanError`` unless ``docs`` are, shard for shard, the documents ``finished`` scanned (it reads the
+    corpus once, without the model: a resumed finished scan returns at once only when it is the scan asked for)."""
+    records = finished.manifest.get("shards", [])
+    count = 0
+    for index, shard_docs in shards(docs, shard_size):
+        if index >= len(records) or _shard_digest(shard_docs) != records[index]["sha256"]:
+            raise ScanError(
+                f"resume=True, but {str(folder)!r} holds a finished scan of a different corpus (shard {index}, "
+                f"documents {shard_docs[0][0]}–{shard_docs[-1][0]}, differs); pass the same corpus, or scan into "
+                "another out= directory"
+            )
+        count = index + 1
+    if count != len(records):
+        raise ScanError(
+            f"resume=True, but {str(folder)!r} holds a finished scan of a longer corpus ({len(records)} shards of "
+            f"{shard_size} documents; this corpus fills {count}); pass the same corpus, or scan into another out= "
+            "directory"
+        )
 
 
 def _fingerprint(records: list[dict]) -> str:
