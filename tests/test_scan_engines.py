@@ -182,6 +182,8 @@ def test_resume_with_a_different_model_or_corpus_is_refused_and_keeps_the_checkp
     checkpoint = out / "checkpoint.safetensors"
     assert checkpoint.exists()
     before = sha256_file(checkpoint)
+    with pytest.raises(ScanFormatError, match="not finished .*checkpoint.*resume=True"):  # not "no lens scan"
+        lens.Scan.load(out)
     other = lens.load(tiny_model_dir("llama"))
     with pytest.raises(ScanError, match="different model"):
         lens.scan(other, corpus, out=out, resume=True, **OPTIONS)

@@ -121,6 +121,11 @@ def write_manifest(folder: Path, manifest: dict[str, Any], files: list[str]) -> 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
+    if not path.is_file() and (Path(folder) / CHECKPOINT).is_file():  # the manifest is written when a scan finishes
+        raise ScanFormatError(
+            f"the scan in {str(folder)!r} is not finished (it holds a checkpoint, no {MANIFEST}); finish it with "
+            f"lens.scan(model, corpus, out={str(folder)!r}, resume=True) and the same model, corpus and options"
+        )
     if not path.is_file():
         raise ScanFormatError(
             f"there is no lens scan in {str(folder)!r} (no {MANIFEST}); create one with lens.scan(model, corpus, out=...)"
