@@ -19,6 +19,31 @@ TABLE_COLUMNS = ("layer", "neuron", "max", "mean", "std", "fraction_positive", "
 SORT_KEYS = ("max", "mean", "std", "fraction_positive", "sparsity", "min", "neuron")
 
 
+class _Checked:
+    """A selection trait whose every assignment goes through ``NeuronExplorer._check`` first.
+
+    The check runs in the trait's own ``validate`` rather than a ``@traitlets.validate`` method because traitlets
+    defers ``@validate`` inside ``hold_trait_notifications`` — which ``HasTraits.__init__``, ipywidgets' update from
+    the browser and the Panel mirror all use — and rolls back only on a ``TraitError`` there: a ``ConfigError``
+    would leave the rejected value set and derive from it. Here a rejected value is never stored, in any context.
+    """
+
+    def validate(self, obj, value):
+        return super().validate(obj, obj._check(self.name, value))
+
+
+class _Index(_Checked, Index):
+    pass
+
+
+class _Text(_Checked, traitlets.Unicode):
+    pass
+
+
+class _Flag(_Checked, traitlets.Bool):
+    pass
+
+
 class NeuronExplorer(LensWidget):
     """Browse the neurons of a ``lens.scan`` (docs/definitions.md, "Corpus scans").
 
@@ -46,13 +71,15 @@ class NeuronExplorer(LensWidget):
     _float_traits = frozenset({"table", "hist"})
 
     info = traitlets.Dict().tag(sync=True)
-    sort = traitlets.Unicode("max").tag(sync=True)
-    descending = traitlets.Bool(True).tag(sync=True)
-    layer_filter = Index(-1, help="show one layer (−1: all)").tag(sync=True)
-    search = traitlets.Unicode("", help="a token: only neurons whose top examples contain it").tag(sync=True)
-    page = Index(0).tag(sync=True)
-    layer = Index(-1).tag(sync=True)
-    neuron = Index(-1).tag(sync=True)
+    # the selection: each value is checked before it is set (``_check``), so a rejected one raises ConfigError
+    # and the widget keeps showing the previous, valid selection
+    sort = _Text("max", help=f"the column the table is sorted by: one of {SORT_KEYS}").tag(sync=True)
+    descending = _Flag(True).tag(sync=True)
+    layer_filter = _Index(-1, help="show one layer (−1: all)").tag(sync=True)
+    search = _Text("", help="a token: only neurons whose top examples contain it").tag(sync=True)
+    page = _Index(0, help="the table page (from 0); beyond the last page: the last page").tag(sync=True)
+    layer = _Index(-1, help="the layer of the neuron shown (−1: none)").tag(sync=True)
+    neuron = _Index(-1, help="the neuron shown (−1: none)").tag(sync=True)
     table = traitlets.Bytes(help="float32 [rows, TABLE_COLUMNS] of the current page").tag(sync=True)
     table_meta = traitlets.Dict(help="rows matching, pages, top tokens of the page rows").tag(sync=True)
     hist = traitlets.Bytes(help="float32 [bins] token counts of the selected neuron").tag(sync=True)
@@ -72,6 +99,7 @@ class NeuronExplorer(LensWidget):
         self._page_size = int(page_size)
         self._search_cache: dict[str, Any] = {}
         self._export_neurons: list[tuple[int, int]] | None = None
+        self._export_start: tuple[int, int] | None = None
         from lens.scan.reducers import group_bounds
 
         info = {
@@ -88,39 +116,98 @@ class NeuronExplorer(LensWidget):
             "page_size": self._page_size,
         }
         super().__init__(info=info, **selection)
+        # the keywords were set one at a time: a page checked before a filter among them may be past the end
+        self._settle_page()
 
-    @traitlets.validate("sort")
-    def _check_sort(self, proposal):  # rejected before it is set, so the widget keeps a valid state
-        if proposal["value"] not in SORT_KEYS:
-            raise ConfigError(f"sort must be one of {SORT_KEYS}; got {proposal['value']!r}")
-        return proposal["value"]
+    # -- the selection --------------------------------------------------------------------------------
+    def _check(self, name: str, value: Any, selection: dict[str, Any] | None = None) -> Any:
+        """``value`` for selection trait ``name`` as it is stored, or ``ConfigError`` saying what is allowed.
 
-    @traitlets.validate("layer_filter")
-    def _check_layer_filter(self, proposal):
-        value = proposal["value"]
-        if value != -1 and value not in self._scan.layers:
-            raise ConfigError(f"layer_filter {value} was not scanned; layers: {self._scan.layers} (−1: all)")
+        Every trait is checked on its own (the browser sets them one at a time: ``layer`` then ``neuron``); only
+        ``page`` looks at others — ``layer_filter`` and ``search`` in ``selection`` (default: the widget's) — to
+        clamp a page beyond the end to the last page, the one the table shows. ``selection`` is given when a whole
+        selection is checked (the constructor, a refresh, each selection of an export).
+        """
+        scan = self._scan
+        if name in ("sort", "search"):
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string; got {value!r}" + (f" (one of {SORT_KEYS})" if name == "sort" else ""))
+            if name == "sort" and value not in SORT_KEYS:
+                raise ConfigError(f"sort must be one of {SORT_KEYS}; got {value!r}")
+            if name == "search":
+                self._matches(value)  # run the query now: a search that cannot run is rejected, not half-set
+            return value
+        if name == "descending":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"descending must be True or False; got {value!r}")
+            return bool(value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name} must be an integer; got {value!r}")
+        value = int(value)
+        if name in ("layer", "layer_filter") and value != -1 and value not in scan.layers:
+            raise ConfigError(f"{name} {value} was not scanned; this scan has layers {scan.layers} (−1: "
+                              + ("all)" if name == "layer_filter" else "no neuron shown)"))
+        if name == "neuron" and not -1 <= value < scan.n_neurons:
+            raise ConfigError(f"neuron {value} does not exist; neurons are 0..{scan.n_neurons - 1} (−1: none shown)")
+        if name == "page":
+            if value < 0:
+                raise ConfigError(f"page must be ≥ 0 (pages count from 0); got {value}")
+            if selection is not None:
+                value = min(value, self._pages(selection) - 1)
+            elif not self.cross_validation_lock:
+                value = min(value, self._pages({"layer_filter": self.layer_filter, "search": self.search}) - 1)
+            # else: assigned with others at once (hold_trait_notifications: a browser update, the constructor), a
+            # filter set after it may change the number of pages; the refresh then clamps it (_settle_page)
         return value
 
-    # -- the table ------------------------------------------------------------------------------------
     def _validate_selection(self, selection: dict[str, Any]) -> None:
-        if selection["sort"] not in SORT_KEYS:
-            raise ConfigError(f"sort must be one of {SORT_KEYS}; got {selection['sort']!r}")
-        if selection["layer_filter"] != -1 and selection["layer_filter"] not in self._scan.layers:
-            raise ConfigError(f"layer_filter {selection['layer_filter']} was not scanned; layers: {self._scan.layers} (−1: all)")
-        if selection["layer"] >= 0 and selection["neuron"] >= 0:  # the browser sets them one trait at a time
-            self._scan._check(selection["layer"], selection["neuron"])
+        for name in self._selection:
+            self._check(name, selection[name], selection)
 
-    def _rows(self, selection: dict[str, Any]):
+    def _settle_page(self) -> None:
+        """Set ``page`` to the page the table shows, when a filter or search left fewer pages than it."""
+        shown = int(self.table_meta.get("page", 0))
+        if self.page != shown:
+            # the derived traits already show that page: setting the trait must not derive them again
+            self._derived_for = tuple({**self._current_selection(), "page": shown}.values())
+            self.page = shown
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._settle_page()
+
+    def _current_selection(self) -> dict[str, Any]:
+        selection = super()._current_selection()
+        if self._export_start is not None:  # to_html: the export opens on this neuron; the widget's stays
+            selection["layer"], selection["neuron"] = self._export_start
+        return selection
+
+    def _state(self) -> dict[str, Any]:
+        state = super()._state()
+        if self._export_start is not None:
+            state["layer"], state["neuron"] = self._export_start
+        return state
+
+    # -- the table ------------------------------------------------------------------------------------
+    def _matches(self, text: str):
+        """The (layer, neuron) of the neurons whose top examples have token ``text`` (cached per token)."""
+        if text not in self._search_cache:
+            self._search_cache[text] = self._scan.neurons_with_token(text)[["layer", "neuron"]]
+        return self._search_cache[text]
+
+    def _filtered(self, selection: dict[str, Any]):
         frame = self._frame
         if selection["layer_filter"] >= 0:
             frame = frame[frame["layer"] == selection["layer_filter"]]
-        text = selection["search"]
-        if text:
-            if text not in self._search_cache:
-                self._search_cache[text] = self._scan.neurons_with_token(text)[["layer", "neuron"]]
-            hits = self._search_cache[text]
-            frame = frame.merge(hits, on=["layer", "neuron"], how="inner")
+        if selection["search"]:
+            frame = frame.merge(self._matches(selection["search"]), on=["layer", "neuron"], how="inner")
+        return frame
+
+    def _pages(self, selection: dict[str, Any]) -> int:
+        return max(1, -(-len(self._filtered(selection)) // self._page_size))
+
+    def _rows(self, selection: dict[str, Any]):
+        frame = self._filtered(selection)
         key = selection["sort"]
         return frame.sort_values([key, "layer", "neuron"], ascending=[not selection["descending"], True, True], kind="stable")
 
@@ -195,21 +282,36 @@ class NeuronExplorer(LensWidget):
 
     def to_html(self, path=None, *, neurons: Iterable[tuple[int, int]] | None = None, **kwargs):
         """Standalone HTML of the table page shown now and the pages of ``neurons`` [(layer, neuron), ...]
-        (default: the selected one), clickable offline. Other keyword arguments as ``LensWidget.to_html``.
+        (default: the selected one), clickable offline; it opens on the selected neuron, or on the first of
+        ``neurons`` when none is selected. The widget's own selection is left as it is. Other keyword arguments
+        as ``LensWidget.to_html``.
 
         Example: ``explorer.to_html("neurons.html", neurons=[(3, 42), (5, 7)])``.
         """
-        chosen = [(int(l), int(n)) for l, n in neurons] if neurons is not None else None
-        for l, n in chosen or []:
-            self._scan._check(l, n)
-        self._export_neurons = chosen
+        chosen = None if neurons is None else [self._export_pair(pair) for pair in _iterate(neurons)]
+        start = chosen[0] if chosen and (self.layer < 0 or self.neuron < 0) else None
+        self._export_neurons, self._export_start = chosen, start
         try:
-            if chosen and self.layer < 0:
-                with self.hold_trait_notifications():
-                    self.layer, self.neuron = chosen[0]
             return super().to_html(path, **kwargs)
         finally:
-            self._export_neurons = None
+            self._export_neurons = self._export_start = None
+
+    def _export_pair(self, pair) -> tuple[int, int]:
+        try:
+            layer, neuron = pair
+        except (TypeError, ValueError):
+            layer = neuron = None
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in (layer, neuron)):
+            raise ConfigError(f"neurons must be (layer, neuron) pairs of integers, e.g. [(3, 42), (5, 7)]; got {pair!r}")
+        self._scan._check(int(layer), int(neuron))
+        return int(layer), int(neuron)
 
     def _default_title(self) -> str:
         return "lens — neurons: " + str(self._scan.provenance.get("model_id", "?"))
+
+
+def _iterate(neurons) -> Iterable:
+    try:
+        return iter(neurons)
+    except TypeError:
+        raise ConfigError(f"neurons must be a list of (layer, neuron) pairs, e.g. [(3, 42), (5, 7)]; got {neurons!r}") from None
