@@ -18,7 +18,7 @@ import numpy as np
 from lens.errors import ConfigError
 from lens.run import Run
 
-__all__ = ["NeuronResult", "neurons", "routing_stats"]
+__all__ = ["NeuronResult", "ScanNeuronResult", "neurons", "routing_stats"]
 
 
 def routing_stats(probs: np.ndarray, experts: np.ndarray, gates: np.ndarray) -> dict[str, np.ndarray]:
@@ -113,12 +113,125 @@ class NeuronResult:
         return text
 
     def __repr__(self) -> str:
-        return f"NeuronResult({self.summary()})"
+        return f"{type(self).__name__}({self.summary()})"
 
     def _repr_html_(self) -> str:
         top = self.frame.nlargest(8, "max") if len(self.frame) else self.frame
         return (f"<div><b>lens.neurons</b> — {html.escape(self.summary())}"
                 f"{top.to_html(index=False, float_format=lambda v: f'{v:.4g}')}</div>")
+
+
+class ScanNeuronResult(NeuronResult):
+    """``lens.neurons(scan)``: the tables of a ``NeuronResult`` over a whole corpus, read from the scan.
+
+    ``frame`` is ``scan.to_frame()`` and ``routing`` ``scan.routing_frame()`` (in memory). ``examples`` (one row
+    per (layer, neuron, rank), the columns of ``Scan.examples``: value, doc, position, token_id, token,
+    context_ids, context_tokens, context_acts, mass, is_sink, massive_ratio) and ``top_tokens`` (one row per
+    (layer, expert, rank), the columns of ``Scan.top_tokens``) are read from the scan's Parquet files the first
+    time they are asked for; :meth:`neuron` reads only that neuron's rows. ``to_frame("experts")`` gives the MoE
+    expert neurons (``scan.expert_neurons_frame()``).
+
+    Example::
+
+        result = lens.neurons(lens.Scan.load("scans/minilm"))
+        result.neuron(3, 42)                    # == scan.examples(3, 42)
+        result.to_frame("examples").query("token == ' Paris'")
+        result.show()                           # the NeuronExplorer, opened on the strongest neuron
+    """
+
+    def __init__(self, scan):
+        super().__init__(scan, scan.to_frame(), None, scan.routing_frame(), None)
+
+    def _table(self, name: str, key: str):
+        import pandas as pd
+
+        path = self.source._parquet(f"{name}.parquet")
+        if path is None:
+            return pd.DataFrame()
+        import pyarrow.parquet as pq
+
+        frame = pq.read_table(path).to_pandas()
+        return frame.sort_values(["layer", key, "rank"], kind="stable").reset_index(drop=True)
+
+    @property
+    def examples(self):
+        if self._examples is None:
+            self._examples = self._table("examples", "neuron")
+        return self._examples
+
+    @examples.setter
+    def examples(self, value) -> None:
+        self._examples = value
+
+    @property
+    def top_tokens(self):
+        if self._top_tokens is None:
+            self._top_tokens = self._table("routing", "expert")
+        return self._top_tokens
+
+    @top_tokens.setter
+    def top_tokens(self, value) -> None:
+        self._top_tokens = value
+
+    def to_frame(self, kind: str = "neurons"):
+        """``"neurons"``, ``"examples"``, ``"routing"``, ``"top_tokens"`` or ``"experts"`` (MoE expert neurons:
+        one row per (layer, expert, neuron) over the tokens routed to that expert). Raises ``ConfigError`` for
+        another ``kind`` (a scan has no ``"modality"`` split: trace a run for that)."""
+        if kind == "experts":
+            return self.source.expert_neurons_frame()
+        if kind == "modality":
+            raise ConfigError('a scan has no split by modality; trace a run instead: lens.neurons(lens.trace(vlm, '
+                              '[{"image": ..., "text": ...}], capture=("mlp",))).to_frame("modality")')
+        if kind not in ("neurons", "examples", "routing", "top_tokens"):
+            raise ConfigError(f"kind must be one of ['examples', 'experts', 'neurons', 'routing', 'top_tokens']; got {kind!r}")
+        return super().to_frame(kind)
+
+    def neuron(self, layer: int, neuron: int):
+        """The top-k examples of one neuron over the corpus (``scan.examples(layer, neuron)``: reads only its rows).
+
+        Raises ``ConfigError`` for a layer that was not scanned, a neuron that does not exist, or a scan without
+        dense MLP neurons (a pure-MoE model: see ``to_frame("experts")`` and ``scan.top_tokens(layer, expert)``).
+        """
+        if not self.source.n_neurons:
+            raise ConfigError("this scan has no dense MLP neurons (a pure mixture-of-experts model); its expert neurons "
+                              'are in to_frame("experts") and the top tokens per expert in scan.top_tokens(layer, expert)')
+        return self.source.examples(layer, neuron)
+
+    def figure(self):
+        """Plotly scatter: max vs fraction > 0 of every neuron, coloured by layer (hover: its top token; reads only
+        the rank-0 examples)."""
+        from types import SimpleNamespace
+
+        from lens.report.neuron_figures import neurons_figure
+
+        top = self._examples
+        if top is None:
+            path = self.source._parquet("examples.parquet")
+            if path is None:
+                top = self.examples
+            else:
+                import pyarrow.parquet as pq
+
+                top = pq.read_table(path, columns=["layer", "neuron", "rank", "token"],
+                                    filters=[("rank", "=", 0)]).to_pandas()
+        return neurons_figure(SimpleNamespace(frame=self.frame, examples=top))
+
+    def show(self, **kwargs):
+        """The ``NeuronExplorer`` widget over the scan (needs ``lens-interp[widgets]``), opened on the neuron with
+        the highest max unless ``layer=``/``neuron=`` are given; other keywords go to ``NeuronExplorer``.
+
+        Raises ``ConfigError`` for a scan without dense MLP neurons (a pure-MoE model: use
+        ``to_frame("experts")`` and ``to_frame("routing")``).
+        """
+        if not self.source.n_neurons:
+            raise ConfigError("this scan has no dense MLP neurons to show (a pure mixture-of-experts model); look at "
+                              'lens.neurons(scan).to_frame("experts") and to_frame("routing") instead')
+        from lens.widgets import NeuronExplorer
+
+        if "layer" not in kwargs and "neuron" not in kwargs:
+            best = self.frame.loc[self.frame["max"].idxmax()]
+            kwargs.update(layer=int(best.layer), neuron=int(best.neuron))
+        return NeuronExplorer(self.source, **kwargs)
 
 
 def _context(run: Run, flat: int, before: int, after: int) -> tuple[int, int, str, list[str]]:
@@ -152,7 +265,8 @@ def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
     For a Run: per layer and neuron the mean, std (population), max and fraction > 0 over every real token,
     and the top-k tokens (``top_k_neurons`` of the trace) with ``context`` = (before, after) tokens around
     them; for MoE models also the routing per (layer, expert) and the top tokens by gate. For a Scan: the same
-    tables over the whole corpus (``scan.to_frame()``, ``scan.routing_frame()``).
+    tables over the whole corpus (a :class:`ScanNeuronResult`: ``scan.to_frame()``, ``scan.routing_frame()``, the
+    scan's top-k examples and top tokens by gate read from its Parquet files on demand, and its expert neurons).
 
     Raises ``RunFormatError`` when the run has no MLP statistics (trace with capture including ``"mlp"``).
 
@@ -166,7 +280,7 @@ def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
     import pandas as pd
 
     if getattr(source, "__lens_scan__", False):
-        return NeuronResult(source, source.to_frame(), pd.DataFrame(), source.routing_frame(), pd.DataFrame())
+        return ScanNeuronResult(source)
     run: Run = source
     moe = run.has("moe.probs")
     if not moe:
