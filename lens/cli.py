@@ -105,7 +105,8 @@ def _scan(args) -> int:
 
     try:
         lm = lens.load(None if args.model == "embedded" else args.model, quant=args.quant)
-        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, engine=args.engine, address=args.address,
+        result = lens.scan(lm, args.corpus, out=args.out, field=args.field, pattern=args.pattern,
+                           encoding=args.encoding, engine=args.engine, address=args.address,
                            workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
                            batch_size=args.batch_size, max_len=args.max_len,
                            progress=False if args.quiet else None)
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("corpus", help="a text file (one document per line), a folder of .txt files, or a .jsonl file")
     scan.add_argument("--out", type=Path, required=True, help="the scan directory")
     scan.add_argument("--field", help="the text field of a JSONL corpus")
+    scan.add_argument("--pattern", default="*.txt", help="which files of a folder corpus are documents (default *.txt)")
+    scan.add_argument("--encoding", default="utf-8", help="the text encoding of the corpus files (default utf-8)")
     scan.add_argument("--engine", choices=("local", "ray"), default="local")
     scan.add_argument("--address", help="an existing Ray cluster (e.g. 'auto' or 'ray://host:10001')")
     scan.add_argument("--workers", type=int, default=2, help="Ray actors")

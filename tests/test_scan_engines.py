@@ -237,6 +237,35 @@ def test_bad_corpora_raise_errors_that_name_the_fix(tiny_gpt2, tmp_path):
         lens.scan(tiny_gpt2, ["x"], layers=[7], out=tmp_path / "cfg", **OPTIONS)
 
 
+def test_the_fixes_error_messages_name_are_accepted_by_scan_and_the_cli(tiny_gpt2, tiny_model_dir, tmp_path, capsys):
+    """An error that says "pass pattern=..." or "pass encoding=..." names options lens.scan and `lens scan` take
+    (a new-user trial found both rejected with TypeError: only read_corpus had them)."""
+    from lens.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("The café opens early.", encoding="utf-8")
+    (notes / "b.md").write_text("Attention sinks appear on the first token.", encoding="utf-8")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Le café au lait\nUne crème brûlée\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"pass pattern='\*\.md'"):
+        lens.scan(tiny_gpt2, notes, out=tmp_path / "md0", **OPTIONS)
+    with pytest.raises(CorpusError, match="encoding="):
+        lens.scan(tiny_gpt2, latin, out=tmp_path / "l0", **OPTIONS)
+    md = lens.scan(tiny_gpt2, notes, pattern="*.md", out=tmp_path / "md", **OPTIONS)
+    assert md.documents == 2 and md.manifest["corpus"]["pattern"] == "*.md"
+    assert md.tokens == lens.scan(tiny_gpt2, [p.read_text() for p in sorted(notes.glob("*.md"))],
+                                  out=tmp_path / "md-list", **OPTIONS).tokens
+    decoded = lens.scan(tiny_gpt2, latin, encoding="latin-1", out=tmp_path / "l", **OPTIONS)
+    same = lens.scan(tiny_gpt2, ["Le café au lait", "Une crème brûlée"], out=tmp_path / "l-list", **OPTIONS)
+    assert decoded.tokens == same.tokens and decoded.documents == 2
+    model = str(tiny_model_dir("gpt2"))
+    assert main(["scan", model, str(notes), "--pattern", "*.md", "--out", str(tmp_path / "cli-md"), "--quiet"]) == 0
+    assert main(["scan", model, str(latin), "--encoding", "latin-1", "--out", str(tmp_path / "cli-l"), "--quiet"]) == 0
+    assert main(["scan", model, str(latin), "--out", str(tmp_path / "cli-bad"), "--quiet"]) == 1
+    assert "--encoding" in capsys.readouterr().err
+
+
 def test_every_corpus_form_reads_the_same_documents(tiny_gpt2, tmp_path):
     import json
 

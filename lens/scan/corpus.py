@@ -81,7 +81,7 @@ def _read_text(path: Path, encoding: str) -> str:
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{str(path)!r} is not valid {encoding} ({exc.reason} at byte {exc.start}); re-encode it as UTF-8 or "
-            f"pass encoding=... to lens.scan"
+            f"pass encoding=... to lens.scan (--encoding on the command line)"
         ) from exc
     except OSError as exc:
         raise CorpusError(
@@ -104,7 +104,7 @@ def _lines(path: Path, encoding: str) -> Iterator[tuple[str, str]]:
         except UnicodeDecodeError as exc:
             raise CorpusError(
                 f"{str(path)!r} line {number + 1} is not valid {encoding} ({exc.reason}); re-encode the file as "
-                "UTF-8 or pass encoding=... to lens.scan"
+                "UTF-8 or pass encoding=... to lens.scan (--encoding on the command line)"
             ) from exc
 
 
@@ -129,7 +129,7 @@ def _jsonl(path: Path, field: str | None, encoding: str) -> Iterator[tuple[str, 
 def _folder(root: Path, pattern: str, encoding: str) -> Iterator[tuple[str, str]]:
     files = sorted(p for p in root.rglob(pattern) if p.is_file() or p.is_symlink())  # a dangling link is an error, not a skip
     if not files:
-        raise CorpusError(f"the folder {str(root)!r} has no files matching {pattern!r}; pass pattern='*.md' or similar")
+        raise CorpusError(f"the folder {str(root)!r} has no files matching {pattern!r}; pass pattern='*.md' or similar to lens.scan (--pattern on the command line)")
     for path in files:
         yield str(path), _read_text(path, encoding)
 

@@ -94,6 +94,8 @@ def scan(
     stride: int | None = None,
     shard_size: int = 64,
     field: str | None = None,
+    pattern: str = "*.txt",
+    encoding: str = "utf-8",
     engine: str = "local",
     address: str | None = None,
     workers: int = 2,
@@ -127,7 +129,8 @@ def scan(
     ``model``: a ``LensModel`` (``lens.load(...)``, deployed as you like), or a folder / hub id to load.
     ``corpus``: a list of strings, a text file (one document per line), a folder of ``*.txt`` files, a
     JSONL file or a pandas DataFrame or ``datasets.Dataset`` with ``field=`` naming the text, or any iterable
-    of strings (see :func:`lens.scan.read_corpus`). Documents longer than ``max_len`` tokens (default: the
+    of strings (see ``lens.scan.corpus.read_corpus``); ``pattern``: which files of a folder are documents
+    (default ``"*.txt"``); ``encoding``: of text, JSONL and folder files (default UTF-8). Documents longer than ``max_len`` tokens (default: the
     model's positions) are cut into windows every ``stride`` tokens (default ¾ of ``max_len``); each token is
     counted once. ``layers``: MLP layers to reduce (default all). ``batch_size``: windows per forward pass.
     ``shard_size``: documents per checkpoint. ``engine``: ``"local"`` or ``"ray"`` (Ray Data, ``workers``
@@ -163,7 +166,7 @@ def scan(
                        max_len=max_len, stride=stride, shard_size=shard_size, epsilon=epsilon, tau=tau,
                        massive_abs=massive_abs, massive_rel=massive_rel, prepend_bos=prepend_bos,
                        interventions=interventions)
-    docs = read_corpus(corpus, field=field)
+    docs = read_corpus(corpus, field=field, pattern=pattern, encoding=encoding)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lens-scan-"))
     folder.mkdir(parents=True, exist_ok=True)
     identity = model_identity(model)
