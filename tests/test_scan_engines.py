@@ -353,3 +353,40 @@ def test_resume_of_a_finished_scan_checks_the_corpus(tiny_gpt2, tmp_path):
             lens.scan(tiny_gpt2, other, out=out, resume=True, **OPTIONS)
     same = lens.scan(tiny_gpt2, iter(corpus), out=out, resume=True, **OPTIONS)
     assert same.tokens == finished.tokens and (out / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_options_and_inputs_that_raised_raw_errors_are_lens_errors(tiny_gpt2, tmp_path):
+    """Members of one kind found by a new-user trial: inputs that escaped as TypeError, FileExistsError or a
+    DuckDB CatalogException (past the CLI's LensError handler), or were misread, or were checked only in the
+    first batch."""
+    datasets = pytest.importorskip("datasets")
+    corpus = list(SCAN_CORPUS[:4])
+    one = lens.scan(tiny_gpt2, corpus, layers=np.int64(1), out=tmp_path / "np", **OPTIONS)
+    assert one.layers == [1]
+    for layers in ("12", "all-ish", [1.5], True, [True], 1.0):
+        with pytest.raises(ConfigError, match="layers"):
+            lens.scan(tiny_gpt2, corpus, layers=layers, out=tmp_path / "bad-layers", **OPTIONS)
+    for option, value in (("epsilon", -3), ("epsilon", 0), ("epsilon", 1.5), ("tau", 0)):
+        with pytest.raises(ConfigError, match=option):
+            lens.scan(tiny_gpt2, corpus, out=tmp_path / f"bad-{option}", **{**OPTIONS, option: value})
+        assert not (tmp_path / f"bad-{option}").exists()  # refused before any work
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a scan")
+    with pytest.raises(ScanError, match="is a file"):
+        lens.scan(tiny_gpt2, corpus, out=a_file, **OPTIONS)
+    assert a_file.read_text() == "not a scan"
+    none = lens.scan(tiny_gpt2, corpus, layers=[], out=tmp_path / "none", **OPTIONS)
+    assert none.tokens == one.tokens and len(none.neurons_with_token("the")) == 0
+
+    def rows():
+        yield from ({"text": t, "id": i} for i, t in enumerate(corpus))
+
+    streamed = datasets.IterableDataset.from_generator(rows)
+    assert streamed.column_names is None  # features unknown up front: the case that raised TypeError
+    got = lens.scan(tiny_gpt2, streamed, field="text", out=tmp_path / "stream", **OPTIONS)
+    assert got.tokens == one.tokens and got.documents == len(corpus)
+    with pytest.raises(CorpusError, match="no column 'body'"):
+        lens.scan(tiny_gpt2, streamed, field="body", out=tmp_path / "stream-bad", **OPTIONS)
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": corpus})})
+    with pytest.raises(CorpusError, match=r"pass one split, e\.g\. corpus\['train'\]"):
+        lens.scan(tiny_gpt2, splits, field="train", out=tmp_path / "splits", **OPTIONS)

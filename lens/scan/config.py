@@ -64,11 +64,22 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
     """Check every option against the model before any work; ``ConfigError`` names the fix."""
     from lens.capture.moe import moe_layers
 
+    import numbers
+
     n_mlp = len(lm.mlp_out_modules)
-    if layers is None or layers == "all":
+    if layers is None or (isinstance(layers, str) and layers == "all"):
         chosen = tuple(range(n_mlp))
     else:
-        chosen = (layers,) if isinstance(layers, int) else tuple(int(x) for x in layers)
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):  # int, numpy integers
+            chosen = (int(layers),)
+        elif isinstance(layers, (str, bytes, bool)) or not hasattr(layers, "__iter__"):
+            # a string would be read digit by digit ("12" → layers 1 and 2)
+            raise ConfigError(f"layers must be 'all', a layer number or a list of them, e.g. layers=[0, 3]; got {layers!r}")
+        else:
+            try:
+                chosen = tuple(_layer_number(x) for x in layers)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"layers must be layer numbers, e.g. layers=[0, 3]; got {layers!r}") from exc
         for layer in chosen:
             if not 0 <= layer < lm.n_layers:
                 raise ConfigError(f"layers names layer {layer}; this model has layers 0..{lm.n_layers - 1}")
@@ -79,6 +90,10 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
         raise ConfigError(f"top_k must be ≥ 1; got {top_k}")
     if samples < 0:
         raise ConfigError(f"samples must be ≥ 0; got {samples}")
+    if not 0.0 < float(epsilon) <= 1.0:  # the sink-score threshold, as lens.sinks checks it (a share of attention)
+        raise ConfigError(f"epsilon (the sink-score threshold) must be in (0, 1]; got {epsilon}")
+    if not float(tau) > 0:
+        raise ConfigError(f"tau (a sink token's mass over the uniform share) must be > 0; got {tau}")
     try:
         before, after = (int(context[0]), int(context[1]))
     except (TypeError, ValueError, IndexError) as exc:
@@ -103,6 +118,14 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
         massive_abs=float(massive_abs), massive_rel=float(massive_rel), moe_layers=tuple(moe_layers(lm)),
         prepend_bos=prepend_bos, interventions=edits,
     )
+
+
+def _layer_number(x) -> int:
+    import numbers
+
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"not a layer number: {x!r}")
+    return int(x)
 
 
 def _parse_interventions(lm, interventions, max_len: int) -> tuple[dict, ...]:

@@ -188,6 +188,21 @@ def read_corpus(corpus: Any, *, field: str | None = None, pattern: str = "*.txt"
         return Corpus({"kind": "pandas", "field": field, "rows": int(len(series))},
                       lambda: ((f"row {idx!r}", x) for idx, x in series.items()))
     if module == "datasets" and hasattr(corpus, "column_names"):
+        if type(corpus).__name__ in ("DatasetDict", "IterableDatasetDict"):
+            raise CorpusError(f"this is a dataset dictionary of splits {list(corpus)}; pass one split, e.g. "
+                              f"corpus[{next(iter(corpus), 'train')!r}], and field= its text column")
+        if corpus.column_names is None:  # a streaming IterableDataset whose features are not known up front
+            if field is None:
+                raise CorpusError("name the text column of this streaming dataset with field=")
+
+            def rows():
+                for i, row in enumerate(corpus):
+                    if field not in row:
+                        raise CorpusError(f"row {i} of the dataset has no column {field!r} (it has {list(row)[:20]}); "
+                                          "pass field= the text column")
+                    yield f"row {i}", row[field]
+
+            return Corpus({"kind": "datasets-iterable", "field": field}, rows)  # each call streams it anew
         names = list(corpus.column_names)
         if field is None or field not in names:
             raise CorpusError(f"name the text column of this dataset with field= (one of {names}); got {field!r}")

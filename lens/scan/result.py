@@ -233,6 +233,11 @@ class Scan:
         """Neurons whose top examples have ``token`` (a token string or id) at the example position, with how many
         of their top-k examples do and the highest such activation; most examples first."""
         column = "token_id" if isinstance(token, (int, np.integer)) else "token"
+        if self._parquet("examples.parquet") is None:  # no dense MLP layer scanned (layers=[], a pure-MoE model)
+            import pandas as pd
+
+            return pd.DataFrame({"layer": np.zeros(0, np.int64), "neuron": np.zeros(0, np.int64),
+                                 "examples": np.zeros(0, np.int64), "max_value": np.zeros(0, np.float32)})
         return self.query(
             f"SELECT layer, neuron, count(*) AS examples, max(value) AS max_value FROM examples WHERE {column} = ? "
             "GROUP BY layer, neuron HAVING count(*) >= ? ORDER BY examples DESC, max_value DESC, layer, neuron",

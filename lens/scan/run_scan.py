@@ -168,6 +168,8 @@ def scan(
                        interventions=interventions)
     docs = read_corpus(corpus, field=field, pattern=pattern, encoding=encoding)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lens-scan-"))
+    if folder.exists() and not folder.is_dir():
+        raise ScanError(f"out={str(folder)!r} is a file; a scan is a directory: choose another out= path")
     folder.mkdir(parents=True, exist_ok=True)
     identity = model_identity(model)
     header = {"schema": SCHEMA, "model": identity, "config": cfg.identity(), "corpus": docs.describe, "shards": []}
