@@ -23,7 +23,7 @@ from lens.kernels.sparse import (
     sparse_attention_with_stats,
 )
 
-from lens.errors import ConfigError
+from lens.errors import ConfigError, LensWarning
 from lens.models.llamacpp import use_ggml_norms
 
 __all__ = ["Sparse", "QuantConfig", "SparseAttention", "EveryBlockKeptWarning", "check_every_block_kept",
@@ -259,13 +259,36 @@ def quantize(lm, quant, *, calibration=None, progress: bool | None = None, activ
             ids, mask = pad_batch(encoded.ids[i : i + 8], pad_id)
             batches.append({"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)})
         stats = calibrate(lm.model, batches)
+    total = sum(p.numel() for p in lm.model.parameters())  # before: quantized layers hold buffers, not parameters
     report = quantize_model(lm.model, config, progress=progress, calibration=stats)
     if getattr(config, "activations", None) is not None:
         report["ggml_norms"] = len(use_ggml_norms(lm.model))
     # provenance keeps the totals; the per-module lists can run to hundreds of names on a real model
     summary = {k: v for k, v in report.items() if k not in ("per_module", "replaced", "config")}
     summary["skipped"] = len(report.get("skipped", []))
+    summary.update(_unquantized_fused(lm.model, config.scheme, total))
     return config, summary
+
+
+def _unquantized_fused(model, scheme: str, total: int) -> dict:
+    """Warn about (and count, for provenance) weights ``quant=`` left in full precision because they are not
+    linear layers: the fused [experts, out, in] tensors of transformers' MoE blocks (Mixtral, Qwen-MoE, OLMoE),
+    which hold most of such a model's weights. ``total``: the model's parameter count before quantization.
+    Returns ``{"unquantized_fused": n, "unquantized_fused_share": f}`` (empty when there are none)."""
+    fused = [(name, p) for name, p in model.named_parameters() if p.ndim == 3 and p.is_floating_point()]
+    if not fused:
+        return {}
+    share = sum(p.numel() for _, p in fused) / max(total, 1)
+    import warnings
+
+    warnings.warn(
+        f"quant={scheme!r} replaces linear layers only: {len(fused)} fused 3-D weight tensors (e.g. {fused[0][0]}, "
+        f"{share:.0%} of the weights; MoE experts) stay in full precision, so the deployed model is only partly "
+        "quantized. Analyses of the experts describe their full-precision weights",
+        LensWarning,
+        stacklevel=3,
+    )
+    return {"unquantized_fused": len(fused), "unquantized_fused_share": round(share, 4)}
 
 
 def _quantize_vlm(lm, config, *, calibration, progress: bool):
