@@ -390,3 +390,62 @@ def test_options_and_inputs_that_raised_raw_errors_are_lens_errors(tiny_gpt2, tm
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": corpus})})
     with pytest.raises(CorpusError, match=r"pass one split, e\.g\. corpus\['train'\]"):
         lens.scan(tiny_gpt2, splits, field="train", out=tmp_path / "splits", **OPTIONS)
+
+
+def test_second_trial_inputs_are_checked_up_front_and_resumes_compare_as_users_expect(tiny_gpt2, tmp_path):
+    """A second new-user trial: options coerced silently or failing after the whole corpus (logit_effects), a
+    streaming dataset with known columns, an unknown encoding, paths outside the corpus folder, a scan started from
+    a generator (resumable from the same documents as a list), and lens.compare refusing the same corpus scanned
+    with another shard_size."""
+    datasets = pytest.importorskip("datasets")
+    corpus = list(SCAN_CORPUS)
+    vocab = tiny_gpt2.model.get_output_embeddings().weight.shape[0]
+    big = lens.scan(tiny_gpt2, corpus[:3], logit_effects=10**6, out=tmp_path / "big", **OPTIONS)
+    up = big.logit_effects(0, 0).query("direction == 'up'")
+    assert len(up) == vocab and up["token_id"].nunique() == vocab  # every token once, no padding rows
+    bad = {"logit_effects": [2.5, "3", True, -1], "top_k": [2.7, "5", None, True], "samples": [1.5],
+           "batch_size": ["5"], "max_len": [2.9], "context": ["84", (1, 2, 3), (8.5, 4)],
+           "massive_abs": [-1, float("nan")], "tau": [float("inf"), "x"], "epsilon": [None],
+           "prepend_bos": [0, "False"]}
+    for option, values in bad.items():
+        for value in values:
+            with pytest.raises(ConfigError, match=option.split("[")[0]):
+                lens.scan(tiny_gpt2, corpus[:3], out=tmp_path / "bad", **{**OPTIONS, option: value})
+            assert not (tmp_path / "bad").exists(), (option, value)
+    same = lens.scan(tiny_gpt2, corpus[:3], prepend_bos=np.False_, out=tmp_path / "np-false", **OPTIONS)
+    assert same.tokens == lens.scan(tiny_gpt2, corpus[:3], prepend_bos=False, out=tmp_path / "false", **OPTIONS).tokens
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one document")
+    for kwargs, message in (({"encoding": "bogus"}, "unknown text encoding"), ({"encoding": None}, "encoding"),
+                            ({"pattern": "/etc/*.conf"}, "inside the corpus folder"),
+                            ({"pattern": "../*.txt"}, "inside the corpus folder")):
+        with pytest.raises(CorpusError, match=message):
+            lens.scan(tiny_gpt2, folder, out=tmp_path / "enc", **kwargs, **OPTIONS)
+        assert not (tmp_path / "enc").exists()
+    with pytest.raises(ScanError, match="is a file"):
+        lens.scan(tiny_gpt2, corpus[:3], out=folder / "a.txt" / "sub", **OPTIONS)
+    streamed = datasets.Dataset.from_dict({"text": corpus}).to_iterable_dataset()
+    assert streamed.column_names == ["text"]  # known columns, but no len()
+    whole = lens.scan(tiny_gpt2, corpus, out=tmp_path / "whole", **OPTIONS)
+    assert lens.scan(tiny_gpt2, streamed, field="text", out=tmp_path / "streamed", **OPTIONS).tokens == whole.tokens
+
+    def stops_at_7():
+        for i, text in enumerate(corpus):
+            if i == 7:
+                raise RuntimeError("the source went away")
+            yield text
+
+    out = tmp_path / "from-generator"
+    with pytest.raises(RuntimeError, match="went away"):
+        lens.scan(tiny_gpt2, stops_at_7(), out=out, **OPTIONS)
+    with pytest.raises(ScanError, match="as a list or a file"):
+        lens.scan(tiny_gpt2, iter(corpus), out=out, resume=True, **OPTIONS)
+    with pytest.raises(ScanError, match="shard 0 .*differs"):
+        lens.scan(tiny_gpt2, corpus[::-1], out=out, resume=True, **OPTIONS)
+    assert_same_scan(lens.scan(tiny_gpt2, corpus, out=out, resume=True, **OPTIONS), whole)
+    other_shards = lens.scan(tiny_gpt2, corpus, out=tmp_path / "shards", **{**OPTIONS, "shard_size": 64})
+    result = lens.compare(whole, other_shards)  # was "different corpora": the fingerprint chained the shards
+    assert np.nanmax(np.abs(result.mean_shift)) < 1e-6
+    with pytest.raises(ConfigError, match="different corpora"):
+        lens.compare(whole, lens.scan(tiny_gpt2, corpus[:-1], out=tmp_path / "fewer", **OPTIONS))

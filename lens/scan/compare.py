@@ -208,7 +208,9 @@ class ScanCompareResult:
 def _check(a, b) -> None:
     if getattr(b, "__lens_scan__", False) is not True:
         raise ConfigError(f"lens.compare got a Scan and a {type(b).__name__}; compare two scans (or two runs)")
-    fa, fb = a.manifest["corpus"].get("sha256"), b.manifest["corpus"].get("sha256")
+    # the per-document fingerprint does not depend on shard_size; scans written before it had only the shard chain
+    key = "documents_sha256" if all("documents_sha256" in s.manifest["corpus"] for s in (a, b)) else "sha256"
+    fa, fb = a.manifest["corpus"].get(key), b.manifest["corpus"].get(key)
     if fa != fb:
         raise ConfigError("the two scans read different corpora (their fingerprints differ); scan the same corpus twice")
     ca, cb = a.config, b.config

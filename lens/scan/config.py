@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lens.errors import ConfigError
 
 __all__ = ["ScanConfig", "parse_config"]
@@ -86,18 +88,26 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
             if layer >= n_mlp:
                 raise ConfigError(f"layer {layer} has no dense MLP neurons ({lm.family.name}); leave layers= unset")
         chosen = tuple(sorted(set(chosen)))
-    if top_k < 1:
-        raise ConfigError(f"top_k must be ≥ 1; got {top_k}")
-    if samples < 0:
-        raise ConfigError(f"samples must be ≥ 0; got {samples}")
+    top_k, samples = _whole("top_k", top_k, 1), _whole("samples", samples, 0)
+    batch_size, shard_size = _whole("batch_size", batch_size, 1), _whole("shard_size", shard_size, 1)
+    max_len = None if max_len is None else _whole("max_len", max_len, 2)
+    stride = None if stride is None else _whole("stride", stride, 1)
+    epsilon, tau = _real("epsilon", epsilon), _real("tau", tau)
+    massive_abs, massive_rel = _real("massive_abs", massive_abs), _real("massive_rel", massive_rel)
+    if massive_abs < 0 or massive_rel < 0:
+        raise ConfigError(f"massive_abs and massive_rel are thresholds ≥ 0 (Sun et al.: 100 and 1000); got "
+                          f"{massive_abs} and {massive_rel}")
+    if prepend_bos is not None:
+        if not isinstance(prepend_bos, (bool, np.bool_)):
+            raise ConfigError(f"prepend_bos must be None (the family's default), True or False; got {prepend_bos!r}")
+        prepend_bos = bool(prepend_bos)
     if not 0.0 < float(epsilon) <= 1.0:  # the sink-score threshold, as lens.sinks checks it (a share of attention)
         raise ConfigError(f"epsilon (the sink-score threshold) must be in (0, 1]; got {epsilon}")
     if not float(tau) > 0:
         raise ConfigError(f"tau (a sink token's mass over the uniform share) must be > 0; got {tau}")
-    try:
-        before, after = (int(context[0]), int(context[1]))
-    except (TypeError, ValueError, IndexError) as exc:
-        raise ConfigError(f"context must be (tokens before, tokens after), e.g. (8, 4); got {context!r}") from exc
+    if isinstance(context, (str, bytes)) or not hasattr(context, "__len__") or len(context) != 2:
+        raise ConfigError(f"context must be (tokens before, tokens after), e.g. (8, 4); got {context!r}")
+    before, after = _whole("context[0]", context[0], 0), _whole("context[1]", context[1], 0)
     if before < 0 or after < 0:
         raise ConfigError(f"context counts must be ≥ 0; got {context!r}")
     if batch_size < 1:
@@ -118,6 +128,27 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
         massive_abs=float(massive_abs), massive_rel=float(massive_rel), moe_layers=tuple(moe_layers(lm)),
         prepend_bos=prepend_bos, interventions=edits,
     )
+
+
+def _whole(name: str, value, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum``; ``ConfigError`` for floats, strings, booleans and None (no silent cuts)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be a whole number ≥ {minimum}; got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be ≥ {minimum}; got {value}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a finite float; ``ConfigError`` otherwise."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
 
 
 def _layer_number(x) -> int:

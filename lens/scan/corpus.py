@@ -150,6 +150,16 @@ def read_corpus(corpus: Any, *, field: str | None = None, pattern: str = "*.txt"
     """
     if isinstance(corpus, Corpus):
         return corpus
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError) as exc:
+        raise CorpusError(f"unknown text encoding {encoding!r}; pass encoding= a codec name such as 'utf-8' or "
+                          "'latin-1'") from exc
+    if not isinstance(pattern, str) or not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise CorpusError(f"pattern must be a file pattern inside the corpus folder, such as '*.txt' or '**/*.md'; "
+                          f"got {pattern!r}")
     if isinstance(corpus, (str, os.PathLike)) and not (isinstance(corpus, str) and "\n" in corpus):
         path = Path(corpus).expanduser()
         if path.is_dir():
@@ -191,9 +201,11 @@ def read_corpus(corpus: Any, *, field: str | None = None, pattern: str = "*.txt"
         if type(corpus).__name__ in ("DatasetDict", "IterableDatasetDict"):
             raise CorpusError(f"this is a dataset dictionary of splits {list(corpus)}; pass one split, e.g. "
                               f"corpus[{next(iter(corpus), 'train')!r}], and field= its text column")
-        if corpus.column_names is None:  # a streaming IterableDataset whose features are not known up front
-            if field is None:
-                raise CorpusError("name the text column of this streaming dataset with field=")
+        streaming = corpus.column_names is None or not hasattr(type(corpus), "__len__")
+        if streaming:  # an IterableDataset (load_dataset(..., streaming=True)): no length, maybe no column names
+            if field is None or (corpus.column_names is not None and field not in corpus.column_names):
+                raise CorpusError(f"name the text column of this streaming dataset with field= (one of "
+                                  f"{corpus.column_names}); got {field!r}")
 
             def rows():
                 for i, row in enumerate(corpus):

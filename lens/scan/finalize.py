@@ -82,10 +82,10 @@ def logit_effects(lm, layers, k: int = 10, chunk: int = 512):
         gamma = norm.weight.detach().float()
         if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
             gamma = 1.0 + gamma
+    k = min(k, w_u.shape[0])  # before sizing: no fake rows past the vocabulary
     shape = (len(layers), lm.d_mlp, k)
     up_i, down_i = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
     up_v, down_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    k = min(k, w_u.shape[0])
     for li, layer in enumerate(layers):
         w_out = _out_weight(lm.mlp_out_modules[layer]) * gamma[:, None]  # [d, M]
         for s in range(0, w_out.shape[1], chunk):

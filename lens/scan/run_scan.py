@@ -166,10 +166,15 @@ def scan(
                        max_len=max_len, stride=stride, shard_size=shard_size, epsilon=epsilon, tau=tau,
                        massive_abs=massive_abs, massive_rel=massive_rel, prepend_bos=prepend_bos,
                        interventions=interventions)
+    import numbers
+
+    if isinstance(logit_effects, bool) or not isinstance(logit_effects, numbers.Integral) or logit_effects < 0:
+        raise ConfigError(f"logit_effects must be a whole number of tokens ≥ 0 (0: none); got {logit_effects!r}")
     docs = read_corpus(corpus, field=field, pattern=pattern, encoding=encoding)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lens-scan-"))
-    if folder.exists() and not folder.is_dir():
-        raise ScanError(f"out={str(folder)!r} is a file; a scan is a directory: choose another out= path")
+    blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ScanError(f"out={str(folder)!r} cannot be a directory: {str(blocked)!r} is a file; choose another out= path")
     folder.mkdir(parents=True, exist_ok=True)
     identity = model_identity(model)
     header = {"schema": SCHEMA, "model": identity, "config": cfg.identity(), "corpus": docs.describe, "shards": []}
@@ -208,18 +213,37 @@ def scan(
                 f"resume=True with different options ({', '.join(changed)}) than the scan in {str(folder)!r}; "
                 "pass the same options. The checkpoint is untouched"
             )
-        if saved["corpus"] != docs.describe:
+        # a scan started from a generator is resumed from the same documents as a list or file: its shards'
+        # digests (checked below, shard by shard) say whether they are the same
+        if saved["corpus"] != docs.describe and saved["corpus"].get("kind") != "iterable":
             raise ScanError(
                 f"resume=True with a different corpus ({docs.describe}) than the one in {str(folder)!r} "
                 f"({saved['corpus']}); pass the same corpus. The checkpoint is untouched"
             )
         if not docs.reopenable:
-            raise ScanError("a one-shot iterable cannot be resumed (its first documents are gone); pass a list or a file")
+            raise ScanError("a one-shot iterable (a generator) cannot resume a scan: the documents already scanned "
+                            "are gone from it. Pass the same documents as a list or a file; each checkpointed "
+                            "shard is checked against them. The checkpoint is untouched")
         header["shards"] = saved["shards"]
         done = len(saved["shards"])
 
+    # the corpus's own fingerprint, independent of shard_size (lens.compare checks it): every (document id, text)
+    documents = hashlib.sha256()
+
+    def feed(shard_docs: list) -> None:
+        from lens.scan.corpus import text_digest
+
+        for doc, text in shard_docs:
+            documents.update(doc.to_bytes(8, "little") + text_digest(text))
+
+    def fed(iterator):
+        for index, shard_docs in iterator:
+            feed(shard_docs)
+            yield index, shard_docs
+
     def verify(index: int, shard_docs: list) -> None:
         record = header["shards"][index]
+        feed(shard_docs)
         if _shard_digest(shard_docs) != record["sha256"]:
             raise ScanError(
                 f"shard {index} of the corpus differs from the one checkpointed in {str(folder)!r} (documents "
@@ -234,7 +258,7 @@ def scan(
     show = progress if progress is not None else None
     bar = tqdm(desc=f"lens.scan {model.model_id.split('/')[-1]}", unit="tok", unit_scale=True, initial=tokens_done,
                disable=(None if show is None else not show), dynamic_ncols=True, smoothing=0.1)
-    iterator = shards(docs, cfg.shard_size, skip=done, check=verify)
+    iterator = fed(shards(docs, cfg.shard_size, skip=done, check=verify))
     try:
         if engine == "local":
             state = run_local(ShardWorker(model, cfg), iterator, state, on_shard, bar.update)
@@ -259,7 +283,7 @@ def scan(
         "config": cfg.to_json(),
         "corpus": {**docs.describe, "documents": sum(r["documents"] for r in header["shards"]),
                    "skipped_blank": docs.skipped,
-                   "sha256": _fingerprint(header["shards"])},
+                   "sha256": _fingerprint(header["shards"]), "documents_sha256": documents.hexdigest()},
         "shards": header["shards"],
     }
     files = finalize(folder, model, cfg, state, logit_effects=logit_effects)
