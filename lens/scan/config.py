@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,8 +67,6 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
                  massive_abs, massive_rel, prepend_bos, interventions=()) -> ScanConfig:
     """Check every option against the model before any work; ``ConfigError`` names the fix."""
     from lens.capture.moe import moe_layers
-
-    import numbers
 
     n_mlp = len(lm.mlp_out_modules)
     if layers is None or (isinstance(layers, str) and layers == "all"):
@@ -132,8 +132,6 @@ def parse_config(lm, *, layers, top_k, context, samples, batch_size, max_len, st
 
 def _whole(name: str, value, minimum: int) -> int:
     """``value`` as an int ≥ ``minimum``; ``ConfigError`` for floats, strings, booleans and None (no silent cuts)."""
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be a whole number ≥ {minimum}; got {value!r}")
     if value < minimum:
@@ -143,17 +141,12 @@ def _whole(name: str, value, minimum: int) -> int:
 
 def _real(name: str, value) -> float:
     """``value`` as a finite float; ``ConfigError`` otherwise."""
-    import math
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ConfigError(f"{name} must be a finite number; got {value!r}")
     return float(value)
 
 
 def _layer_number(x) -> int:
-    import numbers
-
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"not a layer number: {x!r}")
     return int(x)
@@ -166,7 +159,13 @@ def _parse_interventions(lm, interventions, max_len: int) -> tuple[dict, ...]:
     """
     import numpy as np
 
-    from lens.capture.interventions import Ablate, Clamp, Interventions, Patch, ScaleAttention
+    from lens.capture.interventions import (
+        Ablate,
+        Clamp,
+        Interventions,
+        Patch,
+        ScaleAttention,
+    )
 
     specs = list(interventions or ())
     for spec in specs:

@@ -130,8 +130,8 @@ def scan(
     ``corpus``: a list of strings, a text file (one document per line), a folder of ``*.txt`` files, a
     JSONL file or a pandas DataFrame or ``datasets.Dataset`` with ``field=`` naming the text, or any iterable
     of strings (see ``lens.scan.corpus.read_corpus``); ``pattern``: which files of a folder are documents
-    (default ``"*.txt"``); ``encoding``: of text, JSONL and folder files (default UTF-8). Documents longer than ``max_len`` tokens (default: the
-    model's positions) are cut into windows every ``stride`` tokens (default ¾ of ``max_len``); each token is
+    (default ``"*.txt"``); ``encoding``: of text, JSONL and folder files (default UTF-8). Documents longer
+    than ``max_len`` tokens (default: the model's positions) are cut into windows every ``stride`` tokens (default ¾ of ``max_len``); each token is
     counted once. ``layers``: MLP layers to reduce (default all). ``batch_size``: windows per forward pass.
     ``shard_size``: documents per checkpoint. ``engine``: ``"local"`` or ``"ray"`` (Ray Data, ``workers``
     actors of ``threads`` threads each; ``address`` joins an existing cluster). ``out``: the scan directory
