@@ -108,7 +108,8 @@ def _scan(args) -> int:
         result = lens.scan(lm, args.corpus, out=args.out, field=args.field, pattern=args.pattern,
                            encoding=args.encoding, engine=args.engine, address=args.address,
                            workers=args.workers, resume=args.resume, layers=args.layers, top_k=args.top_k,
-                           batch_size=args.batch_size, max_len=args.max_len,
+                           batch_size=args.batch_size, max_len=args.max_len, stride=args.stride,
+                           context=tuple(args.context), shard_size=args.shard_size,
                            progress=False if args.quiet else None)
     except LensError as exc:
         print(f"lens scan: {exc}", file=sys.stderr)
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--top-k", type=int, default=20)
     scan.add_argument("--batch-size", type=int, default=8)
     scan.add_argument("--max-len", type=int, help="window length in tokens (default: the model's positions)")
+    scan.add_argument("--stride", type=int, help="tokens between window starts (default ¾ of --max-len)")
+    scan.add_argument("--context", type=int, nargs=2, default=[8, 4], metavar=("BEFORE", "AFTER"),
+                      help="context tokens kept around each example (default 8 4)")
+    scan.add_argument("--shard-size", type=int, default=64, help="documents per checkpoint (default 64)")
     scan.add_argument("--quant", help="a low-bit scheme (e.g. nvfp4) to scan the deployed model")
     scan.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="list the embedded models and whether each is cached; 'fetch' fetches them")

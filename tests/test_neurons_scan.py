@@ -79,6 +79,14 @@ def test_show_opens_the_explorer_on_the_strongest_neuron(llama_scan):
     assert len(explorer.detail["examples"]) == len(result.neuron(int(best.layer), int(best.neuron)))
     chosen = result.show(layer=0, neuron=3)
     assert (chosen.layer, chosen.neuron) == (0, 3)
+    frame = s.to_frame()
+    last = max(s.layers)
+    in_layer = frame[frame["layer"] == last].sort_values("max", ascending=False).iloc[0]
+    opened = result.show(layer=last)
+    assert (opened.layer, opened.neuron) == (last, int(in_layer.neuron))
+    peak = frame[frame["neuron"] == 5].sort_values("max", ascending=False).iloc[0]
+    opened = result.show(neuron=5)
+    assert (opened.layer, opened.neuron) == (int(peak.layer), 5)  # it opened on layer −1: nothing shown
 
 
 def test_pure_moe_scan_gives_top_tokens_experts_and_clear_errors(mixtral_scan):

@@ -449,3 +449,19 @@ def test_second_trial_inputs_are_checked_up_front_and_resumes_compare_as_users_e
     assert np.nanmax(np.abs(result.mean_shift)) < 1e-6
     with pytest.raises(ConfigError, match="different corpora"):
         lens.compare(whole, lens.scan(tiny_gpt2, corpus[:-1], out=tmp_path / "fewer", **OPTIONS))
+
+
+def test_compare_refuses_scans_of_different_models_and_the_cli_takes_the_window_options(tiny_gpt2, tiny_model_dir,
+                                                                                        tmp_path):
+    from lens.cli import main
+
+    corpus = list(SCAN_CORPUS)
+    a = lens.scan(tiny_gpt2, corpus, out=tmp_path / "gpt2", **OPTIONS)
+    b = lens.scan(lens.load(tiny_model_dir("llama")), corpus, out=tmp_path / "llama", **OPTIONS)
+    with pytest.raises(ConfigError, match="different models .*architecture"):
+        lens.compare(a, b)
+    out = tmp_path / "cli"
+    assert main(["scan", str(tiny_model_dir("gpt2")), str(tmp_path / "gpt2" / "manifest.json"), "--out", str(out),
+                 "--max-len", "12", "--stride", "5", "--context", "2", "1", "--shard-size", "2", "--quiet"]) == 0
+    config = lens.Scan.load(out).manifest["config"]
+    assert (config["max_len"], config["stride"], tuple(config["context"]), config["shard_size"]) == (12, 5, (2, 1), 2)

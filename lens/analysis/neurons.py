@@ -218,7 +218,8 @@ class ScanNeuronResult(NeuronResult):
 
     def show(self, **kwargs):
         """The ``NeuronExplorer`` widget over the scan (needs ``lens-interp[widgets]``), opened on the neuron with
-        the highest max unless ``layer=``/``neuron=`` are given; other keywords go to ``NeuronExplorer``.
+        the highest max — of ``layer=`` when only it is given, the layer where ``neuron=`` peaks when only that is
+        given, or exactly ``layer=`` and ``neuron=``; other keywords go to ``NeuronExplorer``.
 
         Raises ``ConfigError`` for a scan without dense MLP neurons (a pure-MoE model: use
         ``to_frame("experts")`` and ``to_frame("routing")``).
@@ -228,8 +229,16 @@ class ScanNeuronResult(NeuronResult):
                               'lens.neurons(scan).to_frame("experts") and to_frame("routing") instead')
         from lens.widgets import NeuronExplorer
 
-        if "layer" not in kwargs and "neuron" not in kwargs:
-            best = self.frame.loc[self.frame["max"].idxmax()]
+        frame = self.frame
+        if "layer" in kwargs and "neuron" not in kwargs:  # the strongest neuron of that layer
+            frame = frame[frame["layer"] == kwargs["layer"]]
+        elif "neuron" in kwargs and "layer" not in kwargs:  # that neuron in the layer where it peaks
+            frame = frame[frame["neuron"] == kwargs["neuron"]]
+        if "layer" not in kwargs or "neuron" not in kwargs:
+            if not len(frame):
+                raise ConfigError(f"no scanned neuron matches {kwargs}; layers {self.source.layers}, neurons "
+                                  f"0..{self.source.n_neurons - 1}")
+            best = frame.loc[frame["max"].idxmax()]
             kwargs.update(layer=int(best.layer), neuron=int(best.neuron))
         return NeuronExplorer(self.source, **kwargs)
 

@@ -213,6 +213,12 @@ def _check(a, b) -> None:
     fa, fb = a.manifest["corpus"].get(key), b.manifest["corpus"].get(key)
     if fa != fb:
         raise ConfigError("the two scans read different corpora (their fingerprints differ); scan the same corpus twice")
+    ma, mb = a.manifest.get("model", {}), b.manifest.get("model", {})
+    shape = [f"{k} {ma.get(k)!r} vs {mb.get(k)!r}" for k in ("architecture", "n_layers", "d_model", "d_mlp")
+             if ma.get(k) != mb.get(k)]
+    if shape:  # two deployments of one model share these; different models give numbers without meaning
+        raise ConfigError(f"the scans come from different models ({', '.join(shape)}); compare two deployments of "
+                          "the same model (dense vs quantized or sparse)")
     ca, cb = a.config, b.config
     differ = [f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in _WINDOWING if ca.get(k) != cb.get(k)]
     if differ:
