@@ -77,7 +77,16 @@ class NeuronResult:
         return frames[kind].copy()
 
     def neuron(self, layer: int, neuron: int):
-        """The top-k examples of one neuron."""
+        """The top-k examples of one neuron, by rank. Raises ``ConfigError`` for a layer or neuron the run does
+        not have (or a model without dense MLP neurons)."""
+        f = self.frame
+        if not len(f):
+            raise ConfigError("this run has no dense MLP neurons (a pure mixture-of-experts model); look at "
+                              'to_frame("routing") and to_frame("top_tokens")')
+        layers, width = sorted(int(x) for x in f["layer"].unique()), int(f["neuron"].max()) + 1
+        ok = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in (layer, neuron))
+        if not ok or int(layer) not in layers or not 0 <= int(neuron) < width:
+            raise ConfigError(f"no neuron ({layer!r}, {neuron!r}) in this run: layers {layers}, neurons 0..{width - 1}")
         e = self.examples
         return e[(e["layer"] == layer) & (e["neuron"] == neuron)].sort_values("rank").reset_index(drop=True)
 
@@ -91,6 +100,9 @@ class NeuronResult:
         """A ``TokenView`` of the strongest neuron's activation over the run (needs ``lens-interp[widgets]``)."""
         from lens.widgets import TokenView
 
+        if not len(self.frame):
+            raise ConfigError("this run has no dense MLP neurons to show (a pure mixture-of-experts model); look at "
+                              'to_frame("routing") and to_frame("top_tokens")')
         best = self.frame.loc[self.frame["max"].idxmax()]
         if not self.source.has("mlp.tracked"):
             raise ConfigError(
@@ -290,6 +302,12 @@ def neurons(source, *, context: tuple[int, int] = (8, 4)) -> NeuronResult:
 
     if getattr(source, "__lens_scan__", False):
         return ScanNeuronResult(source)
+    if not isinstance(source, Run):
+        raise ConfigError(f"lens.neurons takes a Run (lens.trace(..., capture=(..., 'mlp'))) or a Scan (lens.scan(...), "
+                          f"lens.Scan.load(folder)); got {type(source).__name__}")
+    if (isinstance(context, (str, bytes)) or not hasattr(context, "__len__") or len(context) != 2
+            or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0 for c in context)):
+        raise ConfigError(f"context must be (tokens before, tokens after) ≥ 0, e.g. (8, 4); got {context!r}")
     run: Run = source
     moe = run.has("moe.probs")
     if not moe:

@@ -397,6 +397,25 @@ class ResidualProbe:
         return out
 
 
+def _top_with_ties(values: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each column of ``values`` [n, M] and their ``tokens`` (flat run index [n]), [k, M] each,
+    ties broken by the lower token — the same set whatever the batching (``torch.topk`` picks among equal values
+    arbitrarily: tied BOS activations of a causal model moved between batch sizes). ``topk`` finds the k-th value;
+    only columns where more values equal it than fit are re-selected exactly (rare: the extra cost is one compare)."""
+    top = values.topk(k, dim=0)
+    chosen = tokens[top.indices]
+    kth = top.values[-1]
+    over = ((values >= kth).sum(0) > k).nonzero().flatten()
+    for m in over.tolist():
+        column = values[:, m]
+        keep = (column >= kth[m]).nonzero().flatten()
+        order = torch.argsort(tokens[keep], stable=True)
+        keep = keep[order]
+        best = column[keep].argsort(descending=True, stable=True)[:k]
+        top.values[:, m], chosen[:, m] = column[keep[best]], tokens[keep[best]]
+    return top.values, chosen
+
+
 def top_magnitudes(x: torch.Tensor, magnitude: torch.Tensor, k: int):
     """The ``k`` entries of ``x`` [n, d] largest in magnitude: (signed values, rows, columns), descending.
 
@@ -484,14 +503,15 @@ class MLPProbe:
         self.sumsq[layer] += values.double().square().sum(0).cpu().numpy()
         self.max[layer] = np.maximum(self.max[layer], values.max(0).values.cpu().numpy())
         self.positive[layer] += (values > 0).sum(0).cpu().numpy()
-        kk = min(self.top_k, values.shape[0])
-        top = values.topk(kk, dim=0)  # [kk, M]
-        tokens = batch.flat_index[top.indices]  # [kk, M]
-        merged_values = torch.cat([self.top_value[layer], top.values.T.cpu()], dim=1)
-        merged_tokens = torch.cat([self.top_token[layer], tokens.T.cpu()], dim=1)
-        best = merged_values.topk(self.top_k, dim=1)
-        self.top_value[layer] = best.values
-        self.top_token[layer] = merged_tokens.gather(1, best.indices)
+        top_values, top_tokens = _top_with_ties(values, batch.flat_index, min(self.top_k, values.shape[0]))
+        merged_values = torch.cat([self.top_value[layer], top_values.T.cpu()], dim=1)
+        merged_tokens = torch.cat([self.top_token[layer], top_tokens.T.cpu()], dim=1)
+        # ties by token (sequence, then position) ascending, whatever the batching: sort by token, then stably by value
+        by_token = merged_tokens.masked_fill(merged_tokens < 0, torch.iinfo(torch.long).max).argsort(dim=1, stable=True)
+        merged_values, merged_tokens = merged_values.gather(1, by_token), merged_tokens.gather(1, by_token)
+        order = merged_values.argsort(dim=1, descending=True, stable=True)[:, : self.top_k]
+        self.top_value[layer] = merged_values.gather(1, order)
+        self.top_token[layer] = merged_tokens.gather(1, order)
         if self.modality is not None:
             self._observe_split(layer, values, self.modality[batch.flat_index.cpu()])
         for p, (t_layer, neuron) in enumerate(self.tracked):

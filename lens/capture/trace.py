@@ -293,6 +293,11 @@ def _parse_options(lm, *, capture, batch_size, keep_patterns, keep_hidden, track
             f"got keep_hidden={keep_hidden!r}, track_neurons={track_neurons!r} ({exc}). Pass e.g. keep_hidden=[0, 3], "
             "track_neurons=[(1, 42)]"
         ) from None
+    if tracked and not len(lm.mlp_out_modules):
+        raise ConfigError(
+            f"track_neurons={tracked}: {lm.model_id} has no dense MLP neurons (a pure mixture-of-experts model: its "
+            "neurons are per expert); trace without track_neurons, and see lens.neurons(run).to_frame('routing')"
+        )
     for layer, neuron in tracked:
         if not (0 <= layer < lm.n_layers and 0 <= neuron < lm.d_mlp):
             raise ConfigError(
